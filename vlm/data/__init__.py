@@ -1,0 +1,1 @@
+"""Report parsing, proving-ground (phantom) generators, manifests, datasets and transforms."""

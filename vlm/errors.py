@@ -1,0 +1,42 @@
+"""The few exception types a user can cause. Each message is one line naming the thing and why.
+
+The CLI prints ``str(error)`` and exits non-zero; it never shows a traceback for these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RadLensError(Exception):
+    """Base class for errors a user can cause and fix."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class ImageReadError(RadLensError):
+    """A file could not be read as an image (corrupt, unsupported, no pixel data, ...)."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = " ".join(str(reason).split())
+        super().__init__(f"{self.path}: {self.reason}")
+
+
+class SeriesError(ImageReadError):
+    """Files do not form one consistent volume (mixed series, gaps, orientations)."""
+
+
+class ConfigError(RadLensError):
+    """A configuration, model or index does not match what was asked for."""
+
+
+class MissingDependencyError(RadLensError):
+    """An optional package is needed for this feature."""
+
+    def __init__(self, package: str, feature: str, extra: str | None = None) -> None:
+        fix = f"pip install 'radlens[{extra}]'" if extra else f"pip install {package}"
+        super().__init__(f"{feature} needs the package '{package}': {fix}")
