@@ -1,0 +1,154 @@
+"""Typed results of the readers: pixels in physical units plus de-identified metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class VOIWindow:
+    """One VOI window stored in a file (a DICOM multi-valued window gives several)."""
+
+    center: float
+    width: float
+    explanation: str | None = None
+
+
+@dataclass(frozen=True)
+class VOILut:
+    """A VOI LUT Sequence item: ``first_mapped`` input maps to ``data[0]``."""
+
+    first_mapped: int
+    bits: int
+    data: np.ndarray = field(repr=False)
+    explanation: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """An allow-list of non-identifying fields, plus keyed pseudonyms for the identifiers.
+
+    Raw identifiers appear only in ``identifiers`` and only when a reader was asked for them
+    (``keep_identifiers=True``); otherwise it is ``None``.
+    """
+
+    source_format: str  # "dicom" | "dicom-series" | "nifti" | "png" | "jpeg" | ...
+    modality: str | None = None
+    body_part: str | None = None
+    view_position: str | None = None
+    laterality: str | None = None
+    photometric: str = "MONOCHROME2"
+    rows: int = 0
+    columns: int = 0
+    frames: int = 1
+    samples_per_pixel: int = 1
+    bits_stored: int | None = None
+    pixel_spacing: tuple[float, float] | None = None  # (row spacing, column spacing) in mm
+    spacing_source: str | None = None  # PixelSpacing | ImagerPixelSpacing | affine | None
+    slice_thickness: float | None = None
+    image_orientation: tuple[float, ...] | None = None  # DICOM row and column cosines (LPS)
+    image_position: tuple[float, float, float] | None = None  # mm, LPS
+    manufacturer: str | None = None
+    manufacturer_model: str | None = None
+    study_year: int | None = None
+    transfer_syntax: str | None = None
+    sop_class: str | None = None
+    rescale_slope: float = 1.0
+    rescale_intercept: float = 0.0
+    has_modality_lut_sequence: bool = False
+    units: str = "raw"  # "HU" for CT after the modality LUT
+    windows: tuple[VOIWindow, ...] = ()
+    voi_function: str = "LINEAR"
+    voi_luts: tuple[VOILut, ...] = field(default=(), repr=False)
+    patient_pseudonym: str | None = None
+    study_pseudonym: str | None = None
+    series_pseudonym: str | None = None
+    instance_pseudonym: str | None = None
+    accession_pseudonym: str | None = None
+    identifiers: dict[str, str] | None = field(default=None, repr=False)
+
+    @property
+    def is_monochrome1(self) -> bool:
+        return self.photometric == "MONOCHROME1"
+
+    @property
+    def is_color(self) -> bool:
+        return self.samples_per_pixel > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no LUT arrays; identifiers only if they were kept)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "voi_luts":
+                out["voi_lut_count"] = len(value)
+                continue
+            if f.name == "windows":
+                value = [dataclasses.asdict(w) for w in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            if f.name == "identifiers" and value is None:
+                continue
+            out[f.name] = value
+        return out
+
+    def replace(self, **changes: Any) -> ImageMeta:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class ImageData:
+    """A 2-D image (or a stack of frames) in physical units.
+
+    ``pixels`` is float32: (H, W) grayscale, (F, H, W) multi-frame grayscale, (H, W, 3) colour
+    or (F, H, W, 3) multi-frame colour. Grayscale DICOM has its modality LUT applied (HU for CT);
+    the VOI LUT and MONOCHROME1 inversion are display steps (see :func:`vlm.io.render`).
+    """
+
+    pixels: np.ndarray
+    meta: ImageMeta
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.pixels.shape)
+
+    def frame(self, index: int = 0) -> ImageData:
+        """One frame of a multi-frame image (the image itself if single-frame)."""
+        if self.meta.frames <= 1:
+            return self
+        return ImageData(self.pixels[index], self.meta.replace(frames=1))
+
+
+@dataclass
+class Volume:
+    """A 3-D volume in physical units (HU for CT) on a canonical grid.
+
+    ``array`` is float32 (Z, Y, X): index k runs inferior->superior, j anterior->posterior and
+    i patient right->left (the DICOM LPS axes), whatever the orientation of the source.
+    ``affine`` maps (k, j, i, 1) to LPS millimetres; ``spacing`` is (dz, dy, dx) in mm.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    meta: ImageMeta
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        s = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return (float(s[0]), float(s[1]), float(s[2]))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        z, y, x = self.array.shape
+        return (int(z), int(y), int(x))
+
+    def slice_image(self, k: int) -> ImageData:
+        """Axial slice ``k`` as an image (for rendering and 2-D encoders)."""
+        _dz, dy, dx = self.spacing
+        meta = self.meta.replace(frames=1, rows=self.shape[1], columns=self.shape[2],
+                                 pixel_spacing=(dy, dx), spacing_source="affine")
+        return ImageData(self.array[k], meta)
