@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/radlens demo --out data/demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check vlm index ui tests benchmarks
+	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
