@@ -111,6 +111,7 @@ def test_no_identifying_value_reaches_output_or_logs(tmp_path):
                 leaked.setdefault(value, path.name)
     assert not leaked, f"identifiers leaked: {list(leaked.items())[:5]}"
     assert "Traceback" not in err
+    assert os.environ["RADLENS_SITE_SECRET"] not in everything
     assert all(line.startswith(("radlens: error: ", "INFO ", "WARNING ")) for line in
                err.splitlines()), err[:2000]
     assert out.count("\n") >= 100  # the files really went through
