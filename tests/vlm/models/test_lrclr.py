@@ -1,0 +1,174 @@
+"""LRCLR with tiny configs: shapes, norms, eval mode, learning, save/load, mismatch refusal,
+open_clip starting point, timm backbone, SentencePiece tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.vlm.models.conftest import REPORTS
+from vlm.errors import ConfigError
+from vlm.losses import LRCLRLoss
+from vlm.models import create_model, get_tokenizer, load_config, save_checkpoint
+from vlm.models.config import ModelConfig, config_hash
+from vlm.models.factory import build_model
+from vlm.models.sources import resolve_source
+from vlm.models.tokenizer import ReportTokenizer, SentencePieceBackend, train_sentencepiece
+
+
+def test_outputs_have_the_documented_shapes_and_unit_norms(tiny_model, batch):
+    images, tokens = batch
+    assert not tiny_model.training  # factory returns eval mode
+    with torch.no_grad():
+        img, txt = tiny_model(images, tokens)
+    b, e = len(REPORTS), tiny_model.embed_dim
+    assert img.global_embedding.shape == (b, e)
+    assert img.patch_embeddings.shape == (b, 8, 8, e) and img.grid_size == (8, 8)
+    assert img.region_embeddings is not None and img.region_embeddings.shape == (b, 6, e)
+    assert img.region_boxes is not None and img.region_boxes.shape == (b, 6, 4)
+    boxes = img.region_boxes
+    assert (boxes[..., 0] < boxes[..., 2]).all() and (boxes[..., 1] < boxes[..., 3]).all()
+    assert boxes.min() >= 0 and boxes.max() <= 64
+    for t in (img.global_embedding, img.patch_embeddings, img.region_embeddings,
+              txt.global_embedding, txt.sentence_embeddings[txt.sentence_mask]):
+        torch.testing.assert_close(t.norm(dim=-1), torch.ones(t.shape[:-1]), rtol=0, atol=1e-4)
+    assert txt.sentence_mask.sum(1).tolist() == [3, 2, 3, 2]
+    assert img.region_scores is not None and ((img.region_scores > 0) &
+                                              (img.region_scores < 1)).all()
+
+
+def test_eval_mode_is_deterministic(tiny_model, batch):
+    images, _tokens = batch
+    with torch.no_grad():
+        a = tiny_model.encode_image(images).global_embedding
+        b = tiny_model.encode_image(images).global_embedding
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("local", [True, False], ids=["lrclr", "plain-clip"])
+def test_training_steps_lower_the_loss_on_a_fixed_batch(batch, local):
+    images, tokens = batch
+    cfg = load_config("lrclr-tiny")
+    if not local:
+        cfg = cfg.replace(region=cfg.region.__class__(enabled=False),
+                          cross_attention=cfg.cross_attention.__class__(enabled=False))
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    loss_fn = LRCLRLoss(cfg.loss)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(12):
+        out = loss_fn(model, *model(images, tokens))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss"].detach()))
+    assert ("local" in out) == local
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_region_scorer_gets_gradients(tiny_model, batch):
+    images, tokens = batch
+    model = tiny_model.train()
+    out = LRCLRLoss(model.config.loss)(model, *model(images, tokens))
+    out["loss"].backward()
+    grad = model.regions.scorer[-1].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_save_load_gives_identical_outputs_and_mismatch_is_refused(tiny_model, tiny_tokenizer,
+                                                                   batch, tmp_path):
+    images, tokens = batch
+    folder = save_checkpoint(tiny_model, tmp_path / "ckpt", tiny_tokenizer, card="# test")
+    assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors",
+                                                  "tokenizer", "MODEL_CARD.md"}
+    loaded = create_model(folder)
+    with torch.no_grad():
+        a = tiny_model.encode_image(images)
+        b = loaded.encode_image(images)
+        ta = tiny_model.encode_text(tokens).global_embedding
+        tb = loaded.encode_text(get_tokenizer(folder)(REPORTS)).global_embedding
+    torch.testing.assert_close(a.global_embedding, b.global_embedding)
+    torch.testing.assert_close(a.region_boxes, b.region_boxes)
+    torch.testing.assert_close(ta, tb)
+    # the same weights asked for under another architecture are refused
+    other = load_config("lrclr-tiny").replace(embed_dim=48)
+    with pytest.raises(ConfigError, match="config"):
+        from vlm.models.checkpoint import load_state
+
+        load_state(build_model(other), folder)
+    # an edited config.json that no longer fits the weights is refused
+    meta = json.loads((folder / "config.json").read_text())
+    meta["model"]["embed_dim"] = 48
+    meta["config_hash"] = config_hash(ModelConfig.from_dict(meta["model"]))
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises((ConfigError, RuntimeError)):
+        create_model(folder)
+
+
+def test_unknown_model_and_unknown_fields_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown model"):
+        load_config("no-such-model")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "x", "vision": {"widht": 3}}))
+    with pytest.raises(ConfigError, match="widht"):
+        load_config(bad)
+
+
+def test_open_clip_checkpoint_is_a_starting_point(tmp_path, batch):
+    """Write a checkpoint in open_clip's own format (CustomTextCLIP with an HF text tower),
+    load it as pretrained weights and get open_clip's image embeddings."""
+    import open_clip
+    from open_clip.model import CustomTextCLIP
+
+    cfg = load_config("lrclr-tiny")
+    source = str(resolve_source(cfg.text.source))
+    torch.manual_seed(3)
+    oc = CustomTextCLIP(
+        embed_dim=cfg.embed_dim,
+        vision_cfg={"image_size": 64, "patch_size": 8, "width": 32, "layers": 2,
+                    "head_width": 16},
+        text_cfg={"hf_model_name": source, "hf_model_pretrained": False,
+                  "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler"},
+    ).eval()
+    torch.save(oc.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    model = create_model("lrclr-tiny", pretrained=f"local-dir:{tmp_path}")
+    images, _ = batch
+    with torch.no_grad():
+        ours = model.encode_image(images).global_embedding
+        theirs = torch.nn.functional.normalize(oc.encode_image(images), dim=-1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert open_clip.__version__
+
+
+def test_timm_backbone_gives_the_same_contract():
+    cfg = load_config("lrclr-tiny")
+    cfg = cfg.replace(vision=cfg.vision.__class__(
+        backend="timm", image_size=64, timm_model="vit_tiny_patch16_224",
+        timm_kwargs={"depth": 2, "patch_size": 8}))
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        img = model.encode_image(torch.randn(2, 3, 64, 64))
+    assert img.patch_embeddings.shape == (2, 8, 8, cfg.embed_dim)
+    assert img.region_boxes is not None and img.region_boxes.max() <= 64
+
+
+def test_sentencepiece_tokenizer_trained_on_reports_runs_a_tower(tmp_path):
+    texts = REPORTS * 30 + [f"nodule measuring {i} mm in the right lung." for i in range(60)]
+    model_file = train_sentencepiece(texts, tmp_path / "spm", vocab_size=120)
+    tok = ReportTokenizer(SentencePieceBackend(model_file), context_length=48, max_sentences=4,
+                          lowercase=True)
+    tokens = tok(REPORTS)
+    assert tokens.input_ids.max() < tok.vocab_size
+    cfg = load_config("lrclr-tiny")
+    cfg = cfg.replace(text=cfg.text.__class__(
+        source=cfg.text.source, pretrained=False, tokenizer="sentencepiece",
+        tokenizer_path=f"local-dir:{model_file}",
+        overrides={**cfg.text.overrides, "vocab_size": tok.vocab_size}))
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        txt = model.encode_text(tokens)
+    assert txt.global_embedding.shape == (len(REPORTS), cfg.embed_dim)
+    assert txt.sentence_mask.sum(1).tolist() == [3, 2, 3, 2]

