@@ -54,6 +54,117 @@ def inspect(
         raise typer.Exit(code=2)
 
 
+data_app = typer.Typer(help="Proving-ground data sets (real report text, synthetic pixels).",
+                       no_args_is_help=True)
+train_app = typer.Typer(help="Training recipes.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+
+
+@data_app.command("phantom-cxr")
+def data_phantom_cxr(
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    n: Annotated[int | None, typer.Option(help="Number of studies (default: all reports).")
+                 ] = None,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 512,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same data).")] = 0,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default: all cores).")
+                       ] = None,
+    contact_sheet: Annotated[bool, typer.Option(help="Also write contact_sheet.png.")] = True,
+) -> None:
+    """PhantomCXR: real IU reports and MeSH labels, rendered radiographs, exact masks."""
+    from vlm.data.phantom_cxr import generate_phantom_cxr, make_contact_sheet
+
+    summary = generate_phantom_cxr(out, n=n, size=size, seed=seed, workers=workers)
+    if contact_sheet:
+        summary["contact_sheet"] = str(make_contact_sheet(out))
+    print(json_line(summary))
+
+
+@data_app.command("phantom-ct")
+def data_phantom_ct(
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    n: Annotated[int, typer.Option(help="Number of volumes.")] = 100,
+    shape: Annotated[str, typer.Option(help="Z,Y,X voxels.")] = "128,128,128",
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same data).")] = 0,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default: all cores).")
+                       ] = None,
+    contact_sheet: Annotated[bool, typer.Option(help="Also write contact_sheet.png.")] = True,
+) -> None:
+    """PhantomCT: chest-abdomen CT volumes with lesions, emphysema and anatomical coordinates."""
+    from vlm.data.phantom_ct import generate_phantom_ct, make_contact_sheet
+    from vlm.errors import RadLensError
+
+    try:
+        zyx = tuple(int(v) for v in shape.split(","))
+    except ValueError:
+        raise RadLensError(f"--shape must be Z,Y,X integers, got '{shape}'") from None
+    if len(zyx) != 3 or min(zyx) < 16:
+        raise RadLensError(f"--shape must be three sizes >= 16, got '{shape}'")
+    summary = generate_phantom_ct(out, n=n, shape=zyx, seed=seed, workers=workers)
+    if contact_sheet:
+        summary["contact_sheet"] = str(make_contact_sheet(out))
+    print(json_line(summary))
+
+
+@train_app.command("lrclr")
+def train_lrclr_cmd(
+    data: Annotated[Path, typer.Option(help="PhantomCXR-style folder with manifest.jsonl.")],
+    out: Annotated[Path, typer.Option(help="Run folder (best/, last/, train_state.pt).")],
+    model: Annotated[str, typer.Option(help="Model config name or JSON.")] = "lrclr-small",
+    pretrained: Annotated[str | None, typer.Option(
+        help="Start from weights: RadLens checkpoint or open_clip weights (path, local-dir:, "
+             "hf-hub:).")] = None,
+    epochs: Annotated[int, typer.Option()] = 10,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimiser step.")] = 1,
+    lr: Annotated[float, typer.Option()] = 5e-4,
+    warmup_steps: Annotated[int, typer.Option()] = 50,
+    max_steps: Annotated[int | None, typer.Option()] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop after this wall time.")
+                           ] = None,
+    save_every: Annotated[int, typer.Option(help="Steps between resumable states.")] = 50,
+    val_every: Annotated[int, typer.Option(help="Steps between validations (0: per epoch).")
+                         ] = 0,
+    amp: Annotated[str | None, typer.Option(help="bf16 or fp16 mixed precision.")] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+    seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[int | None, typer.Option(help="Decode workers.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train LRCLR (or the plain-CLIP baseline config); resumes if OUT has a saved state."""
+    from vlm.train.loop import TrainConfig
+    from vlm.train.lrclr import train_lrclr
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                      warmup_steps=warmup_steps, max_steps=max_steps, max_minutes=max_minutes,
+                      save_every=save_every, val_every=val_every, amp=amp, device=device,
+                      seed=seed, progress=progress)
+    summary = train_lrclr(data, model, out, cfg, pretrained=pretrained, workers=workers)
+    print(json_line({k: v for k, v in summary.items() if k != "history"}))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option(help="Checkpoint folder (or config name).")],
+    data: Annotated[Path, typer.Option(help="PhantomCXR-style folder with manifest.jsonl.")],
+    split: Annotated[str, typer.Option(help="Split to score.")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Write eval.json, eval.md and plots here.")
+                   ] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt-set JSON (default: built-in).")
+                       ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
+                       ] = False,
+) -> None:
+    """Zero-shot AUC, retrieval recall@K (exact and label-matched) and grounding scores."""
+    from vlm.eval.lrclr import evaluate, markdown_table
+    from vlm.zeroshot import PromptSet
+
+    result = evaluate(model, data, split=split, out_dir=out,
+                      prompts=PromptSet.load(prompts) if prompts else None)
+    print(json_line(result) if as_json else markdown_table(result))
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo outputs.")] = Path("data/demo"),

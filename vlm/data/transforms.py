@@ -13,13 +13,16 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vlm.io import ImageData, apply_voi, parse_window
-from vlm.models.config import PreprocessConfig
+
+if TYPE_CHECKING:
+    from vlm.models.config import PreprocessConfig
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,121 @@
+"""Zero-shot, grounding and evaluation: properties on tiny models and direct computations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vlm  # noqa: F401
+from tests.tiny_cxr import make_tiny_cxr
+from vlm.data.transforms import Letterbox, letterbox
+from vlm.errors import ConfigError
+from vlm.eval.metrics import average_precision_at_k, label_matched, recall_at_k, roc_auc
+from vlm.grounding import cnr, ground, iou, pointing_game
+from vlm.models import create_model, get_tokenizer
+from vlm.zeroshot import PromptSet, ZeroShotClassifier, platt
+
+
+def test_metrics_match_direct_computations():
+    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.1, 0.3], [0.0, 0.5, 0.4]])
+    r = recall_at_k(scores, (1, 2))
+    assert r == {"R@1": 1 / 3, "R@2": 2 / 3}
+    assert average_precision_at_k(np.array([1, 0, 1, 0]), 10) == pytest.approx((1 + 2 / 3) / 2)
+    assert roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == 0.75
+    sets = [frozenset({"a"}), frozenset(), frozenset({"a"}), frozenset()]
+    eye = np.eye(4)
+    out = label_matched(eye, sets, sets, k=1, random_rounds=50)
+    assert out["hit@1"] == 1.0 and 0.3 < out["random_hit@1"] < 0.7
+
+
+def test_platt_scaling_recovers_a_logistic_model():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-(2.0 * x - 0.5)))).astype(float)
+    a, b = platt(x, y)
+    assert a == pytest.approx(2.0, abs=0.2) and b == pytest.approx(-0.5, abs=0.15)
+
+
+def test_prompt_sets_are_editable_and_checked(tmp_path):
+    prompts = PromptSet.load()
+    assert "pleural_effusion" in prompts.findings
+    p = prompts.findings["pleural_effusion"]
+    assert p.phrase("pleural_effusion", "left", "small") == "small left pleural effusion"
+    edited = prompts.with_finding("hernia", ["hiatal hernia"], ["no hernia"])
+    path = tmp_path / "p.json"
+    path.write_text(edited.to_json())
+    assert PromptSet.load(path).findings["hernia"].positive == ["hiatal hernia"]
+    with pytest.raises(ConfigError):
+        prompts.with_finding("x", [], ["no x"])
+    path.write_text(json.dumps({"oops": 1}))
+    with pytest.raises(ConfigError):
+        PromptSet.load(path)
+
+
+def test_zero_shot_probabilities_are_softmax_of_the_prompt_pair():
+    torch.manual_seed(0)
+    model = create_model("lrclr-tiny")
+    tok = get_tokenizer("lrclr-tiny")
+    zs = ZeroShotClassifier(model, tok)
+    with torch.no_grad():
+        img = model.encode_image(torch.randn(3, 3, 64, 64))
+    probs = zs.probabilities(img)
+    assert probs.shape == (3, len(zs.findings)) and ((probs > 0) & (probs < 1)).all()
+    # one prompt pair: probability == softmax over the two logits
+    single = PromptSet({"x": PromptSet.load().findings["pleural_effusion"].__class__(
+        ["left pleural effusion"], ["no pleural effusion"])})
+    zs1 = ZeroShotClassifier(model, tok, single)
+    logits = zs1.score_phrases(img, ["left pleural effusion", "no pleural effusion"])
+    soft = torch.softmax(torch.from_numpy(logits), dim=1)[:, 0].numpy()
+    np.testing.assert_allclose(zs1.probabilities(img)[:, 0], soft, rtol=1e-6)
+
+
+def test_grounding_maps_back_through_the_letterbox():
+    torch.manual_seed(0)
+    model = create_model("lrclr-tiny")
+    tok = get_tokenizer("lrclr-tiny")
+    image = torch.rand(120, 80)  # portrait: padded left and right in the 64 px input
+    x, box = letterbox(image, 64)
+    assert isinstance(box, Letterbox) and box.pad_x > 0 and box.pad_y == 0
+    with torch.no_grad():
+        img = model.encode_image(((x - 0.5) / 0.25).expand(1, 3, 64, 64))
+        text = model.encode_text(tok(["left pleural effusion"], split=False))
+    g = ground(img, text, box)
+    assert g.heatmap.shape == (120, 80)
+    assert g.heatmap.min() >= 0.0 and g.heatmap.max() == pytest.approx(1.0)
+    x0, y0, x1, y1 = g.box
+    assert 0 <= x0 < x1 <= 80 and 0 <= y0 < y1 <= 120
+    assert x0 <= g.peak[0] < x1 and y0 <= g.peak[1] < y1
+    no_box = ground(img, text)
+    assert no_box.heatmap.shape == (64, 64)
+
+
+def test_grounding_metrics():
+    heat = np.zeros((10, 10))
+    heat[2:4, 2:4] = 1.0
+    mask = np.zeros((10, 10), bool)
+    mask[2:5, 2:5] = True
+    assert pointing_game(heat, mask) and not pointing_game(heat, ~mask)
+    assert iou(heat, mask) == pytest.approx(4 / 9)
+    assert cnr(heat, mask) == pytest.approx(4 / np.sqrt(20))  # (4/9) / sqrt(4/9 * 5/9)
+    assert cnr(np.zeros((10, 10)), mask) == 0.0
+
+
+@pytest.mark.slow
+def test_eval_runs_end_to_end_on_a_tiny_archive(tmp_path):
+    from ui.cli import main
+
+    data = make_tiny_cxr(tmp_path / "data", n=30)
+    model = create_model("lrclr-tiny")
+    from vlm.models import save_checkpoint
+
+    save_checkpoint(model, tmp_path / "ckpt", get_tokenizer("lrclr-tiny"), card="# tiny")
+    code = main(["eval", "--model", str(tmp_path / "ckpt"), "--data", str(data), "--out",
+                 str(tmp_path / "eval"), "--json"])
+    assert code == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["studies"] == 6
+    assert set(result["retrieval"]["report_to_image"]) == {"R@1", "R@5", "R@10"}
+    assert (tmp_path / "eval" / "roc.png").is_file() and (tmp_path / "eval" / "eval.md").is_file()

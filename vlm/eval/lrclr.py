@@ -1,0 +1,242 @@
+"""``radlens eval``: zero-shot AUC, retrieval (exact and label-matched) and grounding scores of
+an image–text model on a PhantomCXR split; JSON, a markdown table and plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlm.data.cxr_dataset import CXRDataset
+from vlm.eval.metrics import label_matched, recall_at_k, roc_auc
+from vlm.grounding import cnr, ground, iou, pointing_game
+from vlm.models.factory import create_model, get_tokenizer
+from vlm.models.lrclr import LRCLR
+from vlm.models.outputs import ImageEmbedding
+from vlm.zeroshot import PromptSet, ZeroShotClassifier
+
+logger = logging.getLogger(__name__)
+MIN_POSITIVES = 20
+
+
+def encode_images(model: LRCLR, ds: CXRDataset, batch: int = 64) -> ImageEmbedding:
+    parts: list[ImageEmbedding] = []
+    with torch.no_grad():
+        for i in range(0, len(ds), batch):
+            x = torch.stack([ds.image_tensor(j) for j in range(i, min(i + batch, len(ds)))])
+            parts.append(model.encode_image(x))
+
+    def cat(name: str) -> torch.Tensor | None:
+        vals = [getattr(p, name) for p in parts]
+        return None if vals[0] is None else torch.cat(vals)
+
+    return ImageEmbedding(global_embedding=cat("global_embedding"),  # type: ignore[arg-type]
+                          patch_embeddings=cat("patch_embeddings"),  # type: ignore[arg-type]
+                          region_embeddings=cat("region_embeddings"),
+                          region_boxes=cat("region_boxes"), region_scores=cat("region_scores"),
+                          patch_size=parts[0].patch_size)
+
+
+def _similarity(model: LRCLR, image: ImageEmbedding, texts: list[str], tokenizer: Any,
+                chunk: int = 128) -> np.ndarray:
+    cols = []
+    with torch.no_grad():
+        for i in range(0, len(texts), chunk):
+            text = model.encode_text(tokenizer(texts[i:i + chunk]))
+            cols.append(model.similarity(image, text).cpu())
+    return torch.cat(cols, dim=1).double().numpy()  # (I, T)
+
+
+def evaluate(model_path: str | os.PathLike[str], data: str | os.PathLike[str],
+             split: str = "test", out_dir: str | os.PathLike[str] | None = None,
+             prompts: PromptSet | None = None, max_grounding: int | None = None
+             ) -> dict[str, Any]:
+    model = create_model(model_path)
+    assert not model.training
+    tokenizer = get_tokenizer(model_path)
+    pre = model.config.preprocess
+    test = CXRDataset(data, split, pre)
+    val = CXRDataset(data, "val", pre)
+    zs = ZeroShotClassifier(model, tokenizer, prompts)
+    findings = zs.findings
+
+    val_img = encode_images(model, val)
+    zs.calibrate(val_img, val.labels(findings))
+    img = encode_images(model, test)
+    probs = zs.probabilities(img)
+    labels = test.labels(findings)
+    per_finding: dict[str, dict[str, Any]] = {}
+    for j, name in enumerate(findings):
+        pos = int(labels[:, j].sum())
+        auc = roc_auc(labels[:, j], probs[:, j])
+        per_finding[name] = {"positives": pos, "auc": None if np.isnan(auc) else auc}
+    macro_set = [f for f, v in per_finding.items()
+                 if v["positives"] >= MIN_POSITIVES and v["auc"] is not None]
+    macro = float(np.mean([per_finding[f]["auc"] for f in macro_set])) if macro_set else None
+
+    # Retrieval: report -> image and image -> report over the split.
+    sim = _similarity(model, img, test.texts, tokenizer)  # (I, T)
+    t2i = recall_at_k(sim.T)
+    i2t = recall_at_k(sim)
+    sets = [frozenset(r.get("labels", [])) for r in test.rows]
+    matched = label_matched(sim.T, sets, sets, k=10)
+
+    grounding = _grounding(model, tokenizer, test, img, zs, max_grounding)
+    result: dict[str, Any] = {
+        "model": model.config.name, "split": split, "studies": len(test),
+        "zero_shot": {"per_finding": per_finding, "macro_auc": macro,
+                      "macro_over": macro_set, "min_positives": MIN_POSITIVES},
+        "retrieval": {"report_to_image": t2i, "image_to_report": i2t,
+                      "label_matched": matched},
+        "grounding": grounding,
+    }
+    if out_dir is not None:
+        write_outputs(Path(out_dir), result, labels, probs, findings, model, tokenizer, test,
+                      img, zs)
+    return result
+
+
+def _grounding(model: LRCLR, tokenizer: Any, ds: CXRDataset, img: ImageEmbedding,
+               zs: ZeroShotClassifier, limit: int | None) -> dict[str, Any]:
+    per: dict[str, dict[str, list[float]]] = {}
+    done = 0
+    for i, row in enumerate(ds.rows):
+        for f in row.get("findings", []):
+            mask_file = f.get("mask")
+            if not mask_file or f["finding"] not in zs.prompts.findings:
+                continue
+            mask = np.asarray(Image.open(ds.root / mask_file)) > 0
+            if not mask.any():
+                continue
+            phrase = zs.prompts.findings[f["finding"]].phrase(
+                f["finding"], f.get("side"), f.get("severity"), f.get("zone"))
+            with torch.no_grad():
+                text = model.encode_text(tokenizer([phrase], split=False))
+            g = ground(_one(img, i), text, _letterbox(ds, i, mask.shape))
+            entry = per.setdefault(f["finding"], {"pointing": [], "iou": [], "cnr": []})
+            entry["pointing"].append(float(pointing_game(g.heatmap, mask)))
+            entry["iou"].append(iou(g.heatmap, mask))
+            entry["cnr"].append(cnr(g.heatmap, mask))
+            done += 1
+        if limit and done >= limit:
+            break
+    summary = {k: {"n": len(v["pointing"]), "pointing_game": float(np.mean(v["pointing"])),
+                   "miou": float(np.mean(v["iou"])), "cnr": float(np.mean(v["cnr"]))}
+               for k, v in sorted(per.items())}
+    allp = [x for v in per.values() for x in v["pointing"]]
+    return {"per_finding": summary, "pointing_game": float(np.mean(allp)) if allp else None,
+            "miou": float(np.mean([x for v in per.values() for x in v["iou"]])) if allp
+            else None, "instances": len(allp)}
+
+
+def _one(img: ImageEmbedding, i: int) -> ImageEmbedding:
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[i:i + 1]
+
+    return ImageEmbedding(img.global_embedding[i:i + 1], img.patch_embeddings[i:i + 1],
+                          pick(img.region_embeddings), pick(img.region_boxes),
+                          pick(img.region_scores), None, img.patch_size)
+
+
+def _letterbox(ds: CXRDataset, i: int, shape: tuple[int, ...]) -> Any:
+    from vlm.data.transforms import Letterbox
+
+    h, w = int(shape[0]), int(shape[1])
+    size = ds.preprocess.image_size
+    scale = size / max(h, w)
+    return Letterbox(h, w, scale, (size - round(w * scale)) // 2, (size - round(h * scale)) // 2,
+                     size)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    zs = result["zero_shot"]
+    lines = [f"### {result['model']} on the {result['split']} split ({result['studies']} studies)",
+             "", "| finding | test positives | zero-shot AUC | pointing game | mIoU | CNR |",
+             "|---|---:|---:|---:|---:|---:|"]
+    gr = result["grounding"]["per_finding"]
+    for name, v in zs["per_finding"].items():
+        g = gr.get(name, {})
+        cells = [f"{v['auc']:.3f}" if v["auc"] is not None else "–"]
+        cells += [f"{g[k]:.3f}" if k in g else "–" for k in ("pointing_game", "miou", "cnr")]
+        lines.append(f"| {name} | {v['positives']} | " + " | ".join(cells) + " |")
+    macro = zs["macro_auc"]
+    lines += ["", f"Macro zero-shot AUC over findings with ≥ {zs['min_positives']} positives: "
+              f"**{macro:.3f}**" if macro is not None else "", ""]
+    r = result["retrieval"]
+    lines += ["| retrieval | R@1 | R@5 | R@10 |", "|---|---:|---:|---:|"]
+    for key in ("report_to_image", "image_to_report"):
+        v = r[key]
+        lines.append(f"| {key.replace('_', ' ')} | {v['R@1']:.3f} | {v['R@5']:.3f} | "
+                     f"{v['R@10']:.3f} |")
+    m = r["label_matched"]
+    lines += ["", f"Label-matched report→image: hit@10 {m['hit@10']:.3f} (random "
+              f"{m['random_hit@10']:.3f}), mAP@10 {m['mAP@10']:.3f} (random "
+              f"{m['random_mAP@10']:.3f}) over {m['queries']} queries.", ""]
+    g = result["grounding"]
+    if g["pointing_game"] is not None:
+        lines.append(f"Grounding over {g['instances']} findings with masks: pointing game "
+                     f"{g['pointing_game']:.3f}, mIoU {g['miou']:.3f}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, result: dict[str, Any], labels: np.ndarray, probs: np.ndarray,
+                  findings: list[str], model: LRCLR, tokenizer: Any, ds: CXRDataset,
+                  img: ImageEmbedding, zs: ZeroShotClassifier) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    (out / "eval.md").write_text(markdown_table(result))
+    (out / "calibration.json").write_text(json.dumps(zs.calibration, indent=1))
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for j, name in enumerate(findings):
+        if 0 < labels[:, j].sum() < len(labels):
+            fpr, tpr, _ = roc_curve(labels[:, j], probs[:, j])
+            auc = result["zero_shot"]["per_finding"][name]["auc"]
+            ax.plot(fpr, tpr, label=f"{name} ({auc:.2f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate",
+           title=f"Zero-shot ROC, {result['model']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=110)
+    plt.close(fig)
+    _heatmap_examples(out / "heatmaps.png", model, tokenizer, ds, img, zs)
+
+
+def _heatmap_examples(path: Path, model: LRCLR, tokenizer: Any, ds: CXRDataset,
+                      img: ImageEmbedding, zs: ZeroShotClassifier, n: int = 8) -> None:
+    import matplotlib.pyplot as plt
+
+    picks = [(i, f) for i, r in enumerate(ds.rows) for f in r.get("findings", [])
+             if f.get("mask") and f["finding"] in zs.prompts.findings][:: 7][:n]
+    if not picks:
+        return
+    fig, axes = plt.subplots(2, (len(picks) + 1) // 2, figsize=(3 * ((len(picks) + 1) // 2), 6))
+    for ax, (i, f) in zip(np.ravel(axes), picks, strict=False):
+        base = np.asarray(ds.images[i], dtype=np.float32) / 255
+        phrase = zs.prompts.findings[f["finding"]].phrase(f["finding"], f.get("side"),
+                                                          f.get("severity"), f.get("zone"))
+        with torch.no_grad():
+            g = ground(_one(img, i), model.encode_text(tokenizer([phrase], split=False)))
+        ax.imshow(base, cmap="gray")
+        ax.imshow(g.heatmap, cmap="jet", alpha=0.35)
+        x0, y0, x1, y1 = g.box
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime"))
+        ax.set_title(phrase[:32], fontsize=8)
+        ax.axis("off")
+    for ax in np.ravel(axes)[len(picks):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,75 @@
+"""MODEL_CARD.md for shipped checkpoints (Hugging Face model card sections)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from vlm.models.config import ModelConfig, config_hash
+
+RECONSTRUCTION = (
+    "LRCLR (Rizvi et al., 'Local Contrastive Learning for Medical Image Recognition', "
+    "arXiv 2303.14153) is known to RadLens only from its abstract. This model is RadLens's "
+    "reconstruction: candidate windows of the patch grid at several scales, a scorer that keeps "
+    "the top-k (hard top-k forward, straight-through soft weights backward), sentences attending "
+    "over the kept regions, and a GLoRIA-style local matching loss added 1:1 to the global CLIP "
+    "loss. It is not the authors' code and its numbers are not theirs."
+)
+
+
+def model_card(config: ModelConfig, training: dict[str, Any] | None = None,
+               metrics: dict[str, Any] | None = None, data: str = "PhantomCXR") -> str:
+    local = config.region.enabled or config.cross_attention.enabled
+    kind = "LRCLR (reconstruction)" if local else "plain CLIP baseline (LRCLR layers off)"
+    text = config.text
+    lines = [
+        f"# {config.name}", "",
+        f"**{kind}** image–text model for chest radiographs, trained by RadLens.", "",
+        "**Not for clinical use.** Trained on synthetic radiographs; no clinical claim is made "
+        "or implied.", "",
+        "## Model details", "",
+        f"- Image tower: {config.vision.backend} "
+        + (f"ViT {config.vision.layers}x{config.vision.width}, patch {config.vision.patch_size}"
+           if config.vision.backend == "open_clip" else f"{config.vision.timm_model}")
+        + f", {config.preprocess.image_size} px, random initialisation.",
+        f"- Text tower: `{text.source}` ("
+        + ("pretrained, " if text.pretrained and not text.overrides else "random init, ")
+        + ("frozen" if text.freeze else f"frozen up to layer {text.freeze_layers}"
+           if text.freeze_layers >= 0 else "fine-tuned")
+        + (f"; weights referenced by sha256 `{text.sha256}`, not copied" if text.sha256 else "")
+        + ").",
+        f"- Joint embedding: {config.embed_dim}-d, cosine similarity.",
+        f"- Region selection: {'on' if config.region.enabled else 'off'}"
+        + (f" (scales {list(config.region.scales)}, top-{config.region.top_k})"
+           if config.region.enabled else "") + "; region–sentence attention: "
+        + ("on" if config.cross_attention.enabled else "off") + ".",
+        f"- Config hash: `{config_hash(config)}`.", "",
+    ]
+    if local:
+        lines += ["## Reconstruction", "", RECONSTRUCTION, ""]
+    lines += [
+        "## Intended use", "",
+        "Research and engineering: zero-shot finding classification with text prompts, "
+        "report-to-image search, similar cases and phrase grounding inside RadLens, and "
+        "testing a deployment without patient data. Out of scope: diagnosis, triage, any "
+        "clinical decision, and real radiographs without re-training and validation.", "",
+        "## Training data", "",
+        f"{data}: real Indiana University chest X-ray report text and NLM MeSH labels "
+        "(CC BY-NC-ND 4.0, read from the installed torchxrayvision package) paired with "
+        "**synthetic** radiographs rendered by RadLens. See `data_cards/phantom_cxr.md`.", "",
+    ]
+    if training:
+        shown = {k: v for k, v in training.items() if k != "history"}
+        lines += ["## Training", "", "```json", json.dumps(shown, indent=1, default=str)[:3000],
+                  "```", ""]
+    if metrics:
+        lines += ["## Evaluation (PhantomCXR test split)", "", "```json",
+                  json.dumps(metrics, indent=1, default=str)[:6000], "```", ""]
+    lines += [
+        "## Limitations", "",
+        "- Synthetic pixels: the images are simple renderings; performance on real radiographs "
+        "is unknown and expected to be poor without re-training.",
+        "- The text tower is a general-domain sentence encoder, not a clinical one.",
+        "- Labels come from MeSH indexing of the reports; they are incomplete and noisy.", "",
+    ]
+    return "\n".join(lines)

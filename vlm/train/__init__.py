@@ -1,0 +1,1 @@
+"""One training loop (``loop.Trainer``), several recipes (lrclr; clear and drasclr later)."""

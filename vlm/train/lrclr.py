@@ -1,0 +1,136 @@
+"""``radlens train lrclr``: LRCLR (or its plain-CLIP baseline) on a PhantomCXR-style folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm.data.cxr_dataset import CXRDataset
+from vlm.data.transforms import Preprocess
+from vlm.losses import LRCLRLoss
+from vlm.models.card import model_card
+from vlm.models.checkpoint import save_checkpoint
+from vlm.models.factory import create_model, get_tokenizer
+from vlm.models.lrclr import LRCLR
+from vlm.models.outputs import TextEmbedding
+from vlm.models.tokenizer import ReportTokenizer
+from vlm.train.loop import TrainConfig, Trainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PooledText:
+    report: torch.Tensor  # (N, H)
+    sentences: torch.Tensor  # (N, S, H)
+    mask: torch.Tensor  # (N, S)
+
+    def take(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.report[idx], self.sentences[idx], self.mask[idx]
+
+
+def pool_texts(model: LRCLR, tokenizer: ReportTokenizer, texts: list[str], batch: int = 64
+               ) -> PooledText:
+    """Frozen text encoder states for every text, once (the projection still trains)."""
+    reports, sents, masks = [], [], []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(texts), batch):
+            r, s, m = model.text.pool(tokenizer(texts[i:i + batch]))
+            reports.append(r)
+            sents.append(s)
+            masks.append(m)
+    model.train(was_training)
+    width = max(s.shape[1] for s in sents)
+    sents = [torch.nn.functional.pad(s, (0, 0, 0, width - s.shape[1])) for s in sents]
+    masks = [torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks]
+    return PooledText(torch.cat(reports), torch.cat(sents), torch.cat(masks))
+
+
+class LRCLRTask:
+    def __init__(self, model: LRCLR, tokenizer: ReportTokenizer, train: CXRDataset,
+                 val: CXRDataset, cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> None:
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.train_ds, self.val_ds = train, val
+        self.rank, self.world_size = rank, world_size
+        self.loss_fn = LRCLRLoss(model.config.loss)
+        self.augment = Preprocess(model.config.preprocess, train=True)
+        self.cached = model.config.text.freeze
+        self.train_text = pool_texts(model, tokenizer, train.texts) if self.cached else None
+        self.val_text = pool_texts(model, tokenizer, val.texts) if self.cached else None
+
+    def train_size(self) -> int:
+        return len(self.train_ds)
+
+    def _generator(self, epoch: int, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(((self.cfg.seed * 1_000_003 + epoch) * 10_000_019
+                                              + index) % 2**63)
+
+    def batch(self, indices: Sequence[int], epoch: int) -> dict[str, Any]:
+        images = torch.stack([self.train_ds.image_tensor(i, self.augment,
+                                                         self._generator(epoch, i))
+                              for i in indices])
+        return {"images": images, "indices": list(indices), "split": "train"}
+
+    def _text(self, indices: list[int], split: str) -> TextEmbedding:
+        pooled = self.train_text if split == "train" else self.val_text
+        if pooled is not None:
+            return self.model.text_from_pooled(*pooled.take(indices))
+        ds = self.train_ds if split == "train" else self.val_ds
+        return self.model.encode_text(self.tokenizer([ds.texts[i] for i in indices]))
+
+    def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image = self.model.encode_image(batch["images"].to(self.cfg.device))
+        text = self._text(batch["indices"], batch["split"])
+        return self.loss_fn(self.model, image, text, self.rank, self.world_size,
+                            max_sentences=self.model.config.text.max_sentences)
+
+    def validate(self) -> dict[str, float]:
+        """Validation loss and image->report recall@5 on the validation split."""
+        n = len(self.val_ds)
+        bs = self.cfg.batch_size
+        losses, images, texts = [], [], []
+        for i in range(0, n - n % bs if n >= bs else n, bs):
+            idx = list(range(i, min(i + bs, n)))
+            batch = {"images": torch.stack([self.val_ds.image_tensor(j) for j in idx]),
+                     "indices": idx, "split": "val"}
+            out = self.loss(batch)
+            losses.append(float(out["loss"]))
+        for i in range(0, n, 128):
+            idx = list(range(i, min(i + 128, n)))
+            images.append(self.model.encode_image(
+                torch.stack([self.val_ds.image_tensor(j) for j in idx])).global_embedding)
+            texts.append(self._text(idx, "val").global_embedding)
+        sim = torch.cat(images) @ torch.cat(texts).T
+        top5 = sim.topk(min(5, n), dim=1).indices
+        recall5 = (top5 == torch.arange(n)[:, None]).any(1).float().mean().item()
+        return {"val_loss": sum(losses) / max(1, len(losses)), "val_i2t_recall@5": recall5}
+
+    def save(self, folder: Path, summary: dict[str, Any]) -> None:
+        card = model_card(self.model.config, training={**summary,
+                                                       "train_studies": len(self.train_ds)})
+        save_checkpoint(self.model, folder, self.tokenizer, card=card, training=summary)
+
+
+def train_lrclr(data: str | os.PathLike[str], model_name: str, out: str | os.PathLike[str],
+                cfg: TrainConfig, pretrained: str | None = None, workers: int | None = None
+                ) -> dict[str, Any]:
+    """Train on ``data`` (a PhantomCXR folder), writing ``out/best`` and ``out/last``."""
+    torch.manual_seed(cfg.seed)
+    model = create_model(model_name, pretrained=pretrained, device=cfg.device)
+    tokenizer = get_tokenizer(model_name)
+    pre = model.config.preprocess
+    train = CXRDataset(data, "train", pre, workers=workers)
+    val = CXRDataset(data, "val", pre, workers=workers)
+    logger.info("training on %d studies, validating on %d", len(train), len(val))
+    task = LRCLRTask(model, tokenizer, train, val, cfg)
+    trainer = Trainer(model, task, cfg, Path(out), monitor="val_i2t_recall@5",
+                      monitor_mode="max")
+    return trainer.fit()
