@@ -1,0 +1,93 @@
+"""Encode throughput of a RadLens model next to the same-size open_clip model without the LRCLR
+layers, measured in one run (images/s and reports/s at batch sizes 1 and 32).
+
+    python benchmarks/encode_throughput.py [--model lrclr-small] [--seconds 10]
+
+Prints JSON and writes benchmarks/out/encode_throughput.json. The reference is open_clip's
+CustomTextCLIP with the identical ViT config and the identical HF text tower, so the ratio
+isolates what region selection and sentence pooling cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import vlm  # noqa: F401  (torchvision CPU shim)
+from vlm.models import create_model, get_tokenizer
+from vlm.models.sources import resolve_source
+
+REPORT = ("The heart is mildly enlarged. There is a small left pleural effusion with adjacent "
+          "atelectasis. No pneumothorax. Degenerative changes of the thoracic spine.")
+
+
+def rate(fn, items: int, seconds: float) -> float:
+    fn()  # warm-up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        n += items
+    return n / (time.perf_counter() - start)
+
+
+def open_clip_reference(model):
+    from open_clip.model import CustomTextCLIP
+
+    cfg = model.config
+    v = cfg.vision
+    return CustomTextCLIP(
+        embed_dim=cfg.embed_dim,
+        vision_cfg={"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width,
+                    "layers": v.layers, "head_width": v.head_width, "mlp_ratio": v.mlp_ratio},
+        text_cfg={"hf_model_name": str(resolve_source(cfg.text.source)),
+                  "hf_model_pretrained": False, "hf_proj_type": cfg.text.proj_type,
+                  "hf_pooler_type": "mean_pooler", "context_length": cfg.text.context_length},
+    ).eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="lrclr-small")
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = create_model(args.model)
+    tok = get_tokenizer(args.model)
+    ref = open_clip_reference(model)
+    size = model.config.preprocess.image_size
+    out: dict[str, object] = {"model": args.model, "threads": torch.get_num_threads(),
+                              "image_size": size}
+    with torch.inference_mode():
+        for b in (1, 32):
+            x = torch.randn(b, 3, size, size)
+            reports = [REPORT] * b
+            tokens = tok(reports)
+            ref_tokens = tokens.input_ids[:, : model.config.text.context_length]
+            out[f"radlens_images_per_s_b{b}"] = rate(lambda x=x: model.encode_image(x), b,
+                                                     args.seconds)
+            out[f"open_clip_images_per_s_b{b}"] = rate(lambda x=x: ref.encode_image(x), b,
+                                                       args.seconds)
+            out[f"radlens_reports_per_s_b{b}"] = rate(
+                lambda r=reports: model.encode_text(tok(r)), b, args.seconds)
+            out[f"open_clip_reports_per_s_b{b}"] = rate(
+                lambda t=ref_tokens: ref.encode_text(t), b, args.seconds)
+    for b in (1, 32):
+        for kind in ("images", "reports"):
+            ours, theirs = out[f"radlens_{kind}_per_s_b{b}"], out[f"open_clip_{kind}_per_s_b{b}"]
+            out[f"ratio_{kind}_b{b}"] = float(ours) / float(theirs)  # type: ignore[arg-type]
+    out = {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+    path = Path(__file__).parent / "out" / "encode_throughput.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
