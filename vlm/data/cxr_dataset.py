@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -33,6 +34,10 @@ def row_text(row: dict[str, Any]) -> str:
     """The report text a model reads: FINDINGS + IMPRESSION (PhantomCXR field names)."""
     return report_text(row.get("findings_text") or row.get("findings_section"),
                        row.get("impression"))
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
 
 
 def _load_one(args: tuple[str, dict[str, Any]]) -> np.ndarray:
@@ -80,7 +85,10 @@ class CXRDataset:
         workers = workers or max(1, (os.cpu_count() or 2))
         logger.info("decoding %d images with %d workers", len(jobs), workers)
         if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
+            # spawn, not fork: a forked child of a process that already ran torch's thread
+            # pool can deadlock inside the first torch op
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
                 arrays = list(pool.map(_load_one, jobs, chunksize=16))
         else:
             arrays = [_load_one(j) for j in jobs]
