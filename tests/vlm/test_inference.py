@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import vlm  # noqa: F401
+from tests.vlm.io.conftest import sample_file
+from vlm.inference import Encoder
+from vlm.io import read_image
+from vlm.models import create_model, get_tokenizer, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(create_model("lrclr-tiny"), folder, get_tokenizer("lrclr-tiny"), card="#")
+    return Encoder(folder)
+
+
+def test_encoder_maps_regions_back_to_original_pixels(encoder):
+    image = read_image(sample_file("RG1_UNCI.dcm"))  # 1955 x 1841, MONOCHROME1
+    (enc,) = encoder.encode_images([image])
+    assert enc.vector.shape == (encoder.dim,)
+    assert np.linalg.norm(enc.vector) == pytest.approx(1.0, abs=1e-4)
+    assert enc.region_vectors.shape == (6, encoder.dim)
+    b = enc.region_boxes
+    assert (b[:, 0] < b[:, 2]).all() and (b[:, 1] < b[:, 3]).all()
+    assert b[:, [0, 2]].max() <= 1841 and b[:, [1, 3]].max() <= 1955 and b.min() >= 0
+
+
+def test_encoder_text_classify_ground(encoder):
+    vecs = encoder.encode_text(["small left pleural effusion", "normal chest"])
+    assert vecs.shape == (2, encoder.dim)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
+    image = read_image(sample_file("CT_small.dcm"))
+    probs = encoder.classify(image)
+    assert set(probs) >= {"pleural_effusion", "cardiomegaly"}
+    assert all(0.0 < p < 1.0 for p in probs.values())
+    (g,) = encoder.ground(image, ["left lung"])
+    assert g.heatmap.shape == image.pixels.shape

@@ -1,0 +1,109 @@
+"""Inference runtime: one loaded model + tokenizer + preprocessing, used by the index, the CLI
+and the app. Inputs are :class:`vlm.io.ImageData` (any reader output) or text; outputs are
+numpy vectors (unit length), region boxes in *original* image pixels, probabilities, heatmaps.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlm.data.transforms import Letterbox, Preprocess
+from vlm.grounding import Grounding, ground
+from vlm.io import ImageData
+from vlm.models.config import config_hash
+from vlm.models.factory import create_model, get_tokenizer
+from vlm.models.outputs import ImageEmbedding
+from vlm.zeroshot import PromptSet, ZeroShotClassifier, load_calibration
+
+
+@dataclass
+class EncodedImage:
+    vector: np.ndarray  # (E,) float32, unit length
+    region_vectors: np.ndarray  # (K, E) float32 (K = 0 without region selection)
+    region_boxes: np.ndarray  # (K, 4) x0, y0, x1, y1 in original pixels
+    region_scores: np.ndarray  # (K,)
+
+
+class Encoder:
+    """A model ready for inference (eval mode asserted)."""
+
+    def __init__(self, model: str | os.PathLike[str], device: str = "cpu",
+                 precision: str = "fp32", prompts: PromptSet | None = None,
+                 batch_size: int = 16) -> None:
+        self.model = create_model(model, device=device, precision=precision)
+        assert not self.model.training, "inference needs eval mode"
+        self.tokenizer = get_tokenizer(model)
+        self.preprocess = Preprocess(self.model.config.preprocess, train=False)
+        self.device = torch.device(device)
+        self.dtype = next(self.model.parameters()).dtype
+        self.batch_size = batch_size
+        self.name = self.model.config.name
+        self.config_hash = config_hash(self.model.config)
+        calibration_file = Path(model) / "calibration.json"
+        calibration = load_calibration(calibration_file) if calibration_file.is_file() else None
+        self.zeroshot = ZeroShotClassifier(self.model, self.tokenizer, prompts, calibration)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.embed_dim)
+
+    def _embed(self, images: Sequence[ImageData]) -> tuple[ImageEmbedding, list[Letterbox]]:
+        tensors, boxes = [], []
+        for image in images:
+            x, box = self.preprocess(image)
+            tensors.append(x)
+            boxes.append(box)
+        x = torch.stack(tensors).to(self.device, self.dtype)
+        with torch.inference_mode():
+            return self.model.encode_image(x), boxes
+
+    def encode_images(self, images: Sequence[ImageData]) -> list[EncodedImage]:
+        out: list[EncodedImage] = []
+        for i in range(0, len(images), self.batch_size):
+            emb, boxes = self._embed(images[i:i + self.batch_size])
+            for j, box in enumerate(boxes):
+                if emb.region_embeddings is not None and emb.region_boxes is not None:
+                    rv = emb.region_embeddings[j].float().cpu().numpy()
+                    rb = box.to_original(emb.region_boxes[j].float().cpu().numpy())
+                    rs = emb.region_scores[j].float().cpu().numpy() if \
+                        emb.region_scores is not None else np.ones(len(rv), np.float32)
+                else:
+                    rv = np.zeros((0, self.dim), np.float32)
+                    rb, rs = np.zeros((0, 4)), np.zeros(0, np.float32)
+                out.append(EncodedImage(emb.global_embedding[j].float().cpu().numpy(), rv,
+                                        rb.astype(np.float32), rs.astype(np.float32)))
+        return out
+
+    def encode_text(self, texts: Sequence[str], split: bool = True) -> np.ndarray:
+        """(N, E) unit vectors for queries or reports (global report embedding)."""
+        vecs = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), 64):
+                tokens = self.tokenizer(list(texts[i:i + 64]), split=split).to(self.device)
+                vecs.append(self.model.encode_text(tokens).global_embedding.float().cpu())
+        return torch.cat(vecs).numpy()
+
+    def classify(self, image: ImageData, prompts: PromptSet | None = None) -> dict[str, float]:
+        """Finding probabilities for one image (calibrated when the checkpoint has them)."""
+        zs = self.zeroshot if prompts is None else ZeroShotClassifier(
+            self.model, self.tokenizer, prompts, self.zeroshot.calibration)
+        emb, _ = self._embed([image])
+        probs = zs.probabilities(emb)[0]
+        return dict(zip(zs.findings, (float(p) for p in probs), strict=True))
+
+    def ground(self, image: ImageData, phrases: Sequence[str]) -> list[Grounding]:
+        """One heatmap (original image size) and box per phrase."""
+        emb, boxes = self._embed([image])
+        out = []
+        with torch.inference_mode():
+            for phrase in phrases:
+                text = self.model.encode_text(self.tokenizer([phrase], split=False)
+                                              .to(self.device))
+                out.append(ground(emb, text, boxes[0]))
+        return out
