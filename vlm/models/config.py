@@ -34,6 +34,8 @@ class VisionConfig:
     pool_type: str = "tok"
     timm_model: str | None = None  # e.g. "vit_tiny_patch16_224", "resnet18"
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    freeze: bool = False  # freeze the whole trunk (the projection and LRCLR layers still train)
+    freeze_layers: int = -1  # -1: train all; n: freeze the stem + first n blocks (open_clip)
 
 
 @dataclass(frozen=True)

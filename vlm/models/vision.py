@@ -47,6 +47,24 @@ class VisionTower(nn.Module):
             self.patch_size = cfg.image_size / grid
         else:
             raise ConfigError(f"unknown vision backend '{cfg.backend}': use open_clip or timm")
+        self._apply_freezing()
+
+    def _apply_freezing(self) -> None:
+        cfg = self.cfg
+        if cfg.freeze:
+            for name, p in self.trunk.named_parameters():
+                if not (self.proj is None and name == "proj"):
+                    p.requires_grad_(False)
+        elif cfg.freeze_layers >= 0:
+            if self.proj is not None:
+                raise ConfigError("freeze_layers is for open_clip towers; use freeze for timm")
+            for name, p in self.trunk.named_parameters():
+                parts = name.split(".")
+                block = (int(parts[2]) if parts[:2] == ["transformer", "resblocks"] else None)
+                stem = parts[0] in ("conv1", "class_embedding", "positional_embedding",
+                                    "ln_pre")
+                if stem or (block is not None and block < cfg.freeze_layers):
+                    p.requires_grad_(False)
 
     def _timm_grid(self, x: torch.Tensor) -> int:
         feats = self.trunk.forward_features(x)

@@ -172,3 +172,18 @@ def test_sentencepiece_tokenizer_trained_on_reports_runs_a_tower(tmp_path):
         txt = model.encode_text(tokens)
     assert txt.global_embedding.shape == (len(REPORTS), cfg.embed_dim)
     assert txt.sentence_mask.sum(1).tolist() == [3, 2, 3, 2]
+
+
+def test_partially_frozen_towers():
+    cfg = load_config("lrclr-tiny")
+    cfg = cfg.replace(vision=cfg.vision.__class__(**{**cfg.vision.__dict__, "freeze_layers": 1}),
+                      text=cfg.text.__class__(**{**cfg.text.__dict__, "freeze_layers": 1}))
+    model = build_model(cfg)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert "visual.trunk.conv1.weight" in frozen
+    assert any(n.startswith("visual.trunk.transformer.resblocks.0.") for n in frozen)
+    assert not any(n.startswith("visual.trunk.transformer.resblocks.1.") for n in frozen)
+    assert "visual.trunk.proj" not in frozen
+    assert any("embeddings" in n for n in frozen if n.startswith("text."))
+    assert not any(".layer.1." in n for n in frozen)
+    assert not any(n.startswith(("regions.", "cross.", "text.proj")) for n in frozen)
