@@ -1,0 +1,249 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from vlm.data.manifest import read_jsonl, split_for
+from vlm.data.phantom_ct import (
+    LOCATION_CLASSES,
+    emphysema_class,
+    emphysema_score,
+    from_body_frame,
+    generate_phantom_ct,
+    make_contact_sheet,
+    patch_centres,
+    to_body_frame,
+)
+from vlm.data.phantom_ct.coords import body_frame
+from vlm.data.phantom_ct.endpoints import simulate_survival
+from vlm.data.phantom_ct.geometry import make_grid
+from vlm.data.phantom_ct.render import render_volume
+from vlm.data.phantom_ct.tissues import HU_RANGES, Tissue, body_mask
+
+SHAPE = (64, 64, 56)  # anisotropic on purpose: (Z, Y, X)
+N = 3
+
+# Host tissues allowed under each location class (checked against the internal organ map).
+HOST_TISSUES = {
+    "lung": {Tissue.LUNG},
+    "liver": {Tissue.LIVER},
+    "kidney": {Tissue.KIDNEY},
+    "bone": {Tissue.CORTICAL_BONE, Tissue.CANCELLOUS_BONE},
+    "mediastinum": {Tissue.MEDIASTINAL_FAT},
+    "abdomen": {Tissue.ABDOMINAL_FAT, Tissue.BOWEL},
+    "pelvis": {Tissue.ABDOMINAL_FAT, Tissue.BOWEL},
+    "soft_tissue": {Tissue.SUBCUT_FAT, Tissue.MUSCLE},
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict], dict]:
+    out = tmp_path_factory.mktemp("pct")
+    summary = generate_phantom_ct(out, n=N, shape=SHAPE, seed=7, workers=2)
+    return out, list(read_jsonl(out / "manifest.jsonl")), summary
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list:
+    grid = make_grid((72, 72, 72))
+    return [render_volume(grid, seed=3, index=i) for i in range(5)]
+
+
+def _nifti_zyx(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj).transpose(2, 1, 0)
+
+
+def _read_dicom_hu(folder: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Independent read-back with pydicom: sort by IPP z, apply the modality LUT."""
+    dss = [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
+    dss.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+    for d in dss:
+        assert [float(v) for v in d.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+        assert d.Modality == "CT" and d.PatientID.startswith("PCT-")
+    vol = np.stack([d.pixel_array.astype(np.float32) * float(d.RescaleSlope)
+                    + float(d.RescaleIntercept) for d in dss])
+    dz = float(dss[1].ImagePositionPatient[2]) - float(dss[0].ImagePositionPatient[2])
+    dy, dx = (float(v) for v in dss[0].PixelSpacing)
+    assert dss[0].pixel_array.dtype == np.uint16 and float(dss[0].RescaleIntercept) == -1024
+    return vol, (dz, dy, dx)
+
+
+def test_layout_manifest_and_summary(dataset):
+    out, rows, summary = dataset
+    assert len(rows) == N and summary["n_volumes"] == N
+    assert summary["volumes_per_s"] > 0 and (out / "summary.json").exists()
+    for row in rows:
+        assert row["shape"] == list(SHAPE)
+        assert len(list((out / row["dicom_dir"]).glob("*.dcm"))) == SHAPE[0]
+        for rel in (row["nifti"], row["masks"]["lesions"], row["masks"]["lung"]):
+            assert (out / rel).exists()
+        assert row["split"] == split_for(row["patient_id"], 7)
+        assert set(row["location_labels"]) == set(LOCATION_CLASSES)
+        assert sum(row["location_labels"].values()) == len({les["location"]
+                                                            for les in row["lesions"]})
+        assert len(row["slice_flags"]) == SHAPE[0]
+        assert row["time"] > 0 and row["event"] in (0, 1)
+        assert row["emphysema_class"] == emphysema_class(row["emphysema_score"])
+
+
+def test_dicom_matches_nifti_and_spacing(dataset):
+    out, rows, _ = dataset
+    row = rows[0]
+    hu, spacing = _read_dicom_hu(out / row["dicom_dir"])
+    nii = _nifti_zyx(out / row["nifti"])
+    assert nii.shape == SHAPE
+    np.testing.assert_array_equal(hu, nii.astype(np.float32))
+    np.testing.assert_allclose(spacing, row["spacing"], atol=1e-4)
+    img = nib.load(str(out / row["nifti"]))
+    np.testing.assert_allclose(nib.affines.voxel_sizes(img.affine), row["spacing"][::-1],
+                               atol=1e-4)
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S")  # i: R->L, j: A->P, k: I->S
+
+
+def test_reader_roundtrip_when_available(dataset):
+    vio = pytest.importorskip("vlm.io")
+    if not hasattr(vio, "read_series"):
+        pytest.skip("vlm.io.read_series not available yet")
+    out, rows, _ = dataset
+    row = rows[1]
+    vol = vio.read_series(out / row["dicom_dir"])
+    nii = vio.read_nifti(out / row["nifti"])
+    ref = _nifti_zyx(out / row["nifti"]).astype(np.float32)
+    np.testing.assert_array_equal(vol.array, ref)
+    np.testing.assert_array_equal(nii.array, ref)
+    np.testing.assert_allclose(vol.spacing, row["spacing"], atol=1e-4)
+    np.testing.assert_allclose(vol.affine, nii.affine, atol=1e-3)
+
+
+def test_lesion_boxes_and_slice_annotations_match_masks(dataset):
+    out, rows, _ = dataset
+    n_seen = 0
+    for row in rows:
+        lesions = _nifti_zyx(out / row["masks"]["lesions"])
+        hu = _nifti_zyx(out / row["nifti"]).astype(np.float64)
+        assert int(lesions.max()) == len(row["lesions"])
+        for les in row["lesions"]:
+            n_seen += 1
+            m = lesions == les["label"]
+            z0, y0, x0, z1, y1, x1 = les["box"]
+            inside = np.zeros_like(m)
+            inside[z0:z1, y0:y1, x0:x1] = True
+            assert m.sum() == les["n_voxels"] > 0 and not (m & ~inside).any()
+            # the box is tight: every face touches the lesion
+            assert m[z0].any() and m[z1 - 1].any() and m[:, y0].any() and m[:, y1 - 1].any()
+            assert m[:, :, x0].any() and m[:, :, x1 - 1].any()
+            assert les["location"] in LOCATION_CLASSES
+            assert 5.0 <= les["diameter_mm"] <= 30.0
+            assert les["mean_hu"] == pytest.approx(hu[m].mean(), abs=0.06)
+            assert all(-1.0 <= v <= 1.0 for v in les["centre_body_frame"])
+        any_lesion = lesions > 0
+        flags = [int(v) for v in any_lesion.any(axis=(1, 2))]
+        assert flags == row["slice_flags"]
+        for k in np.flatnonzero(flags):
+            boxes = row["slice_boxes"][str(k)]
+            labels = row["slice_box_labels"][str(k)]
+            assert labels == sorted(set(np.unique(lesions[k])) - {0})
+            for (b0, b1, b2, b3), lab in zip(boxes, labels, strict=True):
+                m2 = lesions[k] == lab
+                ys, xs = np.nonzero(m2)
+                assert [b0, b1, b2, b3] == [ys.min(), xs.min(), ys.max() + 1, xs.max() + 1]
+        assert set(row["slice_boxes"]) == {str(k) for k in np.flatnonzero(flags)}
+    assert n_seen > 0
+
+
+def test_lesions_lie_inside_their_host(rendered):
+    n = 0
+    for vol in rendered:
+        for les in vol.lesions:
+            allowed = {int(t) for t in HOST_TISSUES[les["location"]]}
+            under = set(np.unique(vol.labels[vol.lesion_map == les["label"]]).tolist())
+            assert under <= allowed, (les["location"], under)
+            n += 1
+    assert n >= 3
+
+
+def test_tissue_hu_in_real_ranges(rendered):
+    for vol in rendered[:2]:
+        for tissue, (lo, hi) in HU_RANGES.items():
+            core = ndimage.binary_erosion(vol.labels == tissue) & (vol.lesion_map == 0)
+            if core.sum() < 30:
+                continue
+            med = float(np.median(vol.hu[core]))
+            assert lo <= med <= hi, (tissue.name, med)
+        cortical = vol.hu[vol.labels == Tissue.CORTICAL_BONE]
+        assert np.percentile(cortical, 90) > 700
+        assert np.median(vol.hu[vol.labels == Tissue.AIR]) < -950
+
+
+def test_emphysema_score_recomputed_from_files(dataset):
+    out, rows, _ = dataset
+    for row in rows:
+        hu = _nifti_zyx(out / row["nifti"])
+        lung = _nifti_zyx(out / row["masks"]["lung"]).astype(bool)
+        assert lung.sum() > 0
+        assert emphysema_score(hu, lung) == pytest.approx(row["emphysema_score"], abs=1e-3)
+
+
+def test_emphysema_reaches_target_class(rendered):
+    hits = sum(v.info["emphysema_class"] == v.info["emphysema_target_class"] for v in rendered)
+    assert hits >= len(rendered) - 1
+
+
+def test_determinism_and_worker_independence(dataset, tmp_path):
+    out, rows, _ = dataset
+    generate_phantom_ct(tmp_path / "a", n=2, shape=SHAPE, seed=7, workers=1)
+    lines = (out / "manifest.jsonl").read_bytes().splitlines(keepends=True)
+    assert (tmp_path / "a" / "manifest.jsonl").read_bytes() == b"".join(lines[:2])
+    for row in rows[:2]:
+        for rel in (row["nifti"], row["masks"]["lesions"], f"{row['dicom_dir']}/0010.dcm"):
+            assert _digest(out / rel) == _digest(tmp_path / "a" / rel), rel
+    generate_phantom_ct(tmp_path / "b", n=1, shape=SHAPE, seed=8, workers=1)
+    other = next(read_jsonl(tmp_path / "b" / "manifest.jsonl"))
+    assert other["patient_id"] != rows[0]["patient_id"]
+    assert not np.array_equal(_nifti_zyx(out / rows[0]["nifti"]),
+                              _nifti_zyx(tmp_path / "b" / other["nifti"]))
+
+
+def _digest(path: Path) -> str:
+    if path.suffix == ".dcm":
+        return hashlib.sha256(pydicom.dcmread(path).PixelData).hexdigest()
+    return hashlib.sha256(_nifti_zyx(path).tobytes()).hexdigest()
+
+
+def test_body_frame_is_consistent_across_subjects(rendered):
+    liver_uvw = []
+    for vol in rendered:
+        frame = body_frame(body_mask(vol.labels), vol.lung)
+        liver = np.argwhere(vol.labels == Tissue.LIVER).mean(axis=0)
+        liver_uvw.append(to_body_frame(liver, frame))
+        centres = patch_centres(vol.hu.shape, 16)
+        uvw = to_body_frame(centres, frame)
+        assert uvw.min() >= -1.0 and uvw.max() <= 1.0
+        raw = to_body_frame(centres, frame, clip=False)
+        np.testing.assert_allclose(from_body_frame(raw, frame), centres, atol=1e-9)
+    uvw = np.asarray(liver_uvw)
+    assert uvw[:, 2].max() < 0.0  # liver on the patient's right
+    assert np.all(uvw.std(axis=0) < 0.12), uvw
+
+
+def test_survival_depends_on_burden():
+    rng = np.random.default_rng(0)
+    low = [simulate_survival(0.0, 0, rng) for _ in range(400)]
+    high = [simulate_survival(35.0, 3, rng) for _ in range(400)]
+    assert np.mean([e for _, e in high]) > np.mean([e for _, e in low]) + 0.2
+    assert np.median([t for t, _ in high]) < np.median([t for t, _ in low])
+
+
+def test_contact_sheet(dataset, tmp_path):
+    out, _, _ = dataset
+    png = make_contact_sheet(out, tmp_path / "sheet.png", max_volumes=2)
+    assert png.stat().st_size < 1_500_000
+    with Image.open(png) as im:
+        assert im.size[0] > 600 and im.size[1] > 300
