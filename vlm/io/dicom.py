@@ -323,6 +323,9 @@ def read_dicom(path: str | os.PathLike[str], *, pseudonymizer: Pseudonymizer | N
     if not any(kw in ds for kw in PIXEL_KEYWORDS):
         sop = ds.get("SOPClassUID")
         what = getattr(sop, "name", None) or "this object"
+        if "Image Storage" in what or "Rows" in ds:
+            raise ImageReadError(path, f"truncated or incomplete: the header describes an image "
+                                       f"({what}) but the file holds no pixel data")
         raise ImageReadError(path, f"no pixel data ({what} holds no image)")
     try:
         frames = int(ds.get("NumberOfFrames") or 1)

@@ -102,8 +102,9 @@ def load_state(model: LRCLR, folder: str | os.PathLike[str]) -> None:
     folder = Path(folder)
     meta = read_checkpoint_meta(folder)
     want = config_hash(model.config)
-    if meta["config_hash"] != want or ModelConfig.from_dict(meta["model"]) != model.config:
-        raise ConfigError(f"checkpoint {folder.name} has config {meta['config_hash']} "
+    stored = ModelConfig.from_dict(meta["model"])
+    if stored != model.config:
+        raise ConfigError(f"checkpoint {folder.name} has config {config_hash(stored)} "
                           f"('{meta['model'].get('name')}'), but the model was built with "
                           f"{want} ('{model.config.name}'): load it by its folder instead")
     state = load_file(str(folder / "model.safetensors"))

@@ -156,9 +156,32 @@ def _no_extra(rest: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _non_default(obj: Any) -> Any:
+    """A dataclass as a dict of only the fields that differ from their defaults, so adding a
+    new field with a default does not change the hash of existing configs."""
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return list(obj) if isinstance(obj, tuple) else obj
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if dataclasses.is_dataclass(value):
+            sub = _non_default(value)
+            if sub:
+                out[f.name] = sub
+        elif value != default:
+            out[f.name] = _non_default(value)
+    return out
+
+
 def config_hash(config: ModelConfig) -> str:
     """Short stable hash of the architecture + preprocessing (what an index must match)."""
-    text = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(_non_default(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
