@@ -94,7 +94,7 @@ class CXRDataset:
             arrays = [_load_one(j) for j in jobs]
         stack = np.stack(arrays)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.stem}.tmp.npy")
+        tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.tmp.npy")  # concurrent runs
         np.save(tmp, stack)
         os.replace(tmp, cache)
         return stack
