@@ -1,0 +1,8 @@
+"""RadLens vector index: faiss collections, the SQLite catalog and crash-safe index folders.
+
+Modules: :mod:`index.folder` (``IndexFolder``, the entry point), :mod:`index.store`
+(``VectorCollection``), :mod:`index.catalog` (``Catalog``, ``CatalogItem``),
+:mod:`index.factory` (index choice), :mod:`index.persist` (generations, checksums),
+:mod:`index.lock` (writer lock), :mod:`index.gpu` (faiss-gpu when available),
+:mod:`index.search` (numpy helpers), :mod:`index.errors`.
+"""

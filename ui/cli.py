@@ -57,8 +57,120 @@ def inspect(
 data_app = typer.Typer(help="Proving-ground data sets (real report text, synthetic pixels).",
                        no_args_is_help=True)
 train_app = typer.Typer(help="Training recipes.", no_args_is_help=True)
+index_app = typer.Typer(help="Build, extend and describe vector indexes.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+app.add_typer(index_app, name="index")
+
+
+def _ingest(model: str, source: Path, out: Path, batch_size: int, workers: int | None,
+            progress: bool, keep_paths: bool = False, save_every: int = 512) -> None:
+    from index.ingest import ingest
+    from vlm.inference import Encoder
+
+    encoder = Encoder(model)
+    report = ingest(encoder, source, out, batch_size=batch_size, workers=workers,
+                    progress=progress, keep_paths=keep_paths, save_every=save_every,
+                    model_path=str(Path(model).resolve()) if Path(model).exists() else model)
+    for failure in report.failed:
+        print(f"radlens: skipped: {failure['path']}: {failure['reason']}", file=sys.stderr)
+    print(json_line({k: v for k, v in report.to_dict().items() if k != "failed"}
+                    | {"failed": len(report.failed),
+                       "failures_report": str(out / "ingest_report.json")}))
+    if report.failed:
+        raise typer.Exit(code=3)
+
+
+@index_app.command("build")
+def index_build(
+    model: Annotated[str, typer.Option(help="Checkpoint folder of the encoder.")],
+    source: Annotated[Path, typer.Option(help="Folder of DICOM / PNG / JPEG files.")],
+    out: Annotated[Path, typer.Option(help="Index folder (created, or extended if it exists).")],
+    batch_size: Annotated[int, typer.Option(help="Images per encoder batch.")] = 32,
+    workers: Annotated[int | None, typer.Option(help="Decode processes (default: cores).")
+                       ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    keep_paths: Annotated[bool, typer.Option(
+        "--keep-paths", help="Store file paths (relative to SOURCE) in the catalog; by default "
+                             "only keyed pseudonyms of them, as paths can hold names.")] = False,
+    save_every: Annotated[int, typer.Option(help="Images between saved generations (a kill "
+                                                 "loses at most this many).")] = 512,
+) -> None:
+    """Index every image under SOURCE; reruns add only what is missing. Exit 3 if some files
+    could not be read (listed in OUT/ingest_report.json)."""
+    _ingest(model, source, out, batch_size, workers, progress, keep_paths, save_every)
+
+
+@index_app.command("add")
+def index_add(
+    index: Annotated[Path, typer.Option(help="Existing index folder.")],
+    source: Annotated[Path, typer.Option(help="Folder of DICOM / PNG / JPEG files.")],
+    model: Annotated[str | None, typer.Option(help="Model (default: the one of the index).")
+                     ] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    workers: Annotated[int | None, typer.Option()] = None,
+    progress: Annotated[bool, typer.Option()] = True,
+) -> None:
+    """Add the images under SOURCE to an existing index (same model required)."""
+    from index.folder import IndexFolder
+    from vlm.errors import RadLensError
+
+    ix = IndexFolder.open(index)
+    recorded = ix.manifest.get("preprocessing", {}).get("model_path")
+    ix.close()
+    chosen = model or recorded
+    if not chosen:
+        raise RadLensError(f"index {index} records no model path: pass --model")
+    _ingest(chosen, source, index, batch_size, workers, progress)
+
+
+@index_app.command("info")
+def index_info(index: Annotated[Path, typer.Argument(help="Index folder.")]) -> None:
+    """Counts, model, factory strings and files of an index."""
+    from index.folder import IndexFolder
+
+    ix = IndexFolder.open(index)
+    try:
+        print(json.dumps(ix.info(), indent=1, default=str))
+    finally:
+        ix.close()
+
+
+@app.command()
+def search(
+    index: Annotated[Path, typer.Option(help="Index folder.")],
+    text: Annotated[str | None, typer.Option(help="Report text or finding phrase.")] = None,
+    image: Annotated[Path | None, typer.Option(help="Query image file.")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="Number of results.")] = 10,
+    filter_: Annotated[list[str] | None, typer.Option(
+        "--filter", help="modality=CR, view=PA, body_part=CHEST, year_min=2010, ...")] = None,
+    model: Annotated[str | None, typer.Option(help="Model (default: the index's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per result.")
+                       ] = False,
+) -> None:
+    """Search an index by text or by image."""
+    from index.engine import Engine
+    from vlm.errors import RadLensError
+
+    if (text is None) == (image is None):
+        raise RadLensError("give exactly one of --text or --image")
+    filters: dict[str, object] = {}
+    for f in filter_ or []:
+        key, sep, value = f.partition("=")
+        if not sep:
+            raise RadLensError(f"--filter needs KEY=VALUE, got '{f}'")
+        filters[key.strip()] = int(value) if key.startswith("year") else value.strip()
+    engine = Engine.open(index, model=model)
+    results = (engine.search_text(text, k=k, **filters) if text is not None
+               else engine.search_image(image, k=k, **filters))  # type: ignore[arg-type]
+    for rank, r in enumerate(results, 1):
+        if as_json:
+            print(json_line({"rank": rank, **r.to_dict()}))
+        else:
+            it = r.item
+            print(f"{rank:3d}  {r.score:+.4f}  {it.study if it else '?'}  "
+                  f"{(it.modality or '-') if it else ''}  {(it.view or '-') if it else ''}  "
+                  f"{it.source_uri if it else ''}")
 
 
 @data_app.command("phantom-cxr")
@@ -163,6 +275,27 @@ def eval_cmd(
     result = evaluate(model, data, split=split, out_dir=out,
                       prompts=PromptSet.load(prompts) if prompts else None)
     print(json_line(result) if as_json else markdown_table(result))
+
+
+@app.command()
+def serve(
+    index: Annotated[Path, typer.Option(help="Index folder to serve.")],
+    host: Annotated[str, typer.Option(help="Bind address (default: this machine only).")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 7860,
+    auth_file: Annotated[Path | None, typer.Option(
+        help="File of 'user:hash' lines (python -m ui.serve hash-password).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model (default: the index's).")] = None,
+    max_upload_mb: Annotated[int, typer.Option(help="Largest accepted upload.")] = 50,
+    ingest_root: Annotated[list[Path] | None, typer.Option(
+        help="Folders the Index tab may build from (off unless given).")] = None,
+) -> None:
+    """Serve the RadLens app for an index (127.0.0.1 unless --host says otherwise)."""
+    from ui.serve import serve as run_server
+
+    run_server(index, host=host, port=port, auth_file=auth_file, model=model,
+               max_upload_mb=max_upload_mb,
+               ingest_roots=[str(p) for p in ingest_root] if ingest_root else None)
 
 
 @app.command()

@@ -99,3 +99,56 @@ def _contact_sheet(paths: list[str], target: Path, tile: int = 256) -> None:
             sheet.paste(im, ((n % cols) * tile + (tile - im.width) // 2,
                              (n // cols) * tile + (tile - im.height) // 2))
     sheet.save(target)
+
+
+#: Real DICOM files from pydicom-data / pydicom that join the demo archive.
+REAL_DEMO_FILES = ("RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG3_UNCI.dcm", "CT_small.dcm",
+                   "MR_small.dcm", "emri_small.dcm", "US1_J2KR.dcm", "SC_rgb.dcm")
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "lrclr-small"
+
+
+def test_split_report_ids(seed: int = 0) -> list[str]:
+    """IU report ids whose PhantomCXR study falls in the test split for ``seed``."""
+    from vlm.data.iu_reports import load_reports
+    from vlm.data.manifest import split_for
+    from vlm.data.phantom_cxr.generate import pseudonym
+
+    return [r.uid for r in load_reports() if split_for(pseudonym("PT", r.uid), seed) == "test"]
+
+
+def build_demo_archive(data_dir: Path, size: int = 512, limit: int | None = None) -> Path:
+    """The demo archive: the PhantomCXR test split plus real DICOM files (reused if built)."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from vlm.data.phantom_cxr import generate_phantom_cxr
+
+    archive = data_dir / "archive"
+    cxr = archive / "phantom_cxr_test"
+    if not (cxr / "summary.json").is_file():
+        ids = test_split_report_ids()
+        generate_phantom_cxr(cxr, report_ids=ids[:limit] if limit else ids, size=size)
+    real = archive / "real"
+    real.mkdir(parents=True, exist_ok=True)
+    for name in REAL_DEMO_FILES:
+        src = get_testdata_file(name)
+        if src is not None and not (real / name).exists():
+            shutil.copyfile(str(src), real / name)
+    return archive
+
+
+def build_demo_index(data_dir: Path, model: Path = SHIPPED_MODEL, limit: int | None = None,
+                     progress: bool = True) -> Path:
+    """Build (or reuse) ``data_dir/index`` over the demo archive with ``model``."""
+    from index.ingest import ingest
+    from vlm.inference import Encoder
+
+    index = data_dir / "index"
+    archive = build_demo_archive(data_dir, limit=limit)
+    if not (index / "CURRENT").exists() or not (index / "ingest_report.json").exists():
+        report = ingest(Encoder(str(model)), archive, index, progress=progress,
+                        model_path=str(model.resolve()), keep_paths=True)
+        print(f"demo: indexed {report.added} images ({report.regions} regions), "
+              f"{len(report.failed)} unreadable, {report.images_per_s:.1f} images/s")
+    return index

@@ -1,0 +1,279 @@
+"""The SQLite catalog beside the vectors: one row per indexed item, same 64-bit id.
+
+The writer's working copy runs in WAL mode; each saved generation holds a self-contained
+snapshot (rollback journal, opened ``immutable`` by readers). Study, series and instance
+columns take pseudonyms only (see :mod:`vlm.io.deid`); a value that looks like a raw DICOM UID
+is refused. Text filters compare case-insensitively.
+
+Public API: :class:`CatalogItem` (one row), :class:`Catalog` with ``add``, ``upsert``,
+``remove``, ``get``, ``get_many``, ``find_by_hash``, ``content_hashes``, ``find_by_instance``,
+``filter_ids``, ``count``, ``counts``, ``next_id``, ``snapshot_to``, ``close``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlm.errors import RadLensError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_RAW_UID = re.compile(r"^\d+(\.\d+){3,}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    collection TEXT NOT NULL,
+    source_uri TEXT,
+    study TEXT, series TEXT, instance TEXT,
+    modality TEXT COLLATE NOCASE, body_part TEXT COLLATE NOCASE, view TEXT COLLATE NOCASE,
+    year INTEGER, rows INTEGER, cols INTEGER,
+    x0 REAL, y0 REAL, x1 REAL, y1 REAL,
+    thumbnail TEXT, ingested_at REAL NOT NULL, model TEXT, content_hash TEXT,
+    extra TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS items_hash ON items(content_hash);
+CREATE INDEX IF NOT EXISTS items_instance ON items(instance);
+CREATE INDEX IF NOT EXISTS items_filter ON items(collection, modality, body_part, view, year);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+
+@dataclass
+class CatalogItem:
+    """One catalog row. ``box`` is ``(x0, y0, x1, y1)`` in pixels for region rows, else None."""
+
+    id: int
+    collection: str
+    source_uri: str | None = None
+    study: str | None = None
+    series: str | None = None
+    instance: str | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    view: str | None = None
+    year: int | None = None
+    rows: int | None = None
+    cols: int | None = None
+    box: tuple[float, float, float, float] | None = None
+    thumbnail: str | None = None
+    ingested_at: float = 0.0
+    model: str | None = None
+    content_hash: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict of the row."""
+        out = dataclasses.asdict(self)
+        out["box"] = list(self.box) if self.box is not None else None
+        return out
+
+
+_COLUMNS = ("id", "collection", "source_uri", "study", "series", "instance", "modality",
+            "body_part", "view", "year", "rows", "cols", "x0", "y0", "x1", "y1", "thumbnail",
+            "ingested_at", "model", "content_hash", "extra")
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM items"
+
+
+def _item_from_row(row: Sequence[Any]) -> CatalogItem:
+    d = dict(zip(_COLUMNS, row, strict=True))
+    box = None if d["x0"] is None else (d["x0"], d["y0"], d["x1"], d["y1"])
+    return CatalogItem(
+        id=d["id"], collection=d["collection"], source_uri=d["source_uri"], study=d["study"],
+        series=d["series"], instance=d["instance"], modality=d["modality"],
+        body_part=d["body_part"], view=d["view"], year=d["year"], rows=d["rows"],
+        cols=d["cols"], box=box, thumbnail=d["thumbnail"], ingested_at=d["ingested_at"],
+        model=d["model"], content_hash=d["content_hash"], extra=json.loads(d["extra"] or "{}"))
+
+
+def _row_from_item(item: CatalogItem | Mapping[str, Any]) -> tuple[Any, ...]:
+    it = item if isinstance(item, CatalogItem) else CatalogItem(**dict(item))
+    for name in ("study", "series", "instance"):
+        value = getattr(it, name)
+        if value is not None and _RAW_UID.match(str(value)):
+            raise RadLensError(f"catalog {name} '{value}' looks like a raw DICOM UID: store its "
+                               "pseudonym instead (vlm.io.deid.default_pseudonymizer)")
+    box = it.box if it.box is not None else (None, None, None, None)
+    if len(box) != 4:
+        raise RadLensError(f"catalog item {it.id}: box needs 4 numbers (x0, y0, x1, y1)")
+    return (int(it.id), it.collection, it.source_uri, it.study, it.series, it.instance,
+            it.modality, it.body_part, it.view, it.year, it.rows, it.cols, *box, it.thumbnail,
+            it.ingested_at or time.time(), it.model, it.content_hash,
+            json.dumps(it.extra or {}, sort_keys=True))
+
+
+def _as_list(value: str | Iterable[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
+class Catalog:
+    """SQLite catalog of indexed items (thread-safe; one connection guarded by a lock).
+
+    Args:
+        path: Database file.
+        readonly: Open an immutable snapshot (no writes, no WAL files).
+    """
+
+    def __init__(self, path: str | Path, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        if readonly:
+            uri = f"file:{self.path}?mode=ro&immutable=1"
+            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        else:
+            self._db = sqlite3.connect(self.path, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                             (str(SCHEMA_VERSION),))
+            self._db.commit()
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
+
+    def _write(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        if self.readonly:
+            raise RadLensError(f"catalog {self.path} is read-only: open the index with mode='w'")
+        with self._lock, self._db:
+            cur = self._db.executemany(sql, rows)
+            return cur.rowcount
+
+    def add(self, items: Iterable[CatalogItem | Mapping[str, Any]]) -> int:
+        """Insert rows; an id already present is an error (use :meth:`upsert`)."""
+        rows = [_row_from_item(it) for it in items]
+        try:
+            return self._write(f"INSERT INTO items VALUES ({', '.join('?' * len(_COLUMNS))})",
+                               rows)
+        except sqlite3.IntegrityError as exc:
+            raise RadLensError(f"catalog {self.path}: an item id is already present ({exc}); "
+                               "remove it first or use upsert") from None
+
+    def upsert(self, items: Iterable[CatalogItem | Mapping[str, Any]]) -> int:
+        """Insert or replace rows by id."""
+        rows = [_row_from_item(it) for it in items]
+        return self._write(
+            f"INSERT OR REPLACE INTO items VALUES ({', '.join('?' * len(_COLUMNS))})", rows)
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Delete rows by id; returns how many existed."""
+        return self._write("DELETE FROM items WHERE id = ?", [(int(i),) for i in ids])
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def get(self, item_id: int) -> CatalogItem | None:
+        """The row with ``item_id``, or None."""
+        rows = self._query(f"{_SELECT} WHERE id = ?", (int(item_id),))
+        return _item_from_row(rows[0]) if rows else None
+
+    def get_many(self, ids: Iterable[int]) -> list[CatalogItem | None]:
+        """Rows for ``ids`` in the same order (None where missing); ``-1`` gives None."""
+        wanted = [int(i) for i in ids]
+        found: dict[int, CatalogItem] = {}
+        keys = sorted({i for i in wanted if i >= 0})
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for row in self._query(f"{_SELECT} WHERE id IN ({marks})", chunk):
+                found[row[0]] = _item_from_row(row)
+        return [found.get(i) for i in wanted]
+
+    def find_by_hash(self, content_hash: str, model: str | None = None,
+                     collection: str | None = None) -> list[CatalogItem]:
+        """Rows with this content hash (dedupe), optionally for one model/collection."""
+        sql, args = f"{_SELECT} WHERE content_hash = ?", [content_hash]
+        if model is not None:
+            sql, args = sql + " AND model = ?", [*args, model]
+        if collection is not None:
+            sql, args = sql + " AND collection = ?", [*args, collection]
+        return [_item_from_row(r) for r in self._query(sql, args)]
+
+    def content_hashes(self, collection: str | None = None) -> set[str]:
+        """Every content hash present (one bulk read for dedupe during ingestion)."""
+        sql, args = "SELECT DISTINCT content_hash FROM items WHERE content_hash IS NOT NULL", []
+        if collection is not None:
+            sql, args = sql + " AND collection = ?", [collection]
+        return {str(r[0]) for r in self._query(sql, args)}
+
+    def find_by_instance(self, instance: str,
+                         collection: str | None = None) -> list[CatalogItem]:
+        """Rows of one instance pseudonym (dedupe by instance)."""
+        sql, args = f"{_SELECT} WHERE instance = ?", [instance]
+        if collection is not None:
+            sql, args = sql + " AND collection = ?", [*args, collection]
+        return [_item_from_row(r) for r in self._query(sql, args)]
+
+    def filter_ids(self, collection: str | None = None, *,
+                   modality: str | Iterable[str] | None = None,
+                   body_part: str | Iterable[str] | None = None,
+                   view: str | Iterable[str] | None = None, year_min: int | None = None,
+                   year_max: int | None = None) -> np.ndarray:
+        """Sorted int64 ids of the rows matching every given filter (None = any)."""
+        where: list[str] = []
+        args: list[Any] = []
+        if collection is not None:
+            where.append("collection = ?")
+            args.append(collection)
+        for col, value in (("modality", modality), ("body_part", body_part), ("view", view)):
+            values = _as_list(value)
+            if values is not None:
+                where.append(f"{col} IN ({', '.join('?' * len(values))})")
+                args.extend(values)
+        if year_min is not None:
+            where.append("year >= ?")
+            args.append(int(year_min))
+        if year_max is not None:
+            where.append("year <= ?")
+            args.append(int(year_max))
+        sql = "SELECT id FROM items" + (f" WHERE {' AND '.join(where)}" if where else "")
+        rows = self._query(sql + " ORDER BY id", args)
+        return np.fromiter((r[0] for r in rows), np.int64, count=len(rows))
+
+    def count(self, collection: str | None = None) -> int:
+        """Number of rows (in one collection or all)."""
+        if collection is None:
+            return int(self._query("SELECT COUNT(*) FROM items")[0][0])
+        return int(self._query("SELECT COUNT(*) FROM items WHERE collection = ?",
+                               (collection,))[0][0])
+
+    def counts(self) -> dict[str, int]:
+        """Rows per collection."""
+        rows = self._query("SELECT collection, COUNT(*) FROM items GROUP BY collection")
+        return {str(c): int(n) for c, n in rows}
+
+    def next_id(self) -> int:
+        """One more than the largest id in use (0 for an empty catalog)."""
+        top = self._query("SELECT MAX(id) FROM items")[0][0]
+        return 0 if top is None else int(top) + 1
+
+    def snapshot_to(self, dest: str | Path) -> None:
+        """Write a consistent, self-contained copy (rollback journal mode) to ``dest``."""
+        dest = Path(dest)
+        out = sqlite3.connect(dest)
+        try:
+            with self._lock:
+                self._db.backup(out)
+            out.execute("PRAGMA journal_mode=DELETE")
+            out.commit()
+        finally:
+            out.close()

@@ -1,0 +1,119 @@
+"""``Engine``: the one object the CLI and the app talk to: model + vector store + catalog.
+
+    engine = Engine.open("data/index")            # the model recorded in the index
+    hits = engine.search_text("large right pleural effusion", k=10, view="PA")
+    probs = engine.classify(read_image("study.dcm"))
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.catalog import CatalogItem
+from index.folder import IndexFolder
+from index.ingest import IMAGE, REGION
+from vlm.errors import RadLensError
+from vlm.grounding import Grounding
+from vlm.inference import Encoder
+from vlm.io import ImageData, read_image
+from vlm.zeroshot import PromptSet
+
+FILTER_KEYS = ("modality", "body_part", "view", "year_min", "year_max")
+
+
+@dataclass
+class Result:
+    """One search hit: catalog row, score, and (image queries) the regions that matched."""
+
+    id: int
+    score: float
+    item: CatalogItem | None
+    regions: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "score": round(self.score, 6),
+                "item": self.item.to_dict() if self.item else None, "regions": self.regions}
+
+
+class Engine:
+    def __init__(self, encoder: Encoder, index: IndexFolder) -> None:
+        if index.manifest["config_hash"] != encoder.config_hash:
+            raise RadLensError(
+                f"index {index.path} was built with model {index.manifest['model_name']} "
+                f"(config {index.manifest['config_hash']}); the loaded model is {encoder.name} "
+                f"({encoder.config_hash}): rebuild the index or load its model")
+        self.encoder, self.index = encoder, index
+
+    @classmethod
+    def open(cls, index_path: str | os.PathLike[str], model: str | None = None,
+             device: str = "cpu") -> Engine:
+        """Open an index read-only with its model (``model`` overrides the recorded path)."""
+        ix = IndexFolder.open(index_path)
+        path = model or ix.manifest.get("preprocessing", {}).get("model_path")
+        if not path:
+            raise RadLensError(f"index {index_path} records no model path: pass --model")
+        return cls(Encoder(path, device=device), ix)
+
+    def info(self) -> dict[str, Any]:
+        return {**self.index.info(), "model_loaded": self.encoder.name}
+
+    def _filters(self, filters: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(filters) - set(FILTER_KEYS)
+        if unknown:
+            raise RadLensError(f"unknown filter(s) {sorted(unknown)}: use {', '.join(FILTER_KEYS)}")
+        return {k: v for k, v in filters.items() if v not in (None, "", [])}
+
+    def _search(self, vector: np.ndarray, k: int, filters: dict[str, Any]) -> list[Result]:
+        hits = self.index.search(IMAGE, vector[None], k=k, **self._filters(filters))[0]
+        return [Result(h.id, h.score, h.item) for h in hits]
+
+    def search_text(self, text: str, k: int = 10, **filters: Any) -> list[Result]:
+        """Report or phrase -> top-k studies."""
+        if not text.strip():
+            raise RadLensError("empty query: type a finding or a report sentence")
+        return self._search(self.encoder.encode_text([text])[0], k, filters)
+
+    def search_image(self, image: ImageData | str | os.PathLike[str], k: int = 10,
+                     regions: bool = True, **filters: Any) -> list[Result]:
+        """Image -> top-k similar studies, with the indexed regions that matched best."""
+        img = image if isinstance(image, ImageData) else read_image(image)
+        (enc,) = self.encoder.encode_images([img])
+        results = self._search(enc.vector, k, filters)
+        if regions and len(enc.region_vectors) and REGION in self.index.collections():
+            self._attach_regions(results, enc.region_vectors, enc.region_boxes)
+        return results
+
+    def _attach_regions(self, results: list[Result], query_regions: np.ndarray,
+                        query_boxes: np.ndarray, per_result: int = 3) -> None:
+        wanted = {r.id for r in results}
+        hits = self.index.search(REGION, query_regions, k=50)
+        best: dict[int, list[dict[str, Any]]] = {}
+        for q, row in enumerate(hits):
+            for h in row:
+                parent = (h.item.extra or {}).get("parent") if h.item else None
+                if parent in wanted and h.item is not None and h.item.box is not None:
+                    best.setdefault(int(parent), []).append({
+                        "score": round(h.score, 6), "box": list(h.item.box),
+                        "query_box": [float(v) for v in query_boxes[q]]})
+        for r in results:
+            r.regions = sorted(best.get(r.id, []), key=lambda d: -d["score"])[:per_result]
+
+    def classify(self, image: ImageData, prompts: PromptSet | None = None) -> dict[str, float]:
+        return self.encoder.classify(image, prompts)
+
+    def ground(self, image: ImageData, phrases: Sequence[str]) -> list[Grounding]:
+        return self.encoder.ground(image, phrases)
+
+    def item_path(self, item: CatalogItem) -> Path | None:
+        """The thumbnail file of an item, only if it lies inside the index folder."""
+        if not item.thumbnail:
+            return None
+        path = (self.index.path / item.thumbnail).resolve()
+        root = self.index.path.resolve()
+        return path if root in path.parents and path.is_file() else None

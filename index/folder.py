@@ -1,0 +1,380 @@
+"""``IndexFolder``: the vectors, catalog and manifest of one index on disk.
+
+Typical use::
+
+    ix = IndexFolder.create("idx", model_name="lrclr", config_hash="ab12", dim=512)
+    ix.add("image", vectors, items)            # catalog rows + vectors, same ids
+    ix.save()                                  # new generation, atomically switched in
+    ix.close()
+
+    ix = IndexFolder.open("idx", expect_model="lrclr", expect_config_hash="ab12")
+    hits = ix.search("image", query, k=10, modality="CR", year_min=2010)
+
+Readers (``mode="r"``, the default) load the generation named by ``CURRENT`` and never lock;
+``reload()`` moves them to a newer one. One writer (``mode="w"``) holds ``LOCK``; it works on a
+private copy of the catalog and in-memory collections until ``save()``.
+
+Public API: :class:`IndexFolder` (``create``, ``open``, ``collection``, ``collections``,
+``catalog``, ``add``, ``remove``, ``search``, ``save``, ``reload``, ``info``, ``close``) and
+:class:`Hit`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import faiss
+import numpy as np
+
+from index import persist
+from index.catalog import Catalog, CatalogItem
+from index.errors import IndexCorruptError, IndexFormatError
+from index.lock import WriterLock
+from index.store import VectorCollection, collection_from_state, collection_state
+from vlm.errors import ConfigError, RadLensError
+
+logger = logging.getLogger(__name__)
+
+WORK_CATALOG = "catalog-work.sqlite"
+#: Saves compact a collection once this fraction of its slots is tombstoned.
+COMPACT_FRACTION = 0.2
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+@dataclass
+class Hit:
+    """One search result with its catalog row (``item`` is None if the row is missing)."""
+
+    id: int
+    score: float
+    item: CatalogItem | None
+
+
+class IndexFolder:
+    """An index folder opened for reading or writing. Use :meth:`create` or :meth:`open`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], mode: str,
+                 lock: WriterLock | None) -> None:
+        self.path = path
+        self.mode = mode
+        self.manifest = manifest
+        self._lock = lock
+        self._collections: dict[str, VectorCollection] = {}
+        self._catalog: Catalog | None = None
+        self.generation = ""
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], *, model_name: str, config_hash: str,
+               dim: int, preprocessing: Mapping[str, Any] | None = None,
+               lock_timeout: float = 0.0) -> IndexFolder:
+        """Create an empty index folder (saved as generation 1) and open it for writing.
+
+        Raises:
+            RadLensError: ``path`` already holds an index or is a non-empty folder.
+        """
+        folder = Path(path)
+        if (folder / persist.CURRENT).exists():
+            raise RadLensError(f"{folder} already holds an index: open it, or delete the "
+                               "folder to start again")
+        if folder.exists() and any(folder.iterdir()):
+            raise RadLensError(f"{folder} is not empty: choose a new or empty folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = WriterLock(folder).acquire(lock_timeout)
+        now = time.time()
+        manifest = {"format_version": persist.FORMAT_VERSION, "model_name": model_name,
+                    "config_hash": config_hash, "dim": int(dim), "metric": "cosine",
+                    "preprocessing": dict(preprocessing or {}), "created": now,
+                    "updated": now, "collections": {}, "files": {}}
+        self = cls(folder, manifest, "w", lock)
+        self._catalog = Catalog(folder / WORK_CATALOG)
+        self.save()
+        return self
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, expect_model: str | None = None,
+             expect_config_hash: str | None = None, mode: str = "r", lock_timeout: float = 0.0,
+             verify: bool = True, mmap: bool = True) -> IndexFolder:
+        """Open an existing index folder.
+
+        Args:
+            path: The folder.
+            expect_model, expect_config_hash: Refuse an index built with another model.
+            mode: ``"r"`` (any number of readers) or ``"w"`` (one writer, takes ``LOCK``).
+            lock_timeout: Seconds a writer waits for the lock before giving up.
+            verify: Check sha256 checksums of every data file.
+            mmap: Memory-map the float16 re-rank vectors instead of reading them.
+
+        Raises:
+            ConfigError: Built with another model or config. IndexBusyError: another writer.
+            IndexCorruptError / IndexFormatError: damaged or not an index.
+        """
+        if mode not in ("r", "w"):
+            raise RadLensError(f"index mode must be 'r' or 'w', not {mode!r}")
+        folder = Path(path)
+        lock = WriterLock(folder).acquire(lock_timeout) if mode == "w" else None
+        try:
+            if lock is not None:
+                persist.cleanup(folder)
+            self = cls(folder, {}, mode, lock)
+            self._load(verify=verify, mmap=mmap)
+            self._check_model(expect_model, expect_config_hash)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return self
+
+    def _check_model(self, model: str | None, config_hash: str | None) -> None:
+        have_m, have_c = self.manifest["model_name"], self.manifest["config_hash"]
+        if (model is None or model == have_m) and (config_hash is None or config_hash == have_c):
+            return
+        raise ConfigError(
+            f"index {self.path} was built with model {have_m} (config {have_c}); you asked for "
+            f"model {model or have_m} ({config_hash or have_c}): rebuild the index or pass "
+            f"--model {have_m}")
+
+    def _load(self, verify: bool, mmap: bool, attempts: int = 5) -> None:
+        for attempt in range(attempts):
+            name = persist.read_current(self.path)
+            gen_dir = self.path / name
+            try:
+                self._load_generation(gen_dir, verify, mmap)
+                self.generation = name
+                return
+            except (FileNotFoundError, RuntimeError, sqlite3.Error) as exc:
+                if gen_dir.is_dir() and persist.read_current(self.path) == name:
+                    if isinstance(exc, FileNotFoundError):
+                        raise IndexCorruptError(f"index file {exc.filename} is missing: "
+                                                "restore it or rebuild the index") from None
+                    first = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
+                    raise IndexCorruptError(f"index {gen_dir} could not be read ({first[0]}): "
+                                            "restore it or rebuild the index") from None
+                if attempt == attempts - 1:
+                    raise IndexFormatError(f"index {self.path}: generations kept changing "
+                                           "while loading: retry") from None
+                logger.info("generation %s was replaced while loading; retrying", name)
+
+    def _load_generation(self, gen_dir: Path, verify: bool, mmap: bool) -> None:
+        manifest = persist.read_manifest(gen_dir)
+        if verify:
+            persist.verify_files(gen_dir, manifest)
+        collections = {}
+        for name, meta in manifest["collections"].items():
+            arrays = {key: np.load(gen_dir / f"{name}.{suffix}",
+                                   mmap_mode="r" if mmap and key == "vectors" else None)
+                      for key, suffix in (("ids", "ids.npy"), ("vectors", "vectors.f16.npy"),
+                                          ("alive", "alive.npy"))}
+            index = faiss.read_index(str(gen_dir / f"{name}.faiss"))
+            collections[name] = collection_from_state(name, meta, arrays, index)
+        if self.mode == "w":
+            work = self.path / WORK_CATALOG
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{work}{suffix}").unlink(missing_ok=True)
+            shutil.copyfile(gen_dir / "catalog.sqlite", work)
+            catalog = Catalog(work)
+        else:
+            catalog = Catalog(gen_dir / "catalog.sqlite", readonly=True)
+        # the previous catalog is not closed: searches still running on it (reload() in a
+        # server thread) finish on the old generation; the garbage collector closes it
+        self.manifest, self._collections, self._catalog = manifest, collections, catalog
+
+    def reload(self, verify: bool = True, mmap: bool = True) -> bool:
+        """Readers: move to the newest generation. Returns True if it changed."""
+        if self.mode != "r":
+            raise RadLensError("reload() is for readers; a writer already has the newest state")
+        if persist.read_current(self.path) == self.generation:
+            return False
+        self._load(verify=verify, mmap=mmap)
+        return True
+
+    # ------------------------------------------------------------------ access
+    @property
+    def catalog(self) -> Catalog:
+        """The catalog (read-only snapshot for readers, working copy for the writer)."""
+        assert self._catalog is not None, "index folder is closed"
+        return self._catalog
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return int(self.manifest["dim"])
+
+    def collections(self) -> list[str]:
+        """Names of the collections."""
+        return sorted(self._collections)
+
+    def collection(self, name: str, *, create: bool = True, factory: str = "auto",
+                   **knobs: Any) -> VectorCollection:
+        """The collection ``name``; a writer creates it if missing (``factory``, knobs)."""
+        if name in self._collections:
+            return self._collections[name]
+        if self.mode != "w" or not create:
+            raise RadLensError(f"index {self.path} has no collection '{name}' (it has: "
+                               f"{', '.join(self.collections()) or 'none'})")
+        if not _NAME.match(name):
+            raise RadLensError(f"collection name {name!r} must be lowercase letters, digits, "
+                               "'-' or '_'")
+        coll = VectorCollection(name, self.dim, factory, **knobs)
+        self._collections[name] = coll
+        return coll
+
+    def _writer(self) -> None:
+        if self.mode != "w" or self._lock is None or not self._lock.held:
+            raise RadLensError(f"index {self.path} is open read-only: open it with mode='w'")
+
+    def add(self, collection: str, vectors: np.ndarray,
+            items: Sequence[CatalogItem | Mapping[str, Any]]) -> np.ndarray:
+        """Add vectors with their catalog rows; rows without ``id`` get fresh ids.
+
+        Returns:
+            The int64 ids used, in order.
+        """
+        self._writer()
+        coll = self.collection(collection)
+        rows = [dict(it.to_dict()) if isinstance(it, CatalogItem) else dict(it) for it in items]
+        if len(rows) != len(np.atleast_2d(vectors)):
+            raise RadLensError(f"got {len(rows)} catalog items for {len(np.atleast_2d(vectors))} "
+                               "vectors: pass one item per vector")
+        next_id = self.catalog.next_id()
+        for row in rows:
+            if row.get("id") is None:
+                row["id"], next_id = next_id, next_id + 1
+            row["collection"] = collection
+            row.setdefault("model", self.manifest["model_name"])
+            if row.get("box") is not None:
+                row["box"] = tuple(row["box"])
+        ids = np.asarray([r["id"] for r in rows], np.int64)
+        coll.add(ids, vectors)
+        try:
+            self.catalog.add(rows)
+        except BaseException:
+            coll.remove(ids)
+            raise
+        return ids
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Remove items (catalog rows and vectors, any collection). Returns rows removed."""
+        self._writer()
+        id_list = [int(i) for i in ids]
+        for coll in self._collections.values():
+            coll.remove(id_list)
+        return self.catalog.remove(id_list)
+
+    def search(self, collection: str, queries: np.ndarray, k: int = 10, *,
+               modality: str | Iterable[str] | None = None,
+               body_part: str | Iterable[str] | None = None,
+               view: str | Iterable[str] | None = None, year_min: int | None = None,
+               year_max: int | None = None, allow: Iterable[int] | None = None,
+               **knobs: Any) -> list[list[Hit]]:
+        """Filtered top-``k`` search with catalog rows; one list of hits per query."""
+        coll, catalog = self.collection(collection, create=False), self.catalog
+        filters = (modality, body_part, view, year_min, year_max)
+        if any(f is not None for f in filters):
+            allowed = catalog.filter_ids(collection, modality=modality, body_part=body_part,
+                                         view=view, year_min=year_min, year_max=year_max)
+            if allow is not None:
+                allowed = np.intersect1d(allowed, np.fromiter(allow, np.int64))
+            allow = allowed
+        res = coll.search(np.atleast_2d(queries), k, allow=allow, **knobs)
+        items = catalog.get_many(res.ids.ravel().tolist())
+        out, pos = [], 0
+        for row_ids, row_scores in zip(res.ids, res.scores, strict=True):
+            hits = []
+            for i, s in zip(row_ids.tolist(), row_scores.tolist(), strict=True):
+                if i >= 0:
+                    hits.append(Hit(i, float(s), items[pos]))
+                pos += 1
+            out.append(hits)
+        return out
+
+    # ------------------------------------------------------------------ saving
+    def save(self) -> str:
+        """Write a new generation and switch to it atomically. Returns its name."""
+        self._writer()
+        prev_dir = self.path / self.generation if self.generation else None
+        prev_files = self.manifest.get("files", {})
+        for coll in self._collections.values():
+            if coll.dead and coll.dead >= COMPACT_FRACTION * (coll.dead + len(coll)):
+                logger.info("compacting '%s' (%d dead rows)", coll.name, coll.dead)
+                coll.compact()
+
+        def fill(tmp: Path) -> dict[str, Any]:
+            files: dict[str, Any] = {}
+            metas: dict[str, Any] = {}
+            for name, coll in sorted(self._collections.items()):
+                meta, arrays = collection_state(coll)
+                names = {f"{name}.ids.npy": arrays["ids"],
+                         f"{name}.vectors.f16.npy": arrays["vectors"],
+                         f"{name}.alive.npy": arrays["alive"], f"{name}.faiss": None}
+                reuse = (not coll.dirty and prev_dir is not None
+                         and all(f in prev_files for f in names))
+                for fname, arr in names.items():
+                    if reuse:
+                        assert prev_dir is not None
+                        os.link(prev_dir / fname, tmp / fname)
+                        files[fname] = prev_files[fname]
+                    elif arr is None:
+                        files[fname] = persist.write_bytes(
+                            tmp / fname, faiss.serialize_index(coll.index))
+                    else:
+                        files[fname] = persist.write_array(tmp / fname, arr)
+                metas[name] = meta
+            self.catalog.snapshot_to(tmp / "catalog.sqlite")
+            files["catalog.sqlite"] = persist.hash_existing(tmp / "catalog.sqlite")
+            manifest = dict(self.manifest)
+            manifest.update(collections=metas, files=files, updated=time.time(),
+                            catalog_rows=self.catalog.count(), faiss_version=faiss.__version__)
+            return manifest
+
+        name = persist.write_generation(self.path, fill)
+        self.manifest = persist.read_manifest(self.path / name)
+        self.generation = name
+        for coll in self._collections.values():
+            coll.dirty = False
+        persist.cleanup(self.path)
+        return name
+
+    # ------------------------------------------------------------------ info / closing
+    def info(self) -> dict[str, Any]:
+        """A JSON-friendly summary for ``radlens index info``."""
+        m = self.manifest
+        gen_dir = self.path / self.generation
+        colls = {}
+        for name, coll in sorted(self._collections.items()):
+            colls[name] = {"factory": coll.factory, "auto": coll.auto, "count": len(coll),
+                           "dead": coll.dead, "dim": coll.dim, "nprobe": coll.nprobe,
+                           "rerank": coll.rerank_factor, "catalog_rows": self.catalog.count(name)}
+        disk = sum(int(f["bytes"]) for f in m.get("files", {}).values())
+        return {"path": str(self.path), "generation": self.generation, "mode": self.mode,
+                "format_version": m["format_version"], "model_name": m["model_name"],
+                "config_hash": m["config_hash"], "dim": m["dim"], "metric": m["metric"],
+                "preprocessing": m.get("preprocessing", {}), "created": m.get("created"),
+                "updated": m.get("updated"), "collections": colls,
+                "catalog_rows": self.catalog.count(), "bytes_on_disk": disk,
+                "generation_dir": str(gen_dir), "faiss_version": faiss.__version__}
+
+    def close(self) -> None:
+        """Close the catalog and release the writer lock (unsaved changes are dropped)."""
+        if self._catalog is not None:
+            self._catalog.close()
+            self._catalog = None
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> IndexFolder:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

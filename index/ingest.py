@@ -1,0 +1,319 @@
+"""Fill an index from a folder archive: walk -> decode (worker processes) -> encode (batches)
+-> add image and region vectors with catalog rows -> save generations as it goes.
+
+Resumable and idempotent: every file's content hash (sha256 of its bytes) is looked up in the
+catalog before decoding, so a rerun, or a restart after a kill, adds only what is missing; a
+generation is saved every ``save_every`` images, so a kill loses at most that much work and
+never the previous index. A bad file never stops the run: it is listed once in the failures
+report (``ingest_report.json`` in the index folder) with its reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from index.folder import IndexFolder
+from vlm.errors import RadLensError
+from vlm.inference import Encoder
+from vlm.models.config import PreprocessConfig
+
+logger = logging.getLogger(__name__)
+
+IMAGE, REGION = "image", "region"
+KILL_ENV = "RADLENS_TEST_KILL_AFTER_SAVES"
+THUMB_SIZE = 512  # what the app shows; originals are never served
+SKIP_NAMES = {"DICOMDIR", "manifest.jsonl", "summary.json", "skipped.jsonl"}
+SKIP_SUFFIXES = {".json", ".jsonl", ".txt", ".md", ".csv", ".npy", ".nii", ".gz", ".html"}
+
+
+@dataclass
+class IngestReport:
+    source: str
+    added: int = 0
+    regions: int = 0
+    already_indexed: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    encode_seconds: float = 0.0
+    images_per_s: float = 0.0
+    encoder_images_per_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dataset_rows(source: Path) -> dict[str, dict[str, Any]]:
+    """RadLens data set folders under ``source`` (a ``manifest.jsonl`` whose rows have ``file``
+    fields): their rows by file path, so reports and labels land in the catalog."""
+    if not source.is_dir():
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for manifest in sorted(source.rglob("manifest.jsonl")):
+        out.update(_manifest_rows(manifest.parent))
+    return out
+
+
+def _manifest_rows(root: Path) -> dict[str, dict[str, Any]]:
+    from vlm.data.cxr_dataset import row_text
+    from vlm.data.manifest import read_jsonl
+
+    out = {}
+    for row in read_jsonl(root / "manifest.jsonl"):
+        if isinstance(row.get("file"), str):
+            out[str(root / row["file"])] = {
+                "report": row_text(row) or None, "labels": row.get("labels"),
+                "dataset_id": row.get("id"), "split": row.get("split"),
+                "findings": [{k: f.get(k) for k in ("finding", "side", "zone", "severity")}
+                             for f in row.get("findings", [])]}
+    return out
+
+
+def walk(source: Path, listed: dict[str, dict[str, Any]] | None = None) -> Iterator[Path]:
+    """Image files under ``source``: in a data set folder (one with ``manifest.jsonl``) the
+    files its manifest lists, elsewhere every file (hidden files, reports and NIfTI volumes are
+    skipped)."""
+    if source.is_file():
+        yield source
+        return
+    listed = listed or {}
+    for root, dirs, files in os.walk(source):
+        if "manifest.jsonl" in files and any(
+                p.startswith(str(Path(root)) + os.sep) for p in listed):
+            yield from (Path(p) for p in sorted(p for p in listed
+                                                 if p.startswith(str(Path(root)) + os.sep)))
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            p = Path(root) / name
+            if name.startswith(".") or name in SKIP_NAMES or p.suffix.lower() in SKIP_SUFFIXES:
+                continue
+            yield p
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_KNOWN: set[str] = set()
+_PRE: PreprocessConfig | None = None
+
+
+def _init_worker(known: set[str], pre: dict[str, Any]) -> None:
+    global _KNOWN, _PRE
+    torch.set_num_threads(1)
+    _KNOWN, _PRE = known, PreprocessConfig(**pre)
+
+
+def decode_one(path: str) -> dict[str, Any]:
+    """Worker: hash, skip if known, read + preprocess + thumbnail. Never raises."""
+    from PIL import Image
+
+    from vlm.data.transforms import Preprocess
+    from vlm.io import read_image, render
+
+    try:
+        digest = file_hash(Path(path))
+    except OSError as exc:
+        return {"path": path, "error": f"unreadable file ({exc.strerror or exc})"}
+    if digest in _KNOWN:
+        return {"path": path, "hash": digest, "known": True}
+    try:
+        image = read_image(path)
+        if image.meta.frames > 1:
+            image = image.frame(image.meta.frames // 2)
+        assert _PRE is not None
+        x, box = Preprocess(_PRE)(image)
+        thumb = Image.fromarray(render(image))
+        thumb.thumbnail((THUMB_SIZE, THUMB_SIZE))
+        buf = io.BytesIO()
+        thumb.save(buf, format="PNG")
+    except RadLensError as exc:
+        return {"path": path, "error": str(exc).removeprefix(f"{path}: ")}
+    except Exception as exc:  # a decoder bug must not stop the archive
+        return {"path": path, "error": f"unexpected {type(exc).__name__}: {exc}"[:300]}
+    meta = image.meta
+    return {"path": path, "hash": digest, "tensor": x.to(torch.float16), "letterbox": box,
+            "thumb": buf.getvalue(), "meta": {
+                "study": meta.study_pseudonym, "series": meta.series_pseudonym,
+                "instance": meta.instance_pseudonym, "modality": meta.modality,
+                "body_part": meta.body_part, "view": meta.view_position,
+                "year": meta.study_year, "rows": meta.rows, "cols": meta.columns}}
+
+
+def _results(paths: list[str], workers: int, known: set[str], pre: PreprocessConfig
+             ) -> Iterator[dict[str, Any]]:
+    if workers <= 1:
+        _init_worker(known, asdict(pre))
+        yield from map(decode_one, paths)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(known, asdict(pre))) as pool:
+        yield from pool.map(decode_one, paths, chunksize=8)
+
+
+def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathLike[str], *,
+           batch_size: int = 32, workers: int | None = None, save_every: int = 512,
+           regions: bool = True, progress: bool = True, model_path: str | None = None,
+           keep_paths: bool = False) -> IngestReport:
+    """Build (or extend) the index at ``out`` from the files under ``source``.
+
+    File paths can embed patient names, so the catalog stores a keyed pseudonym of each path
+    (``src-…``) unless ``keep_paths`` asks for the path relative to ``source``. The failures
+    report (``ingest_report.json``, mode 0600) names failing files so they can be fixed.
+    """
+    src, dest = Path(source), Path(out)
+    if not src.exists():
+        raise RadLensError(f"{src}: no such file or folder")
+    if (dest / "CURRENT").exists():
+        ix = IndexFolder.open(dest, mode="w", expect_model=encoder.name,
+                              expect_config_hash=encoder.config_hash)
+    else:
+        ix = IndexFolder.create(dest, model_name=encoder.name, config_hash=encoder.config_hash,
+                                dim=encoder.dim, preprocessing={
+                                    **asdict(encoder.model.config.preprocess),
+                                    "model_path": model_path})
+    report = IngestReport(source=str(src))
+    try:
+        _run(encoder, ix, src, report, batch_size, workers or (os.cpu_count() or 1),
+             save_every, regions, progress, keep_paths)
+    finally:
+        report_file = dest / "ingest_report.json"
+        report_file.write_text(json.dumps(report.to_dict(), indent=1))
+        report_file.chmod(0o600)
+        ix.close()
+    return report
+
+
+def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, batch_size: int,
+         workers: int, save_every: int, regions: bool, progress: bool, keep_paths: bool
+         ) -> None:
+    from vlm.io.deid import default_pseudonymizer
+
+    pseudo = default_pseudonymizer()
+    root = src if src.is_dir() else src.parent
+
+    def uri(path: str) -> str | None:
+        if keep_paths:
+            return os.path.relpath(path, root)
+        return pseudo("src", os.path.abspath(path))
+
+    start = time.time()
+    listed = dataset_rows(src)
+    paths = [str(p) for p in walk(src, listed)]
+    known = {str(h) for h in _known_hashes(ix)}
+    thumbs = ix.path / "thumbs"
+    thumbs.mkdir(exist_ok=True)
+    bar = _bar(len(paths), progress)
+    pending: list[dict[str, Any]] = []
+    since_save = 0
+    saves = [0]
+    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+
+    def flush() -> None:
+        nonlocal since_save
+        if not pending:
+            return
+        t0 = time.time()
+        x = torch.stack([p["tensor"] for p in pending]).to(encoder.dtype)
+        with torch.inference_mode():
+            emb = encoder.model.encode_image(x.to(encoder.device))
+        report.encode_seconds += time.time() - t0
+        vectors = emb.global_embedding.float().cpu().numpy()
+        rows = []
+        for p in pending:
+            thumb = thumbs / f"{p['hash'][:2]}" / f"{p['hash']}.png"
+            thumb.parent.mkdir(exist_ok=True)
+            if not thumb.exists():
+                thumb.write_bytes(p["thumb"])
+            rows.append({"source_uri": uri(p["path"]), "content_hash": p["hash"],
+                         "thumbnail": str(thumb.relative_to(ix.path)), **p["meta"],
+                         "extra": listed.get(p["path"], {})})
+        ids = ix.add(IMAGE, vectors, rows)
+        report.added += len(ids)
+        if regions and emb.region_embeddings is not None and emb.region_boxes is not None:
+            rv, rrows = [], []
+            for j, (p, parent) in enumerate(zip(pending, ids.tolist(), strict=True)):
+                boxes = p["letterbox"].to_original(emb.region_boxes[j].float().cpu().numpy())
+                scores = emb.region_scores[j].tolist() if emb.region_scores is not None else []
+                for r, box in enumerate(boxes):
+                    rv.append(emb.region_embeddings[j, r].float().cpu().numpy())
+                    rrows.append({"source_uri": uri(p["path"]),
+                                  "content_hash": f"{p['hash']}#{r}",
+                                  "box": [float(v) for v in box], **p["meta"],
+                                  "extra": {"parent": parent, "score": scores[r]
+                                            if r < len(scores) else None}})
+            ix.add(REGION, np.stack(rv), rrows)
+            report.regions += len(rrows)
+        since_save += len(pending)
+        pending.clear()
+        if since_save >= save_every:
+            ix.save()
+            since_save = 0
+            saves[0] += 1
+            if kill_after and saves[0] >= kill_after:  # tests: die like a killed process
+                os.kill(os.getpid(), 9)
+
+    for result in _results(paths, workers, known, encoder.model.config.preprocess):
+        bar.update(1)
+        if "error" in result:
+            report.failed.append({"path": result["path"], "reason": result["error"]})
+            logger.warning("skipped a file: %s", result["error"])
+        elif result.get("known") or result["hash"] in known:
+            report.already_indexed += 1
+        else:
+            known.add(result["hash"])
+            pending.append(result)
+            if len(pending) >= batch_size:
+                flush()
+    flush()
+    ix.save()
+    bar.close()
+    report.seconds = round(time.time() - start, 3)
+    n = report.added
+    report.images_per_s = round(n / report.seconds, 3) if n and report.seconds else 0.0
+    report.encoder_images_per_s = (round(n / report.encode_seconds, 3)
+                                   if n and report.encode_seconds else 0.0)
+
+
+def _known_hashes(ix: IndexFolder) -> list[str]:
+    rows = ix.catalog._query(  # one bulk read instead of one lookup per file
+        "SELECT content_hash FROM items WHERE collection = ? AND content_hash IS NOT NULL",
+        (IMAGE,))
+    return [r[0] for r in rows]
+
+
+class _bar:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="file", dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

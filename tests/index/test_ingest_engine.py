@@ -1,0 +1,115 @@
+"""Folder ingestion (bad files, reruns, kill and resume) and the Engine on a tiny archive."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_cxr import make_tiny_cxr
+from vlm.models import create_model, get_tokenizer, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    root = make_tiny_cxr(tmp_path_factory.mktemp("archive"), n=24, size=64)
+    good = next((root / "dicom").iterdir())
+    (root / "dicom" / "truncated.dcm").write_bytes(good.read_bytes()[:600])
+    (root / "dicom" / "notes.dcm").write_text("not an image\n" * 10)
+    (root / "manifest.jsonl").unlink()  # a plain folder: walk every file
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    save_checkpoint(create_model("lrclr-tiny"), folder, get_tokenizer("lrclr-tiny"), card="#")
+    return folder
+
+
+def _build(model: Path, source: Path, out: Path, env: dict[str, str] | None = None,
+           *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from ui.cli import main; sys.exit(main())",
+         "index", "build", "--model", str(model), "--source", str(source), "--out", str(out),
+         "--no-progress", "--workers", "1", "--batch-size", "4", *extra],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def test_build_reports_bad_files_once_and_rerun_adds_nothing(archive, model_dir, tmp_path):
+    out = tmp_path / "idx"
+    first = _build(model_dir, archive, out)
+    assert first.returncode == 3, first.stderr[-1500:]
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary["added"] == 24 and summary["failed"] == 2
+    report = json.loads((out / "ingest_report.json").read_text())
+    assert sorted(Path(f["path"]).name for f in report["failed"]) == ["notes.dcm",
+                                                                     "truncated.dcm"]
+    assert sum("truncated.dcm" in line for line in first.stderr.splitlines()) == 1
+    assert summary["images_per_s"] > 0 and summary["encoder_images_per_s"] > 0
+    again = _build(model_dir, archive, out)
+    rerun = json.loads(again.stdout.strip().splitlines()[-1])
+    assert rerun["added"] == 0 and rerun["already_indexed"] == 24
+
+    from index.folder import IndexFolder
+
+    ix = IndexFolder.open(out)
+    assert ix.catalog.count("image") == 24
+    item = ix.catalog.get(0)
+    assert item is not None and item.source_uri.startswith("src-")  # no raw paths by default
+    assert item.study and item.study.startswith("st-") and item.thumbnail
+    ix.close()
+
+
+def test_killed_build_resumes_with_one_row_per_image(archive, model_dir, tmp_path):
+    out = tmp_path / "idx"
+    killed = _build(model_dir, archive, out, {"RADLENS_TEST_KILL_AFTER_SAVES": "2"},
+                    "--save-every", "4")
+    assert killed.returncode in (-9, 137), killed.stderr[-1500:]
+    from index.folder import IndexFolder
+
+    ix = IndexFolder.open(out)
+    partial = ix.catalog.count("image")
+    ix.close()
+    assert 0 < partial < 24
+    done = _build(model_dir, archive, out)
+    assert done.returncode == 3
+    ix = IndexFolder.open(out)
+    hashes = [it.content_hash for it in ix.catalog.get_many(range(ix.catalog.next_id()))
+              if it is not None and it.collection == "image"]
+    assert len(hashes) == 24 and len(set(hashes)) == 24
+    ix.close()
+
+
+def test_engine_search_filters_and_model_check(archive, model_dir, tmp_path):
+    from index.engine import Engine
+    from vlm.errors import RadLensError
+    from vlm.io import read_image
+
+    out = tmp_path / "idx"
+    assert _build(model_dir, archive, out).returncode == 3
+    engine = Engine.open(out)
+    hits = engine.search_text("opacity in the left lung", k=5)
+    assert len(hits) == 5 and all(h.item is not None for h in hits)
+    assert hits[0].score >= hits[-1].score
+    assert len(engine.search_text("left lung", k=5, modality="CT")) == 0
+    assert len(engine.search_text("left lung", k=5, modality="DX")) == 5
+    query = read_image(next((archive / "dicom").glob("s0*.dcm")))
+    similar = engine.search_image(query, k=3)
+    assert similar[0].score == pytest.approx(1.0, abs=1e-3)  # the image itself
+    assert similar[0].regions and len(similar[0].regions[0]["box"]) == 4
+    with pytest.raises(RadLensError, match="unknown filter"):
+        engine.search_text("x", k=3, colour="red")
+    other = tmp_path / "other"
+    torch_model = create_model("lrclr-tiny")
+    cfg = torch_model.config.replace(embed_dim=48)
+    from vlm.models.factory import build_model
+
+    save_checkpoint(build_model(cfg), other, get_tokenizer("lrclr-tiny"), card="#")
+    with pytest.raises(RadLensError, match="was built with model"):
+        Engine.open(out, model=str(other))
+    assert engine.item_path(hits[0].item) is not None  # thumbnails live in the index

@@ -1,0 +1,300 @@
+"""The app's handlers on a tiny engine (no browser): uploads, search, similar cases, grounding,
+the index panel, per-session state, only index-owned files served, and the auth file."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ui import handlers as h
+from vlm.errors import RadLensError
+from vlm.zeroshot import PromptSet
+
+
+@pytest.fixture(scope="module")
+def dicoms(tiny_archive) -> list[Path]:
+    return sorted((tiny_archive / "dicom").iterdir())
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    message = str(exc.value)
+    assert message and "\n" not in message and "Traceback" not in message
+    return message
+
+
+# ---------------------------------------------------------------------------- uploads
+def test_dicom_upload_is_labelled_by_pseudonym_not_file_name(dicoms, tmp_path):
+    named = tmp_path / "DOE_JOHN_1960.dcm"
+    named.write_bytes(dicoms[0].read_bytes())
+    study = h.load_upload(named, max_bytes=2**20)
+    assert study.label.startswith("im-") and "DOE" not in study.label
+    assert study.image.pixels.shape == (64, 64)
+    assert study.lo < study.hi and study.width > 0
+    rgb = h.display(study)
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    assert not np.array_equal(h.display(study, "lung", 0, 1), rgb)  # presets re-render
+    custom = h.display(study, h.CUSTOM_WINDOW, (study.lo + study.hi) / 2, study.hi - study.lo)
+    assert custom.std() > 0
+
+
+def test_png_and_jpeg_uploads(tmp_path):
+    for name in ("x.png", "x.jpg"):
+        Image.fromarray((np.arange(64 * 64) % 251).reshape(64, 64).astype(np.uint8)).save(
+            tmp_path / name)
+        assert h.load_upload(tmp_path / name, 2**20).image.pixels.shape == (64, 64)
+
+
+@pytest.mark.parametrize("kind, expect", [
+    ("truncated", "cannot read the upload"), ("text_dcm", "cannot read the upload"),
+    ("text_txt", "unsupported file type '.txt'"), ("empty", "empty"), ("big", "too large"),
+    ("bad_png", "cannot read the upload")])
+def test_malformed_uploads_give_one_line(kind, expect, dicoms, tmp_path):
+    good = dicoms[0].read_bytes()
+    files = {"truncated": ("t.dcm", good[:600]), "text_dcm": ("notes.dcm", b"hello\n" * 40),
+             "text_txt": ("notes.txt", b"hello\n"), "empty": ("e.dcm", b""),
+             "big": ("b.dcm", good), "bad_png": ("b.png", b"\x89PNG\r\n\x1a\nbroken")}
+    name, data = files[kind]
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(RadLensError) as exc:
+        h.load_upload(tmp_path / name, max_bytes=1000 if kind == "big" else 2**20)
+    message = _one_line(exc)
+    assert expect in message
+    assert str(tmp_path) not in message  # no server paths in the page
+
+
+def test_guarded_handler_turns_errors_into_a_status_line():
+    from ui.app import _guarded
+
+    def bad(_x):
+        raise RadLensError("cannot read the upload: truncated")
+
+    def broken(_x):
+        raise KeyError("internal detail")
+
+    out = _guarded(bad, 3, status_index=1)(None)
+    assert "cannot read the upload" in out[1] and "⚠" in out[1]
+    out = _guarded(broken, 2, status_index=0)(None)
+    assert "internal error (KeyError)" in out[0] and "detail" not in out[0]
+
+
+# ---------------------------------------------------------------------------- session state
+def test_sessions_hold_their_own_study_and_prompts(dicoms):
+    a = h.load_upload(dicoms[0], 2**20)
+    b = h.load_upload(dicoms[1], 2**20)
+    assert a.label != b.label and a.image is not b.image
+    base = PromptSet.load()
+    n = len(base.findings)
+    mine = h.add_finding(base, "Pleural Thickening", "pleural thickening", "no pleural "
+                         "thickening; normal pleura")
+    assert "pleural_thickening" in mine.findings and len(base.findings) == n  # copy, not edit
+    assert mine.findings["pleural_thickening"].negative == ["no pleural thickening",
+                                                            "normal pleura"]
+    with pytest.raises(RadLensError):
+        h.add_finding(base, "x", "", "negative")
+    with pytest.raises(RadLensError):
+        h.add_finding(base, "  ", "a", "b")
+
+
+def test_app_builds_with_per_session_state_only(tiny_engine):
+    import gradio as gr
+
+    import ui.app as app_module
+    from ui.app import build_app
+
+    app = build_app(tiny_engine)
+    assert isinstance(app, gr.Blocks)
+    states = [b for b in app.blocks.values() if isinstance(b, gr.State)]
+    assert len(states) >= 4
+    assert {type(s.value).__name__ for s in states} <= {"NoneType", "PromptSet", "list", "str"}
+    # module globals are constants only: nothing a handler could write a user's data into
+    mutable = [k for k, v in vars(app_module).items() if not k.startswith("__")
+               and isinstance(v, list | dict | set)]
+    assert mutable == []
+    assert build_app(tiny_engine) is not app
+
+
+# ---------------------------------------------------------------------------- zero-shot
+def test_classify_sorted_probabilities_and_custom_finding(tiny_engine, dicoms):
+    study = h.load_upload(dicoms[1], 2**20)
+    probs = h.classify(tiny_engine, study, None)
+    values = list(probs.values())
+    assert values == sorted(values, reverse=True) and all(0 <= v <= 1 for v in values)
+    table = h.probability_table(probs)
+    assert table.count("\n") == len(probs) + 1 and "pleural_effusion" in table
+    mine = h.add_finding(PromptSet.load(), "hernia", "hiatal hernia", "no hernia")
+    assert "hernia" in h.classify(tiny_engine, study, mine)
+    assert "hernia" in h.prompt_summary(mine)
+
+
+# ---------------------------------------------------------------------------- search
+def test_text_search_gallery_serves_only_index_files(tiny_engine):
+    hits = h.search_text(tiny_engine, "opacity in the left lung", 5, "any", "any", "any", "")
+    assert len(hits) == 5
+    items = h.gallery(tiny_engine, hits)
+    root = tiny_engine.index.path.resolve()
+    assert len(items) == 5 and all(root in Path(p).resolve().parents for p, _ in items)
+    assert all(c.split(" · ")[0].replace(".", "").lstrip("-").isdigit() for _, c in items)
+    assert h.search_text(tiny_engine, "opacity", 5, modality="MR") == []
+    with pytest.raises(RadLensError):
+        h.search_text(tiny_engine, "   ", 5)
+    with pytest.raises(RadLensError):
+        h.search_text(tiny_engine, "x", 5, year_min="last year")
+
+
+def test_forged_thumbnail_paths_are_never_served(tiny_engine, tmp_path):
+    hit = h.search_text(tiny_engine, "opacity", 1)[0]
+    secret = tmp_path / "secret.png"
+    Image.new("L", (8, 8)).save(secret)
+    for bad in ("../../../../etc/passwd", str(secret), "thumbs/../../outside.png"):
+        forged = dataclasses.replace(hit, item=dataclasses.replace(hit.item, thumbnail=bad))
+        assert tiny_engine.item_path(forged.item) is None
+        assert h.gallery(tiny_engine, [forged]) == []
+        with pytest.raises(RadLensError):
+            h.result_view(tiny_engine, forged, "opacity")
+
+
+def test_selected_result_has_heatmap_and_deidentified_card(tiny_engine):
+    hit = h.search_text(tiny_engine, "opacity in the left lung", 3)[0]
+    rgb, card = h.result_view(tiny_engine, hit, "opacity in the left lung")
+    assert rgb.ndim == 3 and max(rgb.shape[:2]) == h.VIEW_SIDE
+    assert hit.item.study in card and "Report" in card
+    assert hit.item.source_uri not in card and "src-" not in card
+    plain, _ = h.result_view(tiny_engine, hit, "")
+    assert not np.array_equal(plain, rgb)
+
+
+def test_examples_open_from_thumbnails_only(tiny_engine):
+    choices = h.example_choices(tiny_engine, n=5)
+    assert 0 < len(choices) <= 5
+    label, item_id = choices[0]
+    assert "opacity" in label  # labelled studies first
+    study = h.load_example(tiny_engine, item_id)
+    assert study.label.startswith(f"#{item_id}") and study.image.pixels.ndim == 2
+    with pytest.raises(RadLensError):
+        h.load_example(tiny_engine, 10**9)
+    assert h.facet_values(tiny_engine, "modality") == ["DX"]
+    with pytest.raises(ValueError):
+        h.facet_values(tiny_engine, "source_uri")
+
+
+# ---------------------------------------------------------------------------- similar, grounding
+def test_similar_cases_with_region_boxes(tiny_engine, dicoms):
+    study = h.load_upload(dicoms[2], 2**20)
+    query, cards = h.similar(tiny_engine, study, 4)
+    assert query.ndim == 3 and max(query.shape[:2]) == h.VIEW_SIDE
+    assert len(cards) == 4 and all(img.ndim == 3 for img, _ in cards)
+    assert cards[0][1].startswith("1.000")  # the study itself is indexed
+
+
+def test_grounding_one_colour_per_phrase(tiny_engine, dicoms):
+    study = h.load_upload(dicoms[1], 2**20)
+    grounded = h.ground(tiny_engine, study, "left lung opacity\n\nheart\n")
+    assert [g.phrase for g in grounded] == ["left lung opacity", "heart"]
+    assert grounded[0].heatmap.shape == study.image.pixels.shape
+    base = h.display(study)
+    img, legend = h.grounding_overlay(base, grounded, 0.6)
+    assert img.shape[:2] == (h.VIEW_SIDE, h.VIEW_SIDE)
+    assert legend.count("■") == 2 and str(h.rd.colour_for(1)) in legend
+    faint, _ = h.grounding_overlay(base, grounded, 0.0)
+    assert not np.array_equal(faint, img)
+    with pytest.raises(RadLensError):
+        h.ground(tiny_engine, study, "  \n ")
+    with pytest.raises(RadLensError):
+        h.ground(tiny_engine, study, "\n".join(f"p{i}" for i in range(9)))
+
+
+# ---------------------------------------------------------------------------- index panel
+def test_index_summary_lists_collections(tiny_engine):
+    text = h.index_summary(tiny_engine.info())
+    assert "lrclr-tiny" in text and "| image | 12 |" in text and "region" in text
+    assert str(tiny_engine.index.path) not in text
+
+
+def test_build_from_the_app_only_under_ingest_roots(tiny_model, tmp_path):
+    from index.engine import Engine
+    from tests.tiny_cxr import make_tiny_cxr
+    from tests.ui.conftest import build_index
+
+    first = make_tiny_cxr(tmp_path / "a", n=3, size=48, seed=1)
+    engine = Engine.open(build_index(tiny_model, first, tmp_path / "idx"))
+    more = make_tiny_cxr(tmp_path / "roots" / "b", n=4, size=48, seed=2)
+    (more / "dicom" / "broken.dcm").write_bytes(b"not dicom" * 20)
+    (more / "manifest.jsonl").unlink()  # a plain folder: every file, the broken one too
+    with pytest.raises(RadLensError, match="off"):
+        h.build_index(engine, str(more), None)
+    with pytest.raises(RadLensError, match="outside"):
+        h.build_index(engine, str(first), [tmp_path / "roots"])
+    with pytest.raises(RadLensError, match="outside"):
+        h.build_index(engine, str(tmp_path / "roots" / ".." / "a"), [tmp_path / "roots"])
+    summary, failures = h.build_index(engine, str(more), [tmp_path / "roots"])
+    assert "added **4**" in summary and "**1 failed**" in summary
+    assert failures == [[str(Path("dicom") / "broken.dcm"), failures[0][1]]]
+    assert engine.info()["collections"]["image"]["count"] == 7  # reloaded
+
+
+# ---------------------------------------------------------------------------- auth
+def test_password_hash_round_trip_and_auth_file(tmp_path, monkeypatch, capsys):
+    from ui import serve
+
+    encoded = serve.hash_password("correct horse")
+    assert encoded.startswith("scrypt$") and "correct" not in encoded
+    assert serve.verify_password("correct horse", encoded)
+    assert not serve.verify_password("wrong", encoded)
+    assert not serve.verify_password("x", "garbage")
+    assert serve.hash_password("same") != serve.hash_password("same")  # salted
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("s3cret\n"))
+    assert serve.main(["hash-password", "alice", "--stdin"]) == 0
+    line = capsys.readouterr().out.strip()
+    auth = tmp_path / "auth.txt"
+    auth.write_text(f"# users\n{line}\nbob:{serve.hash_password('hunter2')}\n")
+    users = serve.load_auth_file(auth)
+    assert sorted(users) == ["alice", "bob"]
+    check = serve.make_auth(users)
+    assert check("alice", "s3cret") and check("bob", "hunter2")
+    assert not check("alice", "hunter2") and not check("mallory", "s3cret")
+
+    auth.write_text("alice:plaintext-password\n")
+    with pytest.raises(RadLensError, match="line 1"):
+        serve.load_auth_file(auth)
+    with pytest.raises(RadLensError, match="not found"):
+        serve.load_auth_file(tmp_path / "missing.txt")
+    assert serve.main(["hash-password", "a:b", "--stdin"]) == 2
+
+
+def test_served_app_needs_login_and_serves_only_index_files(tiny_engine, tmp_path):
+    import socket
+
+    import httpx
+
+    from ui.app import build_app
+    from ui.serve import hash_password, launch, make_auth
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = build_app(tiny_engine)
+    launch(app, tiny_engine, port=port, prevent_thread_lock=True,
+           auth=make_auth({"alice": hash_password("pw")}))
+    secret = tmp_path / "outside.png"
+    Image.new("L", (8, 8)).save(secret)
+    thumb = tiny_engine.item_path(h.search_text(tiny_engine, "opacity", 1)[0].item)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            assert c.get("/config").status_code == 401
+            assert c.post("/login", data={"username": "alice", "password": "x"}).is_error
+            assert c.post("/login", data={"username": "alice", "password": "pw"}).is_success
+            assert c.get("/config").status_code == 200
+            assert c.get(f"/gradio_api/file={secret}").status_code in (403, 404)
+            for private in tiny_engine.index.path.rglob("*"):  # catalog, vectors, report
+                if private.is_file() and "thumbs" not in private.parts:
+                    assert c.get(f"/gradio_api/file={private}").status_code in (403, 404)
+            assert c.get(f"/gradio_api/file={thumb}").status_code == 200
+    finally:
+        app.close()

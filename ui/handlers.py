@@ -1,0 +1,381 @@
+"""What the app's buttons do, as plain functions of an :class:`Engine` and per-session values.
+
+No Gradio here: ``ui/app.py`` wires these to components and turns :class:`RadLensError` into a
+one-line message in the page. Everything is testable without a browser.
+
+Privacy rules kept here: an upload is labelled by its pseudonym, never its file name; catalog rows
+are shown through an allow-list (:func:`describe_item`), never ``source_uri``; the only files
+served are thumbnails the index owns (:meth:`Engine.item_path`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.catalog import CatalogItem
+from index.engine import Engine, Result
+from ui import render as rd
+from vlm.errors import ImageReadError, RadLensError
+from vlm.io import WINDOW_PRESETS, ImageData, read_image
+from vlm.io import render as window_render
+from vlm.zeroshot import PromptSet
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_SUFFIXES = ("", ".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+FILE_WINDOW, CUSTOM_WINDOW = "file default", "custom"
+WINDOW_CHOICES = (FILE_WINDOW, *WINDOW_PRESETS, CUSTOM_WINDOW)
+_PATHS = re.compile(r"'?(?:[A-Za-z]:)?(?:[/\\][^\s'/\\]+){2,}'?")  # absolute-looking paths
+VIEW_SIDE = 768  # long side of the overlay pictures: crisp labels on small and large studies
+
+
+@dataclass
+class Study:
+    """The image one session is looking at (kept in that session's ``gr.State`` only)."""
+
+    image: ImageData
+    label: str  # pseudonym + modality + size; never a file name
+    lo: float  # data range, for the window sliders
+    hi: float
+    centre: float  # the file's own window (or the data range)
+    width: float
+
+
+def _study(image: ImageData, label: str) -> Study:
+    if image.meta.frames > 1:
+        image = image.frame(image.meta.frames // 2)
+    finite = image.pixels[np.isfinite(image.pixels)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
+    w = image.meta.windows[0] if image.meta.windows else None
+    centre, width = (w.center, w.width) if w else ((lo + hi) / 2, hi - lo)
+    return Study(image, label, lo, hi, float(centre), float(max(width, 1.0)))
+
+
+def load_upload(path: str | os.PathLike[str] | None, max_bytes: int) -> Study:
+    """Read an uploaded file; any problem is a one-line :class:`RadLensError`."""
+    if not path:
+        raise RadLensError("no file received: choose a DICOM, PNG or JPEG file")
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in UPLOAD_SUFFIXES and not suffix[1:].isdigit():  # DICOM often ends ".1"
+        raise RadLensError(f"unsupported file type '{suffix}': upload DICOM, PNG or JPEG")
+    size = p.stat().st_size if p.is_file() else 0
+    if size > max_bytes:
+        raise RadLensError(f"file too large ({size / 2**20:.1f} MB): the limit is "
+                           f"{max_bytes / 2**20:.0f} MB")
+    if size == 0:
+        raise RadLensError("the file is empty: upload a DICOM, PNG or JPEG image")
+    try:
+        image = read_image(p)
+    except ImageReadError as exc:  # server paths stay out of the page
+        reason = _PATHS.sub("file", exc.reason.replace(str(p), "file"))
+        raise RadLensError(f"cannot read the upload: {reason}") from None
+    except RadLensError:
+        raise
+    except Exception as exc:  # a decoder bug must not take the session down
+        logger.warning("upload decode failed: %s", type(exc).__name__)
+        raise RadLensError(f"cannot read the upload ({type(exc).__name__})") from None
+    if image.pixels.ndim == 1 or min(image.pixels.shape[:2]) < 8:
+        raise RadLensError("the upload is not a 2-D image")
+    m = image.meta
+    label = " · ".join(str(v) for v in (m.instance_pseudonym or "upload", m.modality or
+                                        m.source_format.upper(), f"{m.columns}×{m.rows}") if v)
+    return _study(image, label)
+
+
+def example_choices(engine: Engine, n: int = 24) -> list[tuple[str, int]]:
+    """Dropdown choices ``(label, id)`` for indexed studies with a thumbnail; labelled first."""
+    ids = engine.index.catalog.filter_ids("image")[: max(n * 4, n)]
+    items = [it for it in engine.index.catalog.get_many(ids.tolist()) if it and it.thumbnail]
+    items.sort(key=lambda it: (not (it.extra or {}).get("labels"), it.id))
+    return [(f"#{it.id} · {short_meta(it)}", int(it.id)) for it in items[:n]]
+
+
+def load_example(engine: Engine, item_id: int | None) -> Study:
+    """An indexed study, read from the thumbnail the index owns (never the original file)."""
+    if item_id is None:
+        raise RadLensError("no example chosen")
+    item = engine.index.catalog.get(int(item_id))
+    path = engine.item_path(item) if item else None
+    if item is None or path is None:
+        raise RadLensError(f"study #{item_id} has no thumbnail in the index")
+    return _study(read_image(path), f"#{item.id} · {short_meta(item)}")
+
+
+def window_spec(preset: str, centre: float, width: float) -> str | tuple[float, float] | None:
+    """Dropdown + sliders -> a :func:`vlm.io.render` window."""
+    if preset == FILE_WINDOW or not preset:
+        return None
+    if preset in WINDOW_PRESETS:
+        return preset
+    return (float(centre), float(max(width, 1.0)))
+
+
+def preset_values(study: Study | None, preset: str) -> tuple[float, float]:
+    """Centre and width the sliders show for a preset."""
+    if preset in WINDOW_PRESETS:
+        return WINDOW_PRESETS[preset]
+    if study is None:
+        return 0.0, 1.0
+    return study.centre, study.width
+
+
+def display(study: Study, preset: str = FILE_WINDOW, centre: float = 0.0,
+            width: float = 1.0) -> np.ndarray:
+    """The study windowed for display, (H, W, 3) uint8."""
+    return rd.to_rgb(window_render(study.image, window=window_spec(preset, centre, width)))
+
+
+def classify(engine: Engine, study: Study, prompts: PromptSet | None) -> dict[str, float]:
+    """Finding probabilities, highest first."""
+    probs = engine.classify(study.image, prompts)
+    return dict(sorted(probs.items(), key=lambda kv: -kv[1]))
+
+
+def probability_table(probs: dict[str, float]) -> str:
+    """Markdown table of finding probabilities (the chart's numbers, for reading and copying)."""
+    rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in probs.items())
+    return f"| finding | probability |\n|---|---|\n{rows}"
+
+
+def add_finding(prompts: PromptSet, name: str, positive: str, negative: str) -> PromptSet:
+    """A copy of ``prompts`` with a user finding (phrases one per line or ``;``-separated)."""
+    def phrases(text: str) -> list[str]:
+        return [p.strip() for p in (text or "").replace(";", "\n").splitlines() if p.strip()]
+
+    key = "_".join((name or "").strip().lower().split())
+    if not key:
+        raise RadLensError("give the finding a name, e.g. 'pleural effusion'")
+    if len(key) > 40 or len(prompts.findings) >= 40:
+        raise RadLensError("too many or too long findings: keep names under 40 characters")
+    return prompts.with_finding(key, phrases(positive), phrases(negative))
+
+
+def prompt_summary(prompts: PromptSet) -> str:
+    """Markdown list of the session's findings and their phrasing."""
+    lines = [f"- **{k.replace('_', ' ')}**: {' / '.join(v.positive[:2])} ⟷ "
+             f"{' / '.join(v.negative[:2])}" for k, v in prompts.findings.items()]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- catalog display
+def short_meta(item: CatalogItem) -> str:
+    """``CR PA 2000 · pleural effusion`` (allow-listed fields only)."""
+    parts = " ".join(str(v) for v in (item.modality, item.view, item.year) if v)
+    labels = ", ".join(x.replace("_", " ") for x in (item.extra or {}).get("labels") or [])
+    return " · ".join(p for p in (parts or "study", labels) if p)
+
+
+def describe_item(item: CatalogItem | None, score: float | None = None) -> str:
+    """De-identified Markdown card of a catalog row: pseudonyms, metadata, labels, report."""
+    if item is None:
+        return "_catalog row missing_"
+    extra = item.extra or {}
+    rows = [("study", f"`{item.study}`" if item.study else None),
+            ("score", f"{score:.3f}" if score is not None else None),
+            ("modality", item.modality), ("body part", item.body_part), ("view", item.view),
+            ("year", item.year), ("size", f"{item.cols}×{item.rows}" if item.rows else None),
+            ("labels", ", ".join(extra.get("labels") or []) or None)]
+    out = " · ".join(f"**{k}** {v}" for k, v in rows if v is not None)
+    if extra.get("report"):
+        out += f"\n\n**Report**\n\n> {extra['report']}"
+    return out
+
+
+def facet_values(engine: Engine, column: str) -> list[str]:
+    """Distinct values of an allow-listed catalog column among indexed images."""
+    if column not in ("modality", "view", "body_part", "year"):
+        raise ValueError(column)
+    rows = engine.index.catalog._query(  # a public Catalog.distinct() would be nicer
+        f"SELECT DISTINCT {column} FROM items WHERE collection = 'image' AND {column} IS NOT "
+        f"NULL ORDER BY {column}")
+    return [str(r[0]) for r in rows]
+
+
+# ---------------------------------------------------------------------------- search
+def search_text(engine: Engine, text: str, k: int, modality: str | None = None,
+                view: str | None = None, year_min: str | float | None = None,
+                year_max: str | float | None = None) -> list[Result]:
+    """Report text -> top-k results (filters: "any"/empty means no filter)."""
+    def opt(v: str | None) -> str | None:
+        return None if v in (None, "", "any") else v
+
+    def year(v: str | float | None) -> int | None:
+        if v in (None, "", "any", 0) or (isinstance(v, float) and np.isnan(v)):
+            return None
+        try:
+            return int(v)
+        except ValueError:
+            raise RadLensError(f"year '{v}' is not a number") from None
+
+    if len((text or "").strip()) > 2000:
+        raise RadLensError("query too long: keep it under 2000 characters")
+    return engine.search_text(text or "", k=int(k), modality=opt(modality), view=opt(view),
+                              year_min=year(year_min), year_max=year(year_max))
+
+
+def caption(result: Result) -> str:
+    return (f"{result.score:.3f} · {short_meta(result.item)}" if result.item
+            else f"{result.score:.3f}")
+
+
+def gallery(engine: Engine, results: Sequence[Result]) -> list[tuple[str, str]]:
+    """(thumbnail path, caption) for results whose thumbnail the index owns."""
+    out = []
+    for r in results:
+        path = engine.item_path(r.item) if r.item else None
+        if path is not None:
+            out.append((str(path), caption(r)))
+    return out
+
+
+def _thumb(engine: Engine, item: CatalogItem | None, side: int = VIEW_SIDE
+           ) -> tuple[ImageData, np.ndarray, float, float]:
+    """An item's thumbnail (the image and a ``side``-px RGB canvas of it) and the x/y scale from
+    the item's original pixels to that canvas."""
+    path = engine.item_path(item) if item else None
+    if item is None or path is None:
+        raise RadLensError("this result has no thumbnail in the index")
+    image = read_image(path)
+    rgb = rd.resize_long_side(rd.to_rgb(window_render(image)), side)
+    sx = rgb.shape[1] / item.cols if item.cols else 1.0
+    sy = rgb.shape[0] / item.rows if item.rows else 1.0
+    return image, rgb, sx, sy
+
+
+def _scaled(box: Sequence[float], sx: float, sy: float) -> list[float]:
+    return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+
+
+def result_view(engine: Engine, result: Result, query: str,
+                opacity: float = 0.45) -> tuple[np.ndarray, str]:
+    """A selected search hit, large: the query phrase's heatmap and box over it, and its card."""
+    image, rgb, _, _ = _thumb(engine, result.item)
+    if query.strip():
+        (g,) = engine.ground(image, [query])
+        s = rgb.shape[1] / image.pixels.shape[1]
+        rgb = rd.overlay_heatmap(rgb, g.heatmap, opacity=opacity)
+        rgb = rd.draw_boxes(rgb, [_scaled(g.box, s, s)], [query[:40]], [rd.PALETTE[1]])
+    return rgb, describe_item(result.item, result.score)
+
+
+def similar(engine: Engine, study: Study, k: int) -> tuple[np.ndarray, list[tuple[np.ndarray,
+                                                                                   str]]]:
+    """Query image with its matched regions, and the top-k similar studies with theirs."""
+    results = engine.search_image(study.image, k=int(k))
+    query = rd.resize_long_side(display(study), VIEW_SIDE)
+    qs = query.shape[1] / study.image.pixels.shape[1]
+    qboxes, qlabels, qcols = [], [], []
+    cards = []
+    for i, r in enumerate(results):
+        try:
+            _, rgb, sx, sy = _thumb(engine, r.item, side=320)
+        except RadLensError:
+            continue
+        colours = [rd.colour_for(i)] * len(r.regions)
+        boxes = [_scaled(reg["box"], sx, sy) for reg in r.regions]
+        rgb = rd.draw_boxes(rgb, boxes, [f"{reg['score']:.2f}" for reg in r.regions], colours)
+        cards.append((rgb, caption(r)))
+        for reg in r.regions[:1]:
+            qboxes.append(_scaled(reg["query_box"], qs, qs))
+            qlabels.append(f"→{i + 1}")
+            qcols.append(rd.colour_for(i))
+    return rd.draw_boxes(query, qboxes, qlabels, qcols), cards
+
+
+# ---------------------------------------------------------------------------- grounding
+@dataclass
+class Grounded:
+    phrase: str
+    heatmap: np.ndarray
+    box: tuple[int, int, int, int]
+
+
+def ground(engine: Engine, study: Study, phrases_text: str, max_phrases: int = 8
+           ) -> list[Grounded]:
+    """One heatmap and box per phrase (one phrase per line)."""
+    phrases = [p.strip() for p in (phrases_text or "").splitlines() if p.strip()]
+    if not phrases:
+        raise RadLensError("type one or more phrases, one per line")
+    if len(phrases) > max_phrases:
+        raise RadLensError(f"too many phrases ({len(phrases)}): at most {max_phrases}")
+    return [Grounded(p, g.heatmap, (int(g.box[0]), int(g.box[1]), int(g.box[2]), int(g.box[3])))
+            for p, g in zip(phrases, engine.ground(study.image, phrases), strict=True)]
+
+
+def grounding_overlay(base: np.ndarray, grounded: Sequence[Grounded], opacity: float
+                      ) -> tuple[np.ndarray, str]:
+    """Blend every phrase's heatmap in its own colour, draw the boxes; Markdown legend.
+
+    ``base`` is the windowed study at its original size; the result is ``VIEW_SIDE`` px long.
+    """
+    rgb = rd.resize_long_side(base, VIEW_SIDE)
+    s = rgb.shape[1] / base.shape[1]
+    for i, g in enumerate(grounded):
+        rgb = rd.overlay_heatmap(rgb, g.heatmap, opacity=opacity / max(1, len(grounded)) ** 0.5,
+                                 colour=rd.colour_for(i))
+    rgb = rd.draw_boxes(rgb, [_scaled(g.box, s, s) for g in grounded],
+                        [g.phrase[:30] for g in grounded],
+                        [rd.colour_for(i) for i in range(len(grounded))])
+    legend = " ".join(
+        f"<span style='color:rgb{rd.colour_for(i)}'>■</span> {g.phrase}"
+        for i, g in enumerate(grounded))
+    return rgb, legend
+
+
+# ---------------------------------------------------------------------------- index panel
+def index_summary(info: dict[str, Any]) -> str:
+    """Markdown statistics from :meth:`Engine.info` (no filesystem paths)."""
+    lines = [f"**model** `{info.get('model_name')}` (loaded `{info.get('model_loaded')}`, "
+             f"config `{info.get('config_hash')}`) · **dim** {info.get('dim')} · "
+             f"**metric** {info.get('metric')} · **generation** {info.get('generation')} · "
+             f"**catalog rows** {info.get('catalog_rows')} · "
+             f"**on disk** {int(info.get('bytes_on_disk') or 0) / 2**20:.1f} MB",
+             "", "| collection | vectors | factory | dim | deleted |", "|---|---|---|---|---|"]
+    for name, c in (info.get("collections") or {}).items():
+        lines.append(f"| {name} | {c.get('count')} | `{c.get('factory')}`"
+                     f"{' (auto)' if c.get('auto') else ''} | {c.get('dim')} | {c.get('dead')} |")
+    return "\n".join(lines)
+
+
+def check_source(folder: str, roots: Sequence[str | os.PathLike[str]] | None) -> Path:
+    """A folder to ingest, which must lie under one of the server's allowed ingest roots."""
+    if not roots:
+        raise RadLensError("building from the app is off: start the server with an ingest root "
+                           "(serve(..., ingest_roots=[...]))")
+    if not (folder or "").strip():
+        raise RadLensError("type the folder to index")
+    path = Path(folder).expanduser().resolve()
+    allowed = [Path(r).expanduser().resolve() for r in roots]
+    if not any(path == r or r in path.parents for r in allowed):
+        raise RadLensError("that folder is outside the allowed ingest roots")
+    if not path.exists():
+        raise RadLensError("no such folder under the ingest roots")
+    return path
+
+
+def build_index(engine: Engine, folder: str, roots: Sequence[str | os.PathLike[str]] | None,
+                ingest_fn: Callable[..., Any] | None = None) -> tuple[str, list[list[str]]]:
+    """Extend the engine's index from ``folder``; returns a summary and the failures table."""
+    from index.ingest import ingest
+
+    src = check_source(folder, roots)
+    model_path = engine.index.manifest.get("preprocessing", {}).get("model_path")
+    report = (ingest_fn or ingest)(engine.encoder, src, engine.index.path, progress=True,
+                                   workers=1, model_path=model_path)
+    engine.index.reload()
+    failures = [[os.path.relpath(f["path"], src) if os.path.isabs(f["path"]) else f["path"],
+                 f["reason"]] for f in report.failed]
+    summary = (f"added **{report.added}** images ({report.regions} regions), "
+               f"{report.already_indexed} already indexed, **{len(report.failed)} failed** · "
+               f"{report.seconds:.1f} s, {report.images_per_s:.1f} images/s")
+    return summary, failures

@@ -1,0 +1,169 @@
+"""Serve the app: ``serve(index)`` binds to 127.0.0.1, optionally behind password authentication.
+
+The auth file holds one ``user:<hash>`` line per user (``#`` comments allowed); hashes are
+salted scrypt strings made by :func:`hash_password`. Create lines without ``radlens``::
+
+    python -m ui.serve hash-password alice >> auth.txt     # asks for the password twice
+    python -m ui.serve serve --index data/index --auth-file auth.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import getpass
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from vlm.errors import RadLensError
+
+logger = logging.getLogger(__name__)
+
+_SCHEME = "scrypt"
+_N, _R, _P = 2**14, 8, 1
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=2**26, dklen=32)
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> str:
+    """``scrypt$N$r$p$salt$hash`` (base64) for an auth file line."""
+    if not password:
+        raise RadLensError("empty password: choose a password")
+    salt = salt or secrets.token_bytes(16)
+    digest = _scrypt(password, salt, _N, _R, _P)
+    b64 = base64.b64encode
+    return f"{_SCHEME}${_N}${_R}${_P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """True when ``password`` matches a :func:`hash_password` string (constant-time compare)."""
+    try:
+        scheme, n, r, p, salt, digest = encoded.split("$")
+        if scheme != _SCHEME:
+            return False
+        got = _scrypt(password, base64.b64decode(salt), int(n), int(r), int(p))
+        return hmac.compare_digest(got, base64.b64decode(digest))
+    except (ValueError, TypeError):
+        return False
+
+
+def load_auth_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``{user: hash}`` from an auth file; a malformed line is an error naming its number."""
+    p = Path(path)
+    if not p.is_file():
+        raise RadLensError(f"auth file {p} not found: create it with "
+                           "'python -m ui.serve hash-password USER >> FILE'")
+    users: dict[str, str] = {}
+    for no, line in enumerate(p.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, encoded = line.partition(":")
+        if not sep or not user or not encoded.startswith(f"{_SCHEME}$") or encoded.count("$") != 5:
+            raise RadLensError(f"auth file {p} line {no}: expected 'user:scrypt$…' (make it "
+                               "with 'python -m ui.serve hash-password USER')")
+        users[user.strip()] = encoded.strip()
+    if not users:
+        raise RadLensError(f"auth file {p} has no users")
+    if p.stat().st_mode & 0o077:
+        logger.warning("auth file %s is readable by other users: chmod 600 it", p)
+    return users
+
+
+def make_auth(users: Mapping[str, str]) -> Callable[[str, str], bool]:
+    """A Gradio ``auth`` callable over ``{user: hash}``."""
+    dummy = hash_password(secrets.token_hex(8))
+
+    def check(username: str, password: str) -> bool:
+        encoded = users.get(username)
+        ok = verify_password(password, encoded or dummy)  # same work for unknown users
+        return bool(encoded) and ok
+
+    return check
+
+
+def thumbs_dir(engine: Any) -> Path:
+    """The only folder the server may read files from: the index's thumbnails (catalog,
+    vectors and the failures report stay private)."""
+    return (Path(engine.index.path) / "thumbs").resolve()
+
+
+def launch(app: Any, engine: Any, *, host: str = "127.0.0.1", port: int = 7860,
+           auth: Callable[[str, str], bool] | None = None, max_upload_mb: float = 50,
+           prevent_thread_lock: bool = False, quiet: bool = True) -> Any:
+    """Launch a built app with RadLens' theme, the upload limit, and only thumbnails served."""
+    from ui.app import CSS, THEME
+
+    return app.queue(default_concurrency_limit=4).launch(
+        server_name=host, server_port=port, auth=auth, auth_message="RadLens: sign in",
+        allowed_paths=[str(thumbs_dir(engine))],
+        max_file_size=f"{max_upload_mb:g}mb", theme=THEME, css=CSS, ssr_mode=False,
+        show_error=False, quiet=quiet, prevent_thread_lock=prevent_thread_lock, pwa=False,
+        enable_monitoring=False, footer_links=[])
+
+
+def serve(index: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 7860,
+          auth_file: str | os.PathLike[str] | None = None, model: str | None = None,
+          max_upload_mb: float = 50, ingest_roots: Sequence[str] | None = None,
+          prevent_thread_lock: bool = False) -> Any:
+    """Open ``index`` (with its model, or ``model``) and serve the app until interrupted."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from index.engine import Engine
+    from ui.app import build_app
+
+    auth = make_auth(load_auth_file(auth_file)) if auth_file else None
+    if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+        logger.warning("serving on %s without --auth-file: anyone who can reach it can query "
+                       "the archive", host)
+    engine = Engine.open(index, model=model)
+    app = build_app(engine, max_upload_mb=max_upload_mb, ingest_roots=ingest_roots)
+    return launch(app, engine, host=host, port=port, auth=auth, max_upload_mb=max_upload_mb,
+                  prevent_thread_lock=prevent_thread_lock, quiet=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ui.serve", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    hp = sub.add_parser("hash-password", help="print a 'user:hash' line for an auth file")
+    hp.add_argument("user")
+    hp.add_argument("--stdin", action="store_true", help="read the password from stdin")
+    sp = sub.add_parser("serve", help="serve the app for an index")
+    sp.add_argument("--index", required=True)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=7860)
+    sp.add_argument("--auth-file")
+    sp.add_argument("--model")
+    sp.add_argument("--max-upload-mb", type=float, default=50)
+    sp.add_argument("--ingest-root", action="append", help="folder the Index tab may build from")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "hash-password":
+            if ":" in args.user or not args.user.strip():
+                raise RadLensError("user names cannot be empty or contain ':'")
+            if args.stdin:
+                password = sys.stdin.readline().rstrip("\n")
+            else:
+                password = getpass.getpass("password: ")
+                if getpass.getpass("again: ") != password:
+                    raise RadLensError("the passwords differ")
+            print(f"{args.user}:{hash_password(password)}")
+            return 0
+        serve(args.index, host=args.host, port=args.port, auth_file=args.auth_file,
+              model=args.model, max_upload_mb=args.max_upload_mb, ingest_roots=args.ingest_root)
+        return 0
+    except RadLensError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
