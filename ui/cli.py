@@ -300,14 +300,38 @@ def serve(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo outputs.")] = Path("data/demo"),
+    out: Annotated[Path, typer.Option(help="Folder for the demo data and index.")
+                   ] = Path("data/demo"),
+    model: Annotated[Path | None, typer.Option(help="Checkpoint (default: the shipped one).")
+                     ] = None,
+    port: Annotated[int, typer.Option()] = 7860,
+    serve_app: Annotated[bool, typer.Option("--serve/--no-serve",
+                                            help="Open the app when the index is ready.")
+                         ] = True,
+    reader_only: Annotated[bool, typer.Option(
+        "--reader-only", help="Only read the real sample DICOM files and write previews.")
+    ] = False,
 ) -> None:
-    """Run the end-to-end demo on the bundled real sample files."""
-    from ui.demo import run_demo
+    """The embedded default: PhantomCXR test split + real DICOM, indexed with the shipped
+    model, served on 127.0.0.1. Later runs reuse what was built."""
+    from ui.demo import SHIPPED_MODEL, build_demo_index, run_demo
 
-    failures = run_demo(out)
-    if failures:
-        raise typer.Exit(code=2)
+    if reader_only:
+        if run_demo(out / "reader"):
+            raise typer.Exit(code=2)
+        return
+    from vlm.errors import RadLensError
+
+    checkpoint = model or SHIPPED_MODEL
+    if not (checkpoint / "config.json").is_file():
+        raise RadLensError(f"no checkpoint at {checkpoint}: train one with 'radlens train "
+                           "lrclr' (see README) or pass --model")
+    index = build_demo_index(out, checkpoint)
+    if serve_app:
+        from ui.serve import serve as run_server
+
+        print(f"demo: serving {index} on http://127.0.0.1:{port} (Ctrl-C to stop)")
+        run_server(index, host="127.0.0.1", port=port, model=str(checkpoint))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,39 @@
+"""`make demo`'s build step: demo archive (PhantomCXR test split + real DICOM) and its index,
+reused on the second run; the reader-only demo on the real files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ui.demo import REAL_DEMO_FILES, build_demo_index, run_demo
+from vlm.models import create_model, get_tokenizer, save_checkpoint
+
+
+@pytest.mark.slow
+def test_demo_index_is_built_once_and_reused(tmp_path, capsys):
+    model = tmp_path / "model"
+    save_checkpoint(create_model("lrclr-tiny"), model, get_tokenizer("lrclr-tiny"), card="#")
+    index = build_demo_index(tmp_path / "demo", model, limit=6, progress=False)
+    report = json.loads((index / "ingest_report.json").read_text())
+    real = len(list((tmp_path / "demo" / "archive" / "real").iterdir()))
+    assert real == len(REAL_DEMO_FILES)
+    assert report["added"] == 6 + real and not report["failed"]
+    stamp = (index / "CURRENT").read_text()
+    build_demo_index(tmp_path / "demo", model, limit=6, progress=False)
+    assert (index / "CURRENT").read_text() == stamp  # nothing rebuilt
+    from index.folder import IndexFolder
+
+    ix = IndexFolder.open(index)
+    reports = [it.extra.get("report") for it in ix.catalog.get_many(range(ix.catalog.next_id()))
+               if it is not None and it.collection == "image"]
+    assert sum(1 for r in reports if r) == 6  # phantom studies carry their report text
+    ix.close()
+
+
+def test_reader_demo_reads_every_real_file(tmp_path, capsys):
+    assert run_demo(tmp_path) == []
+    assert (tmp_path / "previews.png").is_file()
+    rows = (tmp_path / "summary.jsonl").read_text().splitlines()
+    assert len(rows) == 9

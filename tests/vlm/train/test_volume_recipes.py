@@ -1,0 +1,128 @@
+"""CT recipes end to end on tiny PhantomCT data: dataset cache, LeCL, CLEAR CV, DrasCLR."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import vlm  # noqa: F401  (torchvision shim before open_clip/timm)
+from vlm.data.ct_dataset import CTDataset
+from vlm.data.phantom_ct import generate_phantom_ct
+from vlm.models.clear import ClearConfig, LeCL
+from vlm.models.drasclr import ConditionalConv3d
+from vlm.train import drasclr as dr
+from vlm.train import lecl as lc
+from vlm.train.clear import inner_split, patient_folds, train_clear
+
+N, SHAPE = 12, (32, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> CTDataset:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("pct")
+    generate_phantom_ct(root, n=N, shape=SHAPE, seed=5, workers=1)
+    return CTDataset(root)
+
+
+@pytest.fixture(scope="module")
+def lecl_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lecl")
+    summary = lc.train_lecl(data, out, lc.lecl_config("tiny"), lesion_weight=10.0,
+                            train=lc.default_train_config(epochs=1, batch_size=32))
+    return out, summary
+
+
+def test_dataset_cache_slices_and_endpoints(data):
+    vol = data.volume(0)
+    assert vol.shape == SHAPE and vol.dtype == np.int16
+    cached = data.cache_dir / "volumes" / f"{data.volume_ids[0]}.npy"
+    assert cached.is_file()
+    fresh = CTDataset(data.root, cache=False)
+    assert np.array_equal(np.asarray(fresh.volume(0)), np.asarray(vol))
+    assert fresh.content_hash(0) == data.content_hash(0) != data.content_hash(1)
+    assert len(data.slice_items()) == N * SHAPE[0]
+    flagged = [(i, k) for i in range(N) for k in data.lesion_slices(i)]
+    assert flagged, "the tiny set should hold lesion slices"
+    i, k = flagged[0]
+    assert data.slice_boxes(i, k) and data.slice_hu(i, k).shape == SHAPE[1:]
+    ep = data.endpoints()
+    assert ep.locations.shape == (N, 8) and ep.emphysema_class.max() < 4
+    assert len(ep.subset([0, 2])) == 2 and ep.subset([2]).volume_ids == [data.volume_ids[2]]
+
+
+def test_lecl_trains_and_slice_embedding_cache_hits(data, lecl_run, tmp_path):
+    out, summary = lecl_run
+    assert summary["steps"] >= 1 and np.isfinite(summary["best"])
+    model = lc.load_lecl(out)
+    assert not model.training and model.cfg.lesion_weight == 10.0
+    cache = tmp_path / "emb"
+    first = lc.extract_slice_embeddings(out / "last", data, cache)
+    assert (first.hits, first.computed) == (0, N)
+    assert first.bags[0].shape == (SHAPE[0], model.cfg.embed_dim)
+    second = lc.extract_slice_embeddings(out / "last", data, cache)
+    assert (second.hits, second.computed) == (N, 0) and second.model_key == first.model_key
+    assert all(torch.equal(a, b) for a, b in zip(first.bags, second.bags, strict=True))
+    torch.manual_seed(1)
+    other = lc.extract_slice_embeddings(LeCL(model.cfg), data, cache)
+    assert other.model_key != first.model_key and other.computed == N
+
+
+def test_moco_baseline_is_w0(data, tmp_path):
+    lc.train_lecl(data, tmp_path, lc.lecl_config("tiny"), lesion_weight=0.0,
+                  train=lc.default_train_config(epochs=1, batch_size=64, max_steps=2))
+    assert lc.load_lecl(tmp_path / "last").cfg.lesion_weight == 0.0
+
+
+def test_patient_folds_partition_by_patient():
+    patients = ["a", "a", "b", "c", "c", "c", "d", "e", "f", "f"]
+    folds = patient_folds(patients, k=3, seed=1)
+    allidx = np.sort(np.concatenate(folds))
+    assert np.array_equal(allidx, np.arange(len(patients)))
+    owner = {}
+    for f, idx in enumerate(folds):
+        for i in idx:
+            assert owner.setdefault(patients[i], f) == f
+    tr, va = inner_split(patients, np.arange(len(patients)), 0.3, seed=0)
+    assert not {patients[i] for i in tr} & {patients[i] for i in va}
+
+
+def test_train_clear_cross_validates_all_endpoints(data, lecl_run):
+    out, _ = lecl_run
+    bags = lc.extract_slice_embeddings(out / "last", data).bags
+    ep = data.endpoints()
+    cfg = ClearConfig(epochs=4, patience=2, batch_size=8, hidden_dim=16, attention_dim=16,
+                      head_dim=16, max_slices=24)
+    pred = train_clear(dict(zip(data.volume_ids, bags, strict=True)), ep, cfg, folds=3,
+                       lesion_slices=[data.lesion_slices(i) for i in range(N)])
+    assert np.array_equal(np.sort(np.concatenate(pred.folds)), np.arange(N))
+    for arr in (pred.locations, pred.emphysema, pred.risk, pred.score):
+        assert np.isfinite(arr).all()
+    assert ((pred.locations >= 0) & (pred.locations <= 1)).all()
+    assert len(pred.info["epochs_survival"]) == 3
+
+
+def test_drasclr_conditional_and_plain(data, tmp_path):
+    for cond in (True, False):
+        out = tmp_path / str(cond)
+        summary = dr.train_drasclr(data, out, dr.drasclr_config("tiny"), conditional=cond,
+                                   train=dr.default_train_config(epochs=1, batch_size=32,
+                                                                 max_steps=3))
+        assert summary["steps"] == 3
+        model, lattice = dr.load_drasclr(out)
+        assert not model.training and lattice == dr.DEFAULT_LATTICE
+        n_cond = sum(isinstance(m, ConditionalConv3d) for m in model.modules())
+        assert (n_cond > 0) == cond
+        emb = dr.drasclr_volume_embeddings(out / "last", data)
+        assert emb.shape == (N, model.cfg.repr_dim) and np.isfinite(emb).all()
+
+
+def test_real_ct_frame_ignores_detached_table():
+    hu = np.full((20, 40, 40), -1000.0, dtype=np.float32)
+    hu[4:16, 10:30, 8:32] = 40.0  # body
+    hu[:, 36:38, :] = 100.0  # table: detached, spans every slice and column
+    frame = dr.real_ct_frame(hu)
+    assert frame["lo"] == [4.0, 10.0, 8.0] and frame["hi"] == [15.0, 29.0, 31.0]
+    grid = dr.volume_grid(hu.shape, frame, (2, 2, 2), n_neighbours=2)
+    assert len(grid) == 8 and (np.abs(grid.coords) == 0.5).all()
