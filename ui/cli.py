@@ -256,6 +256,67 @@ def train_lrclr_cmd(
     print(json_line({k: v for k, v in summary.items() if k != "history"}))
 
 
+@train_app.command("lecl")
+def train_lecl_cmd(
+    data: Annotated[Path, typer.Option(help="PhantomCT-style folder with manifest.jsonl.")],
+    out: Annotated[Path, typer.Option(help="Run folder.")],
+    lesion_weight: Annotated[float, typer.Option(help="w of LeCL; 0 = plain MoCo v3.")] = 10.0,
+    preset: Annotated[str, typer.Option(help="Model size preset (tiny|small).")] = "small",
+    epochs: Annotated[int, typer.Option()] = 20,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    max_minutes: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Pre-train the CLEAR slice encoder with lesion-enhanced contrast (LeCL)."""
+    from vlm.train.lecl import lecl_config, train_lecl
+    from vlm.train.loop import TrainConfig
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, max_minutes=max_minutes, seed=seed)
+    summary = train_lecl(data, out, lecl_config(preset, lesion_weight=lesion_weight),
+                         lesion_weight=lesion_weight, train=cfg)
+    print(json_line({k: v for k, v in summary.items() if k != "history"}))
+
+
+@train_app.command("drasclr")
+def train_drasclr_cmd(
+    data: Annotated[Path, typer.Option(help="PhantomCT-style folder with manifest.jsonl.")],
+    out: Annotated[Path, typer.Option(help="Run folder.")],
+    plain: Annotated[bool, typer.Option("--plain", help="Unconditioned convolutions "
+                                                        "(the baseline).")] = False,
+    preset: Annotated[str, typer.Option(help="Model size preset (tiny|small).")] = "small",
+    epochs: Annotated[int, typer.Option()] = 20,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    max_minutes: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Pre-train DrasCLR (anatomy-conditioned 3D CNN) on patch lattices."""
+    from vlm.train.drasclr import drasclr_config, train_drasclr
+    from vlm.train.loop import TrainConfig
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, max_minutes=max_minutes, seed=seed)
+    summary = train_drasclr(data, out, drasclr_config(preset, conditional=not plain),
+                            conditional=not plain, train=cfg)
+    print(json_line({k: v for k, v in summary.items() if k != "history"}))
+
+
+@app.command("eval-volumes")
+def eval_volumes_cmd(
+    data: Annotated[Path, typer.Option(help="PhantomCT-style folder with manifest.jsonl.")],
+    out: Annotated[Path, typer.Option(help="Output folder (JSON + markdown table).")],
+    budget_minutes: Annotated[float, typer.Option(help="Total pre-training budget, split "
+                                                       "equally over the four encoders.")
+                              ] = 20.0,
+    folds: Annotated[int, typer.Option()] = 5,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """CLEAR+LeCL, CLEAR+MoCo v3, DrasCLR, DrasCLR plain and a random tower, 5-fold CV."""
+    from vlm.eval.volumes import results_table, run_volume_benchmark
+
+    result = run_volume_benchmark(data, out, budget_minutes=budget_minutes, folds=folds,
+                                  seed=seed)
+    print(results_table(result))
+
+
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Option(help="Checkpoint folder (or config name).")],
