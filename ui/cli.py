@@ -317,6 +317,22 @@ def eval_volumes_cmd(
     print(results_table(result))
 
 
+@app.command("export-model")
+def export_model(
+    checkpoint: Annotated[Path, typer.Option(help="Trained checkpoint folder (run/best).")],
+    out: Annotated[Path, typer.Option(help="Where the shipped checkpoint goes.")],
+    eval_dir: Annotated[Path | None, typer.Option(
+        help="'radlens eval --out' folder: its calibration and metrics join the card.")] = None,
+    half: Annotated[bool, typer.Option("--half/--full", help="Store float16 weights.")] = True,
+) -> None:
+    """Package a trained checkpoint for shipping (float16, calibration, model card)."""
+    from vlm.models.checkpoint import export_checkpoint
+
+    path = export_checkpoint(checkpoint, out, half=half, eval_dir=eval_dir)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(json_line({"checkpoint": str(path), "bytes": size}))
+
+
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Option(help="Checkpoint folder (or config name).")],

@@ -120,3 +120,45 @@ def load_state(model: LRCLR, folder: str | os.PathLike[str]) -> None:
     if base and not model.text.loaded_pretrained:
         raise ConfigError(f"checkpoint {folder.name} needs the pretrained text weights from "
                           f"{meta['base_weights']['source']}")
+
+
+def export_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+                      half: bool = True, eval_dir: str | os.PathLike[str] | None = None,
+                      note: str | None = None) -> Path:
+    """Copy a trained checkpoint for shipping: float16 weights (loaded back as float32), the
+    validation calibration and a model card that carries the evaluation metrics."""
+    from safetensors.torch import load_file, save_file
+
+    from vlm.models.card import model_card
+
+    src, dst = Path(src), Path(dst)
+    meta = read_checkpoint_meta(src)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent if dst.parent.exists()
+                                else None))
+    try:
+        shutil.copytree(src / "tokenizer", tmp / "tokenizer")
+        state = load_file(str(src / "model.safetensors"))
+        if half:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        meta["dtype"] = "float16" if half else meta.get("dtype", "float32")
+        metrics = None
+        if eval_dir is not None:
+            ev = Path(eval_dir)
+            if (ev / "calibration.json").is_file():
+                shutil.copyfile(ev / "calibration.json", tmp / "calibration.json")
+            if (ev / "eval.json").is_file():
+                metrics = json.loads((ev / "eval.json").read_text())
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        card = model_card(ModelConfig.from_dict(meta["model"]), training=meta.get("training"),
+                          metrics=metrics)
+        if note:
+            card = card.replace("## Model details", f"{note}\n\n## Model details", 1)
+        (tmp / "MODEL_CARD.md").write_text(card)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst

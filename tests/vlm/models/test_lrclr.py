@@ -187,3 +187,22 @@ def test_partially_frozen_towers():
     assert any("embeddings" in n for n in frozen if n.startswith("text."))
     assert not any(".layer.1." in n for n in frozen)
     assert not any(n.startswith(("regions.", "cross.", "text.proj")) for n in frozen)
+
+
+def test_exported_checkpoint_is_half_size_and_loads(tiny_model, tiny_tokenizer, batch, tmp_path):
+    from vlm.models.checkpoint import export_checkpoint
+
+    images, _ = batch
+    src = save_checkpoint(tiny_model, tmp_path / "run", tiny_tokenizer, card="#")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "calibration.json").write_text('{"cardiomegaly": [2.0, -1.0]}')
+    dst = export_checkpoint(src, tmp_path / "ship", eval_dir=tmp_path / "eval")
+    assert (dst / "model.safetensors").stat().st_size < 0.6 * (
+        src / "model.safetensors").stat().st_size
+    assert (dst / "calibration.json").is_file() and "Not for clinical use" in (
+        dst / "MODEL_CARD.md").read_text()
+    shipped = create_model(dst)
+    with torch.no_grad():
+        a = tiny_model.encode_image(images).global_embedding
+        b = shipped.encode_image(images).global_embedding
+    torch.testing.assert_close(a, b, atol=5e-3, rtol=0)
