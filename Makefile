@@ -34,5 +34,13 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# Performance scripts: each prints JSON (and writes benchmarks/out/); minutes, not seconds.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/index_search.py
+	$(BIN)/python benchmarks/encode_throughput.py
+	$(BIN)/python benchmarks/phantom_cxr_speed.py
+	$(BIN)/python benchmarks/phantom_ct_speed.py
+	$(BIN)/python benchmarks/real_ct.py
+
 clean:
 	rm -rf $(VENV) build data/demo .pytest_cache .mypy_cache .ruff_cache
