@@ -295,11 +295,8 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
                                    if n and report.encode_seconds else 0.0)
 
 
-def _known_hashes(ix: IndexFolder) -> list[str]:
-    rows = ix.catalog._query(  # one bulk read instead of one lookup per file
-        "SELECT content_hash FROM items WHERE collection = ? AND content_hash IS NOT NULL",
-        (IMAGE,))
-    return [r[0] for r in rows]
+def _known_hashes(ix: IndexFolder) -> set[str]:
+    return ix.catalog.content_hashes(IMAGE)
 
 
 class _bar:

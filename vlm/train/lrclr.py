@@ -63,8 +63,27 @@ class LRCLRTask:
         self.loss_fn = LRCLRLoss(model.config.loss)
         self.augment = Preprocess(model.config.preprocess, train=True)
         self.cached = model.config.text.freeze
-        self.train_text = pool_texts(model, tokenizer, train.texts) if self.cached else None
-        self.val_text = pool_texts(model, tokenizer, val.texts) if self.cached else None
+        self.train_text = self._pooled(train) if self.cached else None
+        self.val_text = self._pooled(val) if self.cached else None
+
+    def _pooled(self, ds: CXRDataset) -> PooledText:
+        """Frozen-encoder states, cached on disk beside the image cache (keyed by the texts
+        and the text tower's config), so a resumed or second run does not recompute them."""
+        import dataclasses
+        import hashlib
+        import json
+
+        key = hashlib.sha256(json.dumps([ds.texts, dataclasses.asdict(
+            self.model.config.text)], sort_keys=True).encode()).hexdigest()[:16]
+        path = ds.root / ".cache" / f"text-{key}.pt"
+        if path.is_file():
+            return PooledText(**torch.load(path, weights_only=True))
+        pooled = pool_texts(self.model, self.tokenizer, ds.texts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+        torch.save(dataclasses.asdict(pooled), tmp)
+        os.replace(tmp, path)
+        return pooled
 
     def train_size(self) -> int:
         return len(self.train_ds)
