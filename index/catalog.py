@@ -215,6 +215,16 @@ class Catalog:
             sql, args = sql + " AND collection = ?", [collection]
         return {str(r[0]) for r in self._query(sql, args)}
 
+    def distinct(self, column: str, collection: str | None = None) -> list[Any]:
+        """Sorted distinct non-null values of a filter column (the app's filter choices)."""
+        if column not in ("modality", "body_part", "view", "year"):
+            raise RadLensError(f"no distinct values for column '{column}': use modality, "
+                               "body_part, view or year")
+        sql, args = f"SELECT DISTINCT {column} FROM items WHERE {column} IS NOT NULL", []
+        if collection is not None:
+            sql, args = sql + " AND collection = ?", [collection]
+        return [r[0] for r in self._query(sql + f" ORDER BY {column}", args)]
+
     def find_by_instance(self, instance: str,
                          collection: str | None = None) -> list[CatalogItem]:
         """Rows of one instance pseudonym (dedupe by instance)."""

@@ -195,10 +195,7 @@ def facet_values(engine: Engine, column: str) -> list[str]:
     """Distinct values of an allow-listed catalog column among indexed images."""
     if column not in ("modality", "view", "body_part", "year"):
         raise ValueError(column)
-    rows = engine.index.catalog._query(  # a public Catalog.distinct() would be nicer
-        f"SELECT DISTINCT {column} FROM items WHERE collection = 'image' AND {column} IS NOT "
-        f"NULL ORDER BY {column}")
-    return [str(r[0]) for r in rows]
+    return [str(v) for v in engine.index.catalog.distinct(column, collection="image")]
 
 
 # ---------------------------------------------------------------------------- search
