@@ -56,15 +56,15 @@ class IngestReport:
         return asdict(self)
 
 
-def dataset_rows(source: Path) -> dict[str, dict[str, Any]]:
+def dataset_rows(source: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """RadLens data set folders under ``source`` (a ``manifest.jsonl`` whose rows have ``file``
-    fields): their rows by file path, so reports and labels land in the catalog."""
+    fields): per data set folder, its rows by file path, so reports and labels land in the
+    catalog."""
     if not source.is_dir():
         return {}
-    out: dict[str, dict[str, Any]] = {}
-    for manifest in sorted(source.rglob("manifest.jsonl")):
-        out.update(_manifest_rows(manifest.parent))
-    return out
+    found = {str(m.parent): _manifest_rows(m.parent)
+             for m in sorted(source.rglob("manifest.jsonl"))}
+    return {root: rows for root, rows in found.items() if rows}
 
 
 def _manifest_rows(root: Path) -> dict[str, dict[str, Any]]:
@@ -82,19 +82,18 @@ def _manifest_rows(root: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def walk(source: Path, listed: dict[str, dict[str, Any]] | None = None) -> Iterator[Path]:
-    """Image files under ``source``: in a data set folder (one with ``manifest.jsonl``) the
-    files its manifest lists, elsewhere every file (hidden files, reports and NIfTI volumes are
+def walk(source: Path, datasets: dict[str, dict[str, dict[str, Any]]] | None = None
+         ) -> Iterator[Path]:
+    """Image files under ``source``: in a data set folder (see :func:`dataset_rows`) the files
+    its manifest lists, elsewhere every file (hidden files, reports and NIfTI volumes are
     skipped)."""
     if source.is_file():
         yield source
         return
-    listed = listed or {}
+    datasets = datasets or {}
     for root, dirs, files in os.walk(source):
-        if "manifest.jsonl" in files and any(
-                p.startswith(str(Path(root)) + os.sep) for p in listed):
-            yield from (Path(p) for p in sorted(p for p in listed
-                                                 if p.startswith(str(Path(root)) + os.sep)))
+        if root in datasets:
+            yield from (Path(p) for p in sorted(datasets[root]))
             dirs[:] = []
             continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -218,9 +217,10 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
         return pseudo("src", os.path.abspath(path))
 
     start = time.time()
-    listed = dataset_rows(src)
-    paths = [str(p) for p in walk(src, listed)]
-    known = {str(h) for h in _known_hashes(ix)}
+    datasets = dataset_rows(src)
+    listed = {path: meta for rows in datasets.values() for path, meta in rows.items()}
+    paths = [str(p) for p in walk(src, datasets)]
+    known = ix.catalog.content_hashes(IMAGE)
     thumbs = ix.path / "thumbs"
     thumbs.mkdir(exist_ok=True)
     bar = _bar(len(paths), progress)
@@ -293,10 +293,6 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
     report.images_per_s = round(n / report.seconds, 3) if n and report.seconds else 0.0
     report.encoder_images_per_s = (round(n / report.encode_seconds, 3)
                                    if n and report.encode_seconds else 0.0)
-
-
-def _known_hashes(ix: IndexFolder) -> set[str]:
-    return ix.catalog.content_hashes(IMAGE)
 
 
 class _bar:
