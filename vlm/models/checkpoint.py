@@ -112,7 +112,8 @@ def load_state(model: LRCLR, folder: str | os.PathLike[str]) -> None:
     state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False)
     base = set((meta.get("base_weights") or {}).get("parameters") or [])
-    missing = set(result.missing_keys) - base
+    # Checkpoints written before the text standardiser existed keep its identity default.
+    missing = set(result.missing_keys) - base - {"text.pool_mean", "text.pool_std"}
     if result.unexpected_keys or missing:
         raise ConfigError(f"checkpoint {folder.name} does not fit its config: "
                           f"{len(missing)} missing, {len(result.unexpected_keys)} unexpected "

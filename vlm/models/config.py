@@ -36,6 +36,12 @@ class VisionConfig:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     freeze: bool = False  # freeze the whole trunk (the projection and LRCLR layers still train)
     freeze_layers: int = -1  # -1: train all; n: freeze the stem + first n blocks (open_clip)
+    # "batch": BatchNorm (no affine) on the projected global vector and on the patch tokens
+    # before L2 normalisation. Radiographs share most of their content, so a randomly
+    # initialised tower gives every image almost the same embedding (mean cosine > 0.99) and
+    # the contrastive loss has nothing to pull on; centring and scaling per dimension removes
+    # that common mode. "none" for pretrained towers whose projection should stay as it is.
+    embed_norm: str = "none"
 
 
 @dataclass(frozen=True)

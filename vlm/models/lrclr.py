@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm.errors import ConfigError
 from vlm.models.config import ModelConfig
 from vlm.models.outputs import ImageEmbedding, TextEmbedding
 from vlm.models.regions import RegionSelector, RegionSentenceAttention
@@ -34,6 +35,12 @@ class LRCLR(nn.Module):
         self.regions = RegionSelector(dim, config.region) if config.region.enabled else None
         self.cross = (RegionSentenceAttention(dim, config.cross_attention)
                       if config.cross_attention.enabled else None)
+        if config.vision.embed_norm not in ("none", "batch"):
+            raise ConfigError(f"vision.embed_norm must be 'none' or 'batch', not "
+                              f"{config.vision.embed_norm!r}")
+        batch = config.vision.embed_norm == "batch"
+        self.image_norm = nn.BatchNorm1d(dim, affine=False) if batch else None
+        self.patch_norm = nn.BatchNorm1d(dim, affine=False) if batch else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.loss.init_temperature)))
 
     @property
@@ -43,6 +50,9 @@ class LRCLR(nn.Module):
     def encode_image(self, images: torch.Tensor) -> ImageEmbedding:
         """images (B, 3, S, S) normalised -> ImageEmbedding (all vectors unit length)."""
         pooled, patches = self.visual(images)  # (B, E), (B, H, W, E)
+        if self.image_norm is not None and self.patch_norm is not None:
+            pooled = self.image_norm(pooled)
+            patches = self.patch_norm(patches.flatten(0, 2)).view_as(patches)
         out = ImageEmbedding(global_embedding=F.normalize(pooled, dim=-1),
                              patch_embeddings=F.normalize(patches, dim=-1),
                              patch_size=float(self.visual.patch_size))
@@ -61,7 +71,7 @@ class LRCLR(nn.Module):
     def text_from_pooled(self, report: torch.Tensor, sentences: torch.Tensor,
                          mask: torch.Tensor) -> TextEmbedding:
         """Finish text encoding from (cached) pooled encoder states."""
-        report, sentences = self.text.proj(report), self.text.proj(sentences)
+        report, sentences = self.text.project(report), self.text.project(sentences)
         return TextEmbedding(global_embedding=F.normalize(report, dim=-1),
                              sentence_embeddings=F.normalize(sentences, dim=-1),
                              sentence_mask=mask)

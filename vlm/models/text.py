@@ -27,6 +27,9 @@ def build_projection(hidden: int, embed_dim: int, kind: str) -> nn.Module:
 
 
 class TextTower(nn.Module):
+    pool_mean: torch.Tensor
+    pool_std: torch.Tensor
+
     def __init__(self, cfg: TextConfig, embed_dim: int, source_dir: Path,
                  load_pretrained: bool = True) -> None:
         super().__init__()
@@ -48,6 +51,12 @@ class TextTower(nn.Module):
         self.loaded_pretrained = use_weights
         hidden = int(hf_cfg.hidden_size)
         self.proj = build_projection(hidden, embed_dim, cfg.proj_type)
+        # Fixed per-dimension standardisation of the pooled states before the projection.
+        # Sentence-encoder states share a large common direction (mean pairwise cosine ~0.6 for
+        # MiniLM on reports), which a freshly initialised projection turns into near-identical
+        # embeddings and a contrastive loss with almost no signal. Identity until fitted.
+        self.register_buffer("pool_mean", torch.zeros(hidden))
+        self.register_buffer("pool_std", torch.ones(hidden))
         self._apply_freezing()
 
     def _apply_freezing(self) -> None:
@@ -65,7 +74,21 @@ class TextTower(nn.Module):
     def forward(self, tokens: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> report (B, E), sentences (B, S, E), sentence_mask (B, S); not normalised."""
         report, sentences, mask = self.pool(tokens)
-        return self.proj(report), self.proj(sentences), mask
+        return self.project(report), self.project(sentences), mask
+
+    def project(self, states: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder states (..., H) -> joint space (..., E), not normalised."""
+        return self.proj((states - self.pool_mean) / self.pool_std)
+
+    @torch.no_grad()
+    def fit_standardizer(self, reports: torch.Tensor, sentences: torch.Tensor,
+                         mask: torch.Tensor) -> None:
+        """Set the standardisation from a training corpus's pooled states (reports plus every
+        real sentence). Call once before training a fresh projection, never on a pretrained
+        one (it would change what that projection sees)."""
+        states = torch.cat([reports, sentences[mask]]).double()
+        self.pool_mean.copy_(states.mean(0).to(self.pool_mean.dtype))
+        self.pool_std.copy_(states.std(0).clamp_min(1e-4).to(self.pool_std.dtype))
 
     def pool(self, tokens: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encoder states pooled per report (B, H) and per sentence (B, S, H), before the

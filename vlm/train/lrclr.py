@@ -24,6 +24,8 @@ from vlm.train.loop import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
 
+VAL_MIN_POSITIVES = 10  # findings with fewer validation positives are left out of the AUC
+
 
 @dataclass
 class PooledText:
@@ -56,7 +58,8 @@ def pool_texts(model: LRCLR, tokenizer: ReportTokenizer, texts: list[str], batch
 
 class LRCLRTask:
     def __init__(self, model: LRCLR, tokenizer: ReportTokenizer, train: CXRDataset,
-                 val: CXRDataset, cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> None:
+                 val: CXRDataset, cfg: TrainConfig, rank: int = 0, world_size: int = 1,
+                 fit_text_standardizer: bool = False) -> None:
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.train_ds, self.val_ds = train, val
         self.rank, self.world_size = rank, world_size
@@ -65,6 +68,9 @@ class LRCLRTask:
         self.cached = model.config.text.freeze
         self.train_text = self._pooled(train) if self.cached else None
         self.val_text = self._pooled(val) if self.cached else None
+        if fit_text_standardizer:
+            pooled = self.train_text or pool_texts(model, tokenizer, train.texts)
+            model.text.fit_standardizer(pooled.report, pooled.sentences, pooled.mask)
 
     def _pooled(self, ds: CXRDataset) -> PooledText:
         """Frozen-encoder states, cached on disk beside the image cache (keyed by the texts
@@ -112,7 +118,8 @@ class LRCLRTask:
                             max_sentences=self.model.config.text.max_sentences)
 
     def validate(self) -> dict[str, float]:
-        """Validation loss and image->report recall@5 on the validation split."""
+        """Validation loss, image->report recall@5 and zero-shot macro AUC (findings with at
+        least 10 validation positives) on the validation split."""
         n = len(self.val_ds)
         bs = self.cfg.batch_size
         losses, images, texts = [], [], []
@@ -130,7 +137,29 @@ class LRCLRTask:
         sim = torch.cat(images) @ torch.cat(texts).T
         top5 = sim.topk(min(5, n), dim=1).indices
         recall5 = (top5 == torch.arange(n)[:, None]).any(1).float().mean().item()
-        return {"val_loss": sum(losses) / max(1, len(losses)), "val_i2t_recall@5": recall5}
+        out = {"val_loss": sum(losses) / max(1, len(losses)), "val_i2t_recall@5": recall5}
+        if self.zero_shot_scorable():
+            out["val_zeroshot_auc"] = self._zero_shot_auc()
+        return out
+
+    def zero_shot_scorable(self) -> bool:
+        """Whether some finding has enough validation positives for a zero-shot AUC."""
+        from vlm.zeroshot import PromptSet
+
+        labels = self.val_ds.labels(list(PromptSet.load().findings))
+        return bool((labels.sum(0) >= VAL_MIN_POSITIVES).any())
+
+    def _zero_shot_auc(self) -> float:
+        from vlm.eval.lrclr import encode_images
+        from vlm.eval.metrics import roc_auc
+        from vlm.zeroshot import ZeroShotClassifier
+
+        zs = ZeroShotClassifier(self.model, self.tokenizer)
+        scores = zs.logit_differences(encode_images(self.model, self.val_ds))
+        labels = self.val_ds.labels(zs.findings)
+        aucs = [roc_auc(labels[:, j], scores[:, j]) for j in range(labels.shape[1])
+                if labels[:, j].sum() >= VAL_MIN_POSITIVES]
+        return float(sum(aucs) / len(aucs))
 
     def save(self, folder: Path, summary: dict[str, Any]) -> None:
         card = model_card(self.model.config, training={**summary,
@@ -149,7 +178,9 @@ def train_lrclr(data: str | os.PathLike[str], model_name: str, out: str | os.Pat
     train = CXRDataset(data, "train", pre, workers=workers)
     val = CXRDataset(data, "val", pre, workers=workers)
     logger.info("training on %d studies, validating on %d", len(train), len(val))
-    task = LRCLRTask(model, tokenizer, train, val, cfg)
-    trainer = Trainer(model, task, cfg, Path(out), monitor="val_i2t_recall@5",
-                      monitor_mode="max")
+    task = LRCLRTask(model, tokenizer, train, val, cfg, fit_text_standardizer=pretrained is None)
+    # Best checkpoint by validation zero-shot macro AUC (what the model is for); a validation
+    # split too small for any AUC falls back to image->report recall@5.
+    monitor = "val_zeroshot_auc" if task.zero_shot_scorable() else "val_i2t_recall@5"
+    trainer = Trainer(model, task, cfg, Path(out), monitor=monitor, monitor_mode="max")
     return trainer.fit()

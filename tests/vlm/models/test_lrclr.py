@@ -4,6 +4,7 @@ open_clip starting point, timm backbone, SentencePiece tokenizer."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -206,3 +207,43 @@ def test_exported_checkpoint_is_half_size_and_loads(tiny_model, tiny_tokenizer, 
         a = tiny_model.encode_image(images).global_embedding
         b = shipped.encode_image(images).global_embedding
     torch.testing.assert_close(a, b, atol=5e-3, rtol=0)
+
+
+def test_batch_embed_norm_separates_near_identical_images(batch):
+    """Near-identical inputs (radiographs share most pixels) give near-identical embeddings
+    from a random tower; the batch embed norm removes that common mode, and it is part of the
+    checkpoint (running statistics) so eval mode is reproducible after save/load."""
+    torch.manual_seed(0)
+    base = torch.randn(1, 3, 64, 64)
+    images = base + 0.02 * torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    plain = create_model("lrclr-tiny")
+    normed = build_model(load_config("lrclr-tiny").replace(
+        vision=replace(load_config("lrclr-tiny").vision, embed_norm="batch")))
+    for m in (plain, normed):
+        m.train()
+
+    def mean_cos(m):
+        with torch.no_grad():
+            g = m.encode_image(images).global_embedding
+        s = g @ g.T
+        return float((s.sum() - len(g)) / (len(g) ** 2 - len(g)))
+
+    assert mean_cos(plain) > 0.95
+    assert mean_cos(normed) < 0.5
+    assert normed.image_norm is not None and normed.image_norm.num_batches_tracked > 0
+    with pytest.raises(ConfigError, match="embed_norm"):
+        build_model(load_config("lrclr-tiny").replace(
+            vision=replace(load_config("lrclr-tiny").vision, embed_norm="layer")))
+
+
+def test_text_standardizer_centres_the_projection_input(tiny_model, tiny_tokenizer):
+    tower = tiny_model.text
+    report, sents, mask = tower.pool(tiny_tokenizer(REPORTS))
+    before = tower.project(report)
+    tower.fit_standardizer(report, sents, mask)
+    states = torch.cat([report, sents[mask]])
+    z = (states - tower.pool_mean) / tower.pool_std
+    torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(z.shape[1]), atol=1e-4, rtol=0)
+    assert not torch.allclose(tower.project(report), before)
+    assert "text.pool_mean" in tiny_model.state_dict()
