@@ -18,6 +18,8 @@ import numpy as np
 from index.catalog import CatalogItem
 from index.folder import IndexFolder
 from index.ingest import IMAGE, REGION
+from index.volume_search import VolumeSearch
+from index.volumes import VOLUME
 from vlm.errors import RadLensError
 from vlm.grounding import Grounding
 from vlm.inference import Encoder
@@ -42,23 +44,30 @@ class Result:
 
 
 class Engine:
-    def __init__(self, encoder: Encoder, index: IndexFolder) -> None:
+    """Image model + index; ``volumes`` searches the index's volume collection when it has one
+    (its model is loaded only when a new volume must be encoded)."""
+
+    def __init__(self, encoder: Encoder, index: IndexFolder,
+                 volume_model: str | None = None) -> None:
         if index.manifest["config_hash"] != encoder.config_hash:
             raise RadLensError(
                 f"index {index.path} was built with model {index.manifest['model_name']} "
                 f"(config {index.manifest['config_hash']}); the loaded model is {encoder.name} "
                 f"({encoder.config_hash}): rebuild the index or load its model")
         self.encoder, self.index = encoder, index
+        self.volumes: VolumeSearch | None = (VolumeSearch(index, model=volume_model)
+                                             if VOLUME in index.collections() else None)
 
     @classmethod
     def open(cls, index_path: str | os.PathLike[str], model: str | None = None,
-             device: str = "cpu") -> Engine:
-        """Open an index read-only with its model (``model`` overrides the recorded path)."""
+             device: str = "cpu", volume_model: str | None = None) -> Engine:
+        """Open an index read-only with its model (``model`` overrides the recorded path;
+        ``volume_model`` the recorded volume model)."""
         ix = IndexFolder.open(index_path)
         path = model or ix.manifest.get("preprocessing", {}).get("model_path")
         if not path:
             raise RadLensError(f"index {index_path} records no model path: pass --model")
-        return cls(Encoder(path, device=device), ix)
+        return cls(Encoder(path, device=device), ix, volume_model=volume_model)
 
     def info(self) -> dict[str, Any]:
         return {**self.index.info(), "model_loaded": self.encoder.name}

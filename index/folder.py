@@ -14,9 +14,16 @@ Readers (``mode="r"``, the default) load the generation named by ``CURRENT`` and
 ``reload()`` moves them to a newer one. One writer (``mode="w"``) holds ``LOCK``; it works on a
 private copy of the catalog and in-memory collections until ``save()``.
 
+A collection may come from another model than the folder's (a ``volume`` collection of CT
+volume vectors beside the ``image`` collection of an image-text model): pass a
+:class:`CollectionModel` when creating it. Its name, config hash and dimension are kept in the
+manifest's ``collections`` entry; entries without them (older folders, and collections created
+without a model) inherit the folder-level ``model_name``, ``config_hash`` and ``dim``. Adding to
+or searching a collection with another model's identity is refused (:class:`ConfigError`).
+
 Public API: :class:`IndexFolder` (``create``, ``open``, ``collection``, ``collections``,
-``catalog``, ``add``, ``remove``, ``search``, ``save``, ``reload``, ``info``, ``close``) and
-:class:`Hit`.
+``collection_model``, ``catalog``, ``add``, ``remove``, ``search``, ``save``, ``reload``,
+``info``, ``close``), :class:`CollectionModel` and :class:`Hit`.
 """
 
 from __future__ import annotations
@@ -51,6 +58,20 @@ COMPACT_FRACTION = 0.2
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
+@dataclass(frozen=True)
+class CollectionModel:
+    """The model whose vectors fill one collection.
+
+    ``model_name``, ``config_hash`` and ``dim`` are its identity; ``source`` (a checkpoint
+    path or model name to load it from) is recorded for convenience and never compared.
+    """
+
+    model_name: str
+    config_hash: str
+    dim: int
+    source: str | None = None
+
+
 @dataclass
 class Hit:
     """One search result with its catalog row (``item`` is None if the row is missing)."""
@@ -70,6 +91,7 @@ class IndexFolder:
         self.manifest = manifest
         self._lock = lock
         self._collections: dict[str, VectorCollection] = {}
+        self._models: dict[str, CollectionModel] = {}
         self._catalog: Catalog | None = None
         self.generation = ""
 
@@ -177,6 +199,8 @@ class IndexFolder:
                                           ("alive", "alive.npy"))}
             index = faiss.read_index(str(gen_dir / f"{name}.faiss"))
             collections[name] = collection_from_state(name, meta, arrays, index)
+        models = {name: _model_from_meta(meta, manifest)
+                  for name, meta in manifest["collections"].items()}
         if self.mode == "w":
             work = self.path / WORK_CATALOG
             for suffix in ("", "-wal", "-shm"):
@@ -188,6 +212,7 @@ class IndexFolder:
         # the previous catalog is not closed: searches still running on it (reload() in a
         # server thread) finish on the old generation; the garbage collector closes it
         self.manifest, self._collections, self._catalog = manifest, collections, catalog
+        self._models = models
 
     def reload(self, verify: bool = True, mmap: bool = True) -> bool:
         """Readers: move to the newest generation. Returns True if it changed."""
@@ -215,9 +240,19 @@ class IndexFolder:
         return sorted(self._collections)
 
     def collection(self, name: str, *, create: bool = True, factory: str = "auto",
-                   **knobs: Any) -> VectorCollection:
-        """The collection ``name``; a writer creates it if missing (``factory``, knobs)."""
+                   model: CollectionModel | None = None, **knobs: Any) -> VectorCollection:
+        """The collection ``name``; a writer creates it if missing (``factory``, knobs).
+
+        Args:
+            model: The model of the collection's vectors. A new collection records it (None:
+                the folder's model); an existing one must have been filled by the same model.
+
+        Raises:
+            ConfigError: ``model`` differs from the model that filled the collection.
+        """
         if name in self._collections:
+            if model is not None:
+                self.check_model(name, model.model_name, model.config_hash, model.dim)
             return self._collections[name]
         if self.mode != "w" or not create:
             raise RadLensError(f"index {self.path} has no collection '{name}' (it has: "
@@ -225,23 +260,58 @@ class IndexFolder:
         if not _NAME.match(name):
             raise RadLensError(f"collection name {name!r} must be lowercase letters, digits, "
                                "'-' or '_'")
-        coll = VectorCollection(name, self.dim, factory, **knobs)
+        ident = model or self._folder_model()
+        coll = VectorCollection(name, int(ident.dim), factory, **knobs)
         self._collections[name] = coll
+        self._models[name] = ident
         return coll
+
+    def _folder_model(self) -> CollectionModel:
+        m = self.manifest
+        return CollectionModel(str(m["model_name"]), str(m["config_hash"]), int(m["dim"]))
+
+    def collection_model(self, name: str) -> CollectionModel:
+        """The model that fills collection ``name`` (the folder's unless it recorded its own)."""
+        self.collection(name, create=False)
+        return self._models.get(name) or self._folder_model()
+
+    def check_model(self, name: str, model_name: str | None = None,
+                    config_hash: str | None = None, dim: int | None = None) -> None:
+        """Refuse a model other than the one that filled collection ``name``.
+
+        Raises:
+            ConfigError: One line naming both models.
+        """
+        have = self.collection_model(name)
+        if ((model_name is None or model_name == have.model_name)
+                and (config_hash is None or config_hash == have.config_hash)
+                and (dim is None or int(dim) == have.dim)):
+            return
+        raise ConfigError(
+            f"collection '{name}' of index {self.path} holds vectors of model {have.model_name} "
+            f"(config {have.config_hash}, {have.dim}-d); you gave model "
+            f"{model_name or have.model_name} (config {config_hash or have.config_hash}, "
+            f"{dim or have.dim}-d): use the collection's model or rebuild it")
 
     def _writer(self) -> None:
         if self.mode != "w" or self._lock is None or not self._lock.held:
             raise RadLensError(f"index {self.path} is open read-only: open it with mode='w'")
 
     def add(self, collection: str, vectors: np.ndarray,
-            items: Sequence[CatalogItem | Mapping[str, Any]]) -> np.ndarray:
+            items: Sequence[CatalogItem | Mapping[str, Any]], *,
+            model: CollectionModel | None = None) -> np.ndarray:
         """Add vectors with their catalog rows; rows without ``id`` get fresh ids.
+
+        Args:
+            model: The model that made ``vectors``: creates the collection with it, or is
+                checked against the collection's (None: no check, the folder's for a new one).
 
         Returns:
             The int64 ids used, in order.
         """
         self._writer()
-        coll = self.collection(collection)
+        coll = self.collection(collection, model=model)
+        model_name = self.collection_model(collection).model_name
         rows = [dict(it.to_dict()) if isinstance(it, CatalogItem) else dict(it) for it in items]
         if len(rows) != len(np.atleast_2d(vectors)):
             raise RadLensError(f"got {len(rows)} catalog items for {len(np.atleast_2d(vectors))} "
@@ -251,7 +321,7 @@ class IndexFolder:
             if row.get("id") is None:
                 row["id"], next_id = next_id, next_id + 1
             row["collection"] = collection
-            row.setdefault("model", self.manifest["model_name"])
+            row.setdefault("model", model_name)
             if row.get("box") is not None:
                 row["box"] = tuple(row["box"])
         ids = np.asarray([r["id"] for r in rows], np.int64)
@@ -276,9 +346,16 @@ class IndexFolder:
                body_part: str | Iterable[str] | None = None,
                view: str | Iterable[str] | None = None, year_min: int | None = None,
                year_max: int | None = None, allow: Iterable[int] | None = None,
+               expect_model: str | None = None, expect_config_hash: str | None = None,
                **knobs: Any) -> list[list[Hit]]:
-        """Filtered top-``k`` search with catalog rows; one list of hits per query."""
+        """Filtered top-``k`` search with catalog rows; one list of hits per query.
+
+        ``expect_model`` / ``expect_config_hash``: the model that made ``queries``; a
+        collection filled by another model is refused (:class:`ConfigError`).
+        """
         coll, catalog = self.collection(collection, create=False), self.catalog
+        if expect_model is not None or expect_config_hash is not None:
+            self.check_model(collection, expect_model, expect_config_hash)
         filters = (modality, body_part, view, year_min, year_max)
         if any(f is not None for f in filters):
             allowed = catalog.filter_ids(collection, modality=modality, body_part=body_part,
@@ -329,7 +406,11 @@ class IndexFolder:
                             tmp / fname, faiss.serialize_index(coll.index))
                     else:
                         files[fname] = persist.write_array(tmp / fname, arr)
-                metas[name] = meta
+                ident = self._models.get(name) or self._folder_model()
+                metas[name] = {**meta, "model_name": ident.model_name,
+                               "config_hash": ident.config_hash}
+                if ident.source is not None:
+                    metas[name]["model_source"] = ident.source
             self.catalog.snapshot_to(tmp / "catalog.sqlite")
             files["catalog.sqlite"] = persist.hash_existing(tmp / "catalog.sqlite")
             manifest = dict(self.manifest)
@@ -352,9 +433,11 @@ class IndexFolder:
         gen_dir = self.path / self.generation
         colls = {}
         for name, coll in sorted(self._collections.items()):
+            ident = self._models.get(name) or self._folder_model()
             colls[name] = {"factory": coll.factory, "auto": coll.auto, "count": len(coll),
                            "dead": coll.dead, "dim": coll.dim, "nprobe": coll.nprobe,
-                           "rerank": coll.rerank_factor, "catalog_rows": self.catalog.count(name)}
+                           "rerank": coll.rerank_factor, "catalog_rows": self.catalog.count(name),
+                           "model_name": ident.model_name, "config_hash": ident.config_hash}
         disk = sum(int(f["bytes"]) for f in m.get("files", {}).values())
         return {"path": str(self.path), "generation": self.generation, "mode": self.mode,
                 "format_version": m["format_version"], "model_name": m["model_name"],
@@ -378,3 +461,12 @@ class IndexFolder:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _model_from_meta(meta: Mapping[str, Any], manifest: Mapping[str, Any]) -> CollectionModel:
+    """A collection's model from its manifest entry; missing fields inherit the folder's."""
+    source = meta.get("model_source")
+    return CollectionModel(str(meta.get("model_name", manifest["model_name"])),
+                           str(meta.get("config_hash", manifest["config_hash"])),
+                           int(meta.get("dim", manifest["dim"])),
+                           str(source) if source is not None else None)

@@ -314,6 +314,10 @@ class VectorCollection:
                 slots, sc = self._search_slots(q, k, mask, n_allowed, nprobe or self.nprobe,
                                                ef_search or self.ef_search,
                                                rerank or self.rerank_factor)
+                if slots.shape[1] < k:  # fewer slots than k: pad to k columns
+                    pad = ((0, 0), (0, k - slots.shape[1]))
+                    slots = np.pad(slots, pad, constant_values=-1)
+                    sc = np.pad(sc, pad, constant_values=-np.inf)
                 ok = slots >= 0
                 ids[ok] = self._ids[slots[ok]]
                 scores[ok] = sc[ok]

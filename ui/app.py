@@ -1,7 +1,9 @@
 """The RadLens Gradio app: ``build_app(engine) -> gr.Blocks``.
 
 Layout: a study panel on the left (upload or indexed example, window preset and sliders) and five
-tabs: zero-shot findings, search by report text, similar cases, grounding, index. Per-user data
+tabs: zero-shot findings, search by report text, similar cases, grounding, index; plus a sixth,
+Volumes, when the index has a volume collection (pick or upload a CT volume, scroll its axial
+slices with CT window presets, its most salient slices, and similar indexed volumes). Per-user data
 lives only in ``gr.State`` (the current study, the session's prompt set, the last search, the
 last groundings), so two sessions never see each other's images. Handlers are thin: they call
 :mod:`ui.handlers` and turn a :class:`RadLensError` into a one-line message (status line + toast).
@@ -47,6 +49,7 @@ body, gradio-app, .gradio-container { background: var(--rl-bg) !important; }
 #zs-table td { border: 1px solid var(--rl-line) !important; border-collapse: collapse; }
 #zs-table td, #zs-table th { padding: 2px 8px; }
 #search-gallery .caption-label, #similar-gallery .caption-label { font-size: .8rem; }
+#vol-strip .caption-label, #vol-similar .caption-label { font-size: .8rem; }
 """
 
 THEME = gr.themes.Base(
@@ -117,6 +120,7 @@ def build_app(engine: Engine, *, max_upload_mb: float = 50, k_default: int = 8,
     max_bytes = int(max_upload_mb * 2**20)
     base_prompts = prompts or PromptSet.load()
     examples = h.example_choices(engine)
+    volume_choices = h.volume_choices(engine)
     modalities = ["any", *h.facet_values(engine, "modality")]
     views = ["any", *h.facet_values(engine, "view")]
     years = ["any", *h.facet_values(engine, "year")]
@@ -129,6 +133,8 @@ def build_app(engine: Engine, *, max_upload_mb: float = 50, k_default: int = 8,
         last_query = gr.State("")
         grounded = gr.State([])  # list[h.Grounded]
         selected_id = gr.State(None)  # catalog id of the search hit shown large
+        vol_study = gr.State(None)  # h.VolumeStudy of this session
+        vol_hits = gr.State([])  # last similar-volume search: list[Hit]
 
         gr.Markdown(f"# {title}\nQuery an imaging archive with language · research use only, "
                     "not for diagnosis", elem_id="rl-header")
@@ -219,6 +225,40 @@ def build_app(engine: Engine, *, max_upload_mb: float = 50, k_default: int = 8,
                                           elem_classes="rl-viewer", height=480,
                                           elem_id="ground-img")
                     legend = gr.Markdown(elem_id="ground-legend")
+                if engine.volumes is not None:
+                    with gr.Tab("Volumes", id="volumes", elem_id="tab-volumes"):
+                        with gr.Row():
+                            vol_pick = gr.Dropdown(volume_choices, value=None, scale=3,
+                                                   label="Indexed volume", elem_id="vol-pick")
+                            vol_upload = gr.File(
+                                label="…or upload · NIfTI (.nii, .nii.gz) or a .zip of one "
+                                      f"DICOM series ≤ {max_upload_mb:g} MB", scale=2,
+                                type="filepath", file_count="single", elem_id="vol-upload",
+                                height=120)
+                            vol_k = gr.Slider(1, 24, value=6, step=1, label="Similar volumes",
+                                              elem_id="vol-k", scale=1)
+                        vol_status = gr.Markdown("_no volume loaded_", elem_id="vol-status",
+                                                 elem_classes="rl-status")
+                        with gr.Row():
+                            with gr.Column(scale=2):
+                                vol_view = gr.Image(label="Axial slice", type="numpy",
+                                                    interactive=False, height=420,
+                                                    elem_id="vol-viewer",
+                                                    elem_classes="rl-viewer")
+                                vol_slice = gr.Slider(0, 1, value=0, step=1, label="Slice",
+                                                      elem_id="vol-slice")
+                                vol_window = gr.Dropdown(list(h.WINDOW_PRESETS),
+                                                         value=h.VOLUME_WINDOW, label="Window",
+                                                         elem_id="vol-window")
+                            with gr.Column(scale=3):
+                                vol_similar = gr.Gallery(label="Similar volumes", columns=3,
+                                                         height=380, object_fit="contain",
+                                                         elem_id="vol-similar",
+                                                         allow_preview=False)
+                                vol_card = gr.Markdown(elem_id="vol-card")
+                        vol_strip = gr.Gallery(label=h.strip_label(None), columns=5, height=230,
+                                               object_fit="contain", elem_id="vol-strip",
+                                               allow_preview=False)
                 with gr.Tab("Index", id="index", elem_id="tab-index"):
                     stats = gr.Markdown(h.index_summary(engine.info()), elem_id="index-stats")
                     with gr.Row():
@@ -359,5 +399,76 @@ def build_app(engine: Engine, *, max_upload_mb: float = 50, k_default: int = 8,
 
         build_btn.click(_guarded(on_build, 3, 0), folder, [build_status, failures, stats],
                         concurrency_limit=1, concurrency_id="ingest")
+        # ------------------------------------------------------------------ volumes
+        if engine.volumes is not None:
+            def _vol_loaded(vs: h.VolumeStudy, preset: str, k_: float) -> tuple[Any, ...]:
+                mid = vs.hu.shape[0] // 2
+                items, found = h.similar_volumes(engine, vs, int(k_))
+                note = _ok(f"{vs.label} · {len(items)} similar volumes")
+                return (vs, note, gr.update(minimum=0, maximum=max(vs.hu.shape[0] - 1, 1),
+                                            value=mid),
+                        h.volume_slice(vs, mid, preset),
+                        gr.update(value=h.volume_strip(vs, preset), label=h.strip_label(vs)),
+                        items, found, "")
+
+            vol_outs = [vol_study, vol_status, vol_slice, vol_view, vol_strip, vol_similar,
+                        vol_hits, vol_card]
+
+            def on_vol_pick(item_id: int | None, preset: str, k_: float) -> tuple[Any, ...]:
+                return _vol_loaded(h.load_volume_item(engine, item_id), preset, k_)
+
+            def on_vol_upload(path: str | None, preset: str, k_: float) -> tuple[Any, ...]:
+                # the file box is cleared after reading, so the file name does not stay on screen
+                try:
+                    return (*_vol_loaded(h.load_volume_upload(engine, path, max_bytes), preset,
+                                         k_), None)
+                except RadLensError as exc:
+                    gr.Warning(str(exc))
+                    outs: list[Any] = [gr.skip()] * len(vol_outs)
+                    outs[1] = _err(str(exc))
+                    return (*outs, None)
+
+            vol_pick.input(_guarded(on_vol_pick, len(vol_outs), 1),
+                           [vol_pick, vol_window, vol_k], vol_outs)
+            vol_upload.upload(on_vol_upload, [vol_upload, vol_window, vol_k],
+                              [*vol_outs, vol_upload])
+
+            def on_vol_slice(vs: h.VolumeStudy | None, i: float, preset: str) -> Any:
+                return gr.skip() if vs is None else h.volume_slice(vs, i, preset)
+
+            vol_slice.change(_guarded(on_vol_slice, 1), [vol_study, vol_slice, vol_window],
+                             vol_view, trigger_mode="always_last", show_progress="hidden")
+
+            def on_vol_window(vs: h.VolumeStudy | None, i: float, preset: str
+                              ) -> tuple[Any, ...]:
+                if vs is None:
+                    return gr.skip(), gr.skip()
+                return h.volume_slice(vs, i, preset), h.volume_strip(vs, preset)
+
+            vol_window.input(_guarded(on_vol_window, 2), [vol_study, vol_slice, vol_window],
+                             [vol_view, vol_strip])
+
+            def on_vol_k(vs: h.VolumeStudy | None, k_: float) -> tuple[Any, ...]:
+                if vs is None:
+                    return gr.skip(), gr.skip(), gr.skip()
+                items, found = h.similar_volumes(engine, vs, int(k_))
+                return items, found, ""
+
+            vol_k.release(_guarded(on_vol_k, 3), [vol_study, vol_k],
+                          [vol_similar, vol_hits, vol_card])
+
+            def on_vol_select(found: list[Any], evt: gr.SelectData) -> Any:
+                if not found or evt.index is None or evt.index >= len(found):
+                    return gr.skip()
+                return h.volume_card(found[int(evt.index)])
+
+            vol_similar.select(_guarded(on_vol_select, 1), vol_hits, vol_card)
+
+            def on_strip_select(vs: h.VolumeStudy | None, evt: gr.SelectData) -> Any:
+                if vs is None or evt.index is None or evt.index >= len(vs.salient):
+                    return gr.skip()
+                return h.strip_slice(vs, int(evt.index))
+
+            vol_strip.select(_guarded(on_strip_select, 1), vol_study, vol_slice)
         app.load(None, js=FORCE_DARK_JS)
     return app

@@ -64,7 +64,8 @@ app.add_typer(index_app, name="index")
 
 
 def _ingest(model: str, source: Path, out: Path, batch_size: int, workers: int | None,
-            progress: bool, keep_paths: bool = False, save_every: int = 512) -> None:
+            progress: bool, keep_paths: bool = False, save_every: int = 512) -> bool:
+    """Index the 2-D images; prints the summary line. Returns True if some files failed."""
     from index.ingest import ingest
     from vlm.inference import Encoder
 
@@ -77,15 +78,40 @@ def _ingest(model: str, source: Path, out: Path, batch_size: int, workers: int |
     print(json_line({k: v for k, v in report.to_dict().items() if k != "failed"}
                     | {"failed": len(report.failed),
                        "failures_report": str(out / "ingest_report.json")}))
-    if report.failed:
-        raise typer.Exit(code=3)
+    return bool(report.failed)
+
+
+def _ingest_volumes(volume_model: str, source: Path, out: Path, progress: bool,
+                    keep_paths: bool = False, save_every: int = 16) -> bool:
+    """Index the volumes; prints the summary line. Returns True if some volumes failed."""
+    from index.volumes import REPORT_FILE, VOLUME, ingest_volumes
+    from vlm.volume_encoder import VolumeEncoder
+
+    encoder = VolumeEncoder.load(volume_model)
+    report = ingest_volumes(encoder, source, out, progress=progress, keep_paths=keep_paths,
+                            save_every=save_every)
+    for failure in report.failed:
+        print(f"radlens: skipped: {failure['path']}: {failure['reason']}", file=sys.stderr)
+    print(json_line({k: v for k, v in report.to_dict().items() if k != "failed"}
+                    | {"collection": VOLUME, "model": encoder.name, "failed": len(report.failed),
+                       "failures_report": str(out / REPORT_FILE)}))
+    return bool(report.failed)
+
+
+VOLUME_MODEL_HELP = ("Volume encoder: a 'radlens train lecl' or 'radlens train drasclr' run "
+                     "folder, or random:lecl-tiny|lecl-small|drasclr-tiny|drasclr-small, "
+                     "optionally with @SEED (a seeded random tower, the baseline).")
 
 
 @index_app.command("build")
 def index_build(
-    model: Annotated[str, typer.Option(help="Checkpoint folder of the encoder.")],
-    source: Annotated[Path, typer.Option(help="Folder of DICOM / PNG / JPEG files.")],
+    source: Annotated[Path, typer.Option(help="Folder of DICOM / PNG / JPEG files, NIfTI "
+                                              "volumes and DICOM series.")],
     out: Annotated[Path, typer.Option(help="Index folder (created, or extended if it exists).")],
+    model: Annotated[str | None, typer.Option(
+        help="Checkpoint folder of the image encoder: indexes the 2-D images.")] = None,
+    volume_model: Annotated[str | None, typer.Option(
+        help=f"{VOLUME_MODEL_HELP} Indexes the volumes into the 'volume' collection.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per encoder batch.")] = 32,
     workers: Annotated[int | None, typer.Option(help="Decode processes (default: cores).")
                        ] = None,
@@ -96,9 +122,29 @@ def index_build(
     save_every: Annotated[int, typer.Option(help="Images between saved generations (a kill "
                                                  "loses at most this many).")] = 512,
 ) -> None:
-    """Index every image under SOURCE; reruns add only what is missing. Exit 3 if some files
-    could not be read (listed in OUT/ingest_report.json)."""
-    _ingest(model, source, out, batch_size, workers, progress, keep_paths, save_every)
+    """Index SOURCE into OUT; reruns add only what is missing.
+
+    --model indexes every 2-D image (DICOM, PNG, JPEG; a CT series counts as one image per
+    slice). --volume-model indexes every volume: NIfTI files (.nii, .nii.gz), DICOM series
+    (grouped by series, at least 3 slices) and, in a PhantomCT folder, one volume per manifest
+    row with its lesion labels; each gets one vector in the 'volume' collection (the mean of its
+    LeCL slice embeddings taken relative to an air slice, or of its DrasCLR patch features,
+    L2-normalised), a thumbnail and slice previews. Give either or both (images are indexed
+    first). Exit 3 if some files or volumes could not be read (listed in OUT/ingest_report.json,
+    OUT/volume_ingest_report.json).
+    """
+    from vlm.errors import RadLensError
+
+    if model is None and volume_model is None:
+        raise RadLensError("give --model (2-D images), --volume-model (volumes) or both")
+    failed = False
+    if model is not None:
+        failed |= _ingest(model, source, out, batch_size, workers, progress, keep_paths,
+                          save_every)
+    if volume_model is not None:
+        failed |= _ingest_volumes(volume_model, source, out, progress, keep_paths)
+    if failed:
+        raise typer.Exit(code=3)
 
 
 @index_app.command("add")
@@ -107,21 +153,34 @@ def index_add(
     source: Annotated[Path, typer.Option(help="Folder of DICOM / PNG / JPEG files.")],
     model: Annotated[str | None, typer.Option(help="Model (default: the one of the index).")
                      ] = None,
+    volume_model: Annotated[str | None, typer.Option(
+        help="Volume model (default: the one of the index's volume collection, if any).")
+    ] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
     workers: Annotated[int | None, typer.Option()] = None,
     progress: Annotated[bool, typer.Option()] = True,
 ) -> None:
-    """Add the images under SOURCE to an existing index (same model required)."""
+    """Add the images (and, with a volume collection, the volumes) under SOURCE to an existing
+    index (same models required). Exit 3 if some could not be read."""
     from index.folder import IndexFolder
+    from index.volumes import VOLUME
     from vlm.errors import RadLensError
 
     ix = IndexFolder.open(index)
     recorded = ix.manifest.get("preprocessing", {}).get("model_path")
+    recorded_volume = (ix.collection_model(VOLUME).source if VOLUME in ix.collections()
+                       else None)
     ix.close()
-    chosen = model or recorded
-    if not chosen:
+    chosen, chosen_volume = model or recorded, volume_model or recorded_volume
+    if not chosen and not chosen_volume:
         raise RadLensError(f"index {index} records no model path: pass --model")
-    _ingest(chosen, source, index, batch_size, workers, progress)
+    failed = False
+    if chosen:
+        failed |= _ingest(chosen, source, index, batch_size, workers, progress)
+    if chosen_volume:
+        failed |= _ingest_volumes(chosen_volume, source, index, progress)
+    if failed:
+        raise typer.Exit(code=3)
 
 
 @index_app.command("info")
@@ -141,25 +200,34 @@ def search(
     index: Annotated[Path, typer.Option(help="Index folder.")],
     text: Annotated[str | None, typer.Option(help="Report text or finding phrase.")] = None,
     image: Annotated[Path | None, typer.Option(help="Query image file.")] = None,
+    volume: Annotated[Path | None, typer.Option(
+        help="Query volume: a NIfTI file or a folder with one DICOM series; returns similar "
+             "volumes of the index's 'volume' collection (the query's own row left out).")
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Number of results.")] = 10,
     filter_: Annotated[list[str] | None, typer.Option(
         "--filter", help="modality=CR, view=PA, body_part=CHEST, year_min=2010, ...")] = None,
     model: Annotated[str | None, typer.Option(help="Model (default: the index's).")] = None,
+    volume_model: Annotated[str | None, typer.Option(
+        help="Volume model (default: the one recorded with the volume collection).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per result.")
                        ] = False,
 ) -> None:
-    """Search an index by text or by image."""
+    """Search an index by text, by image, or by volume."""
     from index.engine import Engine
     from vlm.errors import RadLensError
 
-    if (text is None) == (image is None):
-        raise RadLensError("give exactly one of --text or --image")
+    if sum(q is not None for q in (text, image, volume)) != 1:
+        raise RadLensError("give exactly one of --text, --image or --volume")
     filters: dict[str, object] = {}
     for f in filter_ or []:
         key, sep, value = f.partition("=")
         if not sep:
             raise RadLensError(f"--filter needs KEY=VALUE, got '{f}'")
         filters[key.strip()] = int(value) if key.startswith("year") else value.strip()
+    if volume is not None:
+        _search_volume(index, volume, k, filters, volume_model, as_json)
+        return
     engine = Engine.open(index, model=model)
     results = (engine.search_text(text, k=k, **filters) if text is not None
                else engine.search_image(image, k=k, **filters))  # type: ignore[arg-type]
@@ -170,6 +238,34 @@ def search(
             it = r.item
             print(f"{rank:3d}  {r.score:+.4f}  {it.study if it else '?'}  "
                   f"{(it.modality or '-') if it else ''}  {(it.view or '-') if it else ''}  "
+                  f"{it.source_uri if it else ''}")
+
+
+def _search_volume(index: Path, volume: Path, k: int, filters: dict[str, object],
+                   volume_model: str | None, as_json: bool) -> None:
+    from index.engine import FILTER_KEYS
+    from index.volume_search import VolumeSearch
+    from vlm.errors import RadLensError
+
+    unknown = set(filters) - set(FILTER_KEYS)
+    if unknown:
+        raise RadLensError(f"unknown filter(s) {sorted(unknown)}: use {', '.join(FILTER_KEYS)}")
+    vs = VolumeSearch.open(index, model=volume_model)
+    try:
+        hits = vs.search(vs.query_path(volume), k=k, **filters)
+    finally:
+        vs.close()
+    for rank, h in enumerate(hits, 1):
+        it = h.item
+        if as_json:
+            print(json_line({"rank": rank, "id": h.id, "score": round(h.score, 6),
+                             "item": it.to_dict() if it else None}))
+        else:
+            extra = (it.extra or {}) if it else {}
+            labels = ",".join(extra.get("labels") or []) or "-"
+            shape = "x".join(str(v) for v in extra.get("shape") or []) or "?"
+            print(f"{rank:3d}  {h.score:+.4f}  {it.study if it and it.study else '-'}  "
+                  f"{(it.modality or '-') if it else ''}  {shape}  {labels}  "
                   f"{it.source_uri if it else ''}")
 
 

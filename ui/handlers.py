@@ -22,10 +22,14 @@ import numpy as np
 
 from index.catalog import CatalogItem
 from index.engine import Engine, Result
+from index.folder import Hit
+from index.volume_search import VolumeQuery, VolumeSearch
+from index.volumes import SALIENT_SLICES, VOLUME, load_stack, preview_stack
 from ui import render as rd
 from vlm.errors import ImageReadError, RadLensError
-from vlm.io import WINDOW_PRESETS, ImageData, read_image
+from vlm.io import WINDOW_PRESETS, ImageData, Volume, read_image
 from vlm.io import render as window_render
+from vlm.volume_encoder import SCORE_DISTINCT, SCORE_MEANING
 from vlm.zeroshot import PromptSet
 
 logger = logging.getLogger(__name__)
@@ -376,3 +380,201 @@ def build_index(engine: Engine, folder: str, roots: Sequence[str | os.PathLike[s
                f"{report.already_indexed} already indexed, **{len(report.failed)} failed** · "
                f"{report.seconds:.1f} s, {report.images_per_s:.1f} images/s")
     return summary, failures
+
+
+# ---------------------------------------------------------------------------- volumes
+VOLUME_UPLOAD_SUFFIXES = (".nii", ".nii.gz", ".zip")
+ZIP_MAX_FILES = 2048
+VOLUME_VIEW_SIDE = 512  # long side of the slice viewer's picture
+VOLUME_WINDOW = "abdomen"  # soft tissue, as the thumbnails
+
+
+@dataclass
+class VolumeStudy:
+    """The volume one session is looking at (kept in that session's ``gr.State`` only)."""
+
+    hu: np.ndarray  # (Z', Y', X') HU for the viewer (the index's stack, or the upload)
+    z_index: np.ndarray  # (Z',) original slice number of each viewer slice
+    label: str  # catalog id or pseudonym + shape; never a file name
+    query: VolumeQuery
+    salient: list[tuple[int, float]]  # (original slice, score), best first
+    score_kind: str
+
+
+def _volume_search(engine: Engine) -> VolumeSearch:
+    if engine.volumes is None:
+        raise RadLensError("this index has no volume collection: build it with "
+                           "'radlens index build --volume-model ...'")
+    return engine.volumes
+
+
+def volume_labels(item: CatalogItem | None) -> list[str]:
+    """An indexed volume's labels, readable (``liver lesion``)."""
+    return [x.replace("_", " ") for x in ((item.extra or {}).get("labels") or [])] if item else []
+
+
+def volume_meta(item: CatalogItem) -> str:
+    """``CT 2019 · 48×48×48 · liver lesion, kidney lesion`` (allow-listed fields only)."""
+    shape = "×".join(str(v) for v in (item.extra or {}).get("shape") or [])
+    parts = " ".join(str(v) for v in (item.modality, item.year, shape) if v)
+    return " · ".join(p for p in (parts or "volume", ", ".join(volume_labels(item))) if p)
+
+
+def volume_choices(engine: Engine, n: int = 48) -> list[tuple[str, int]]:
+    """Dropdown choices ``(label, id)`` for indexed volumes (none without a volume collection)."""
+    if engine.volumes is None:
+        return []
+    ids = engine.index.catalog.filter_ids(VOLUME)[:n]
+    return [(f"#{it.id} · {volume_meta(it)}", int(it.id))
+            for it in engine.index.catalog.get_many(ids.tolist()) if it]
+
+
+def load_volume_item(engine: Engine, item_id: int | None) -> VolumeStudy:
+    """An indexed volume: its stored vector, its slice stack and salient slices from the index."""
+    if item_id is None:
+        raise RadLensError("no volume chosen")
+    query = _volume_search(engine).query_item(int(item_id))
+    item = query.item
+    if item is None:
+        raise RadLensError(f"volume #{item_id} has no catalog row")
+    hu, z_index = load_stack(engine.index.path, item)
+    extra = item.extra or {}
+    salient = [(int(s["k"]), float(s["score"])) for s in extra.get("salient") or []]
+    return VolumeStudy(hu, z_index, f"#{item.id} · {volume_meta(item)}", query, salient,
+                       str(extra.get("score_kind") or SCORE_DISTINCT))
+
+
+def _read_volume_upload(path: Path) -> tuple[Volume, str]:
+    """A NIfTI file, or the one DICOM series in a zip (extracted flat to a private temp dir)."""
+    import tempfile
+    import zipfile
+
+    from index.volume_search import query_source
+    from index.volumes import content_hash, read_source
+
+    if not path.name.lower().endswith(".zip"):
+        src = query_source(path)
+        return read_source(src), content_hash(src)
+    try:
+        with zipfile.ZipFile(path) as zf, tempfile.TemporaryDirectory() as tmp:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            if not members:
+                raise RadLensError("the zip is empty: zip the files of one DICOM series")
+            if len(members) > ZIP_MAX_FILES:
+                raise RadLensError(f"the zip holds {len(members)} files: at most "
+                                   f"{ZIP_MAX_FILES}")
+            budget = 4 * max(path.stat().st_size, 1) + 2**26  # refuse zip bombs
+            for i, m in enumerate(members):
+                budget -= m.file_size
+                if budget < 0:
+                    raise RadLensError("the zip expands to too much data")
+                (Path(tmp) / f"{i:05d}").write_bytes(zf.read(m))  # flat names: no path tricks
+            src = query_source(tmp)
+            return read_source(src), content_hash(src)
+    except zipfile.BadZipFile:
+        raise RadLensError("the .zip file is damaged or not a zip") from None
+
+
+def load_volume_upload(engine: Engine, path: str | os.PathLike[str] | None,
+                       max_bytes: int) -> VolumeStudy:
+    """Read an uploaded NIfTI or zipped DICOM series and encode it; one-line errors."""
+    if not path:
+        raise RadLensError("no file received: choose a NIfTI file or a .zip of a DICOM series")
+    p = Path(path)
+    if not p.name.lower().endswith(VOLUME_UPLOAD_SUFFIXES):
+        raise RadLensError(f"unsupported file type '{''.join(p.suffixes[-2:]) or p.name}': "
+                           "upload .nii, .nii.gz or a .zip of one DICOM series")
+    size = p.stat().st_size if p.is_file() else 0
+    if size == 0:
+        raise RadLensError("the file is empty: upload a NIfTI file or a zipped DICOM series")
+    if size > max_bytes:
+        raise RadLensError(f"file too large ({size / 2**20:.1f} MB): the limit is "
+                           f"{max_bytes / 2**20:.0f} MB")
+    vs = _volume_search(engine)
+    try:
+        volume, digest = _read_volume_upload(p)
+        query = vs.query_volume(volume, digest)
+    except ImageReadError as exc:  # server paths stay out of the page
+        reason = _PATHS.sub("file", exc.reason.replace(str(p), "file"))
+        raise RadLensError(f"cannot read the upload: {reason}") from None
+    except RadLensError as exc:
+        raise RadLensError(_PATHS.sub("file", str(exc).replace(str(p), "file"))) from None
+    except Exception as exc:  # a reader bug must not take the session down
+        logger.warning("volume upload failed: %s", type(exc).__name__)
+        raise RadLensError(f"cannot read the upload ({type(exc).__name__})") from None
+    assert query.encoding is not None
+    stack, z_index = preview_stack(volume.array)
+    m = volume.meta
+    shape = "×".join(str(v) for v in volume.shape)
+    label = " · ".join(str(v) for v in (m.series_pseudonym or "upload",
+                                        m.modality or m.source_format, shape) if v)
+    return VolumeStudy(stack.astype(np.float32), z_index, label, query,
+                       query.encoding.top_slices(SALIENT_SLICES), query.encoding.score_kind)
+
+
+def _view_index(study: VolumeStudy, k: int) -> int:
+    """The viewer slice nearest original slice ``k``."""
+    return int(np.argmin(np.abs(study.z_index - int(k))))
+
+
+def volume_slice(study: VolumeStudy, index: int | float, preset: str = VOLUME_WINDOW,
+                 side: int = VOLUME_VIEW_SIDE) -> np.ndarray:
+    """Viewer slice ``index`` windowed with a CT preset, (H, W, 3) uint8."""
+    i = int(np.clip(round(float(index)), 0, study.hu.shape[0] - 1))
+    if preset not in WINDOW_PRESETS:
+        raise RadLensError(f"unknown window '{preset}': use one of {', '.join(WINDOW_PRESETS)}")
+    return rd.resize_long_side(window_render(study.hu[i].astype(np.float32), window=preset),
+                               side)
+
+
+def volume_strip(study: VolumeStudy, preset: str = VOLUME_WINDOW, side: int = 192
+                 ) -> list[tuple[np.ndarray, str]]:
+    """The attention-slice strip: the most salient slices with their scores (what the scores
+    mean is the strip's label, :func:`strip_label`)."""
+    return [(volume_slice(study, _view_index(study, k), preset, side),
+             f"slice {k} · {score:.2g}") for k, score in study.salient]
+
+
+def strip_slice(study: VolumeStudy, position: int) -> int:
+    """The viewer slice of the strip's ``position``-th picture (clicking it jumps there)."""
+    k, _ = study.salient[int(position)]
+    return _view_index(study, k)
+
+
+def strip_label(study: VolumeStudy | None) -> str:
+    """What the strip shows (learned attention, or the documented stand-in)."""
+    kind = study.score_kind if study is not None else SCORE_DISTINCT
+    return f"Attention slices · {SCORE_MEANING.get(kind, kind)}"
+
+
+def volume_caption(hit: Hit) -> str:
+    """``0.962 · liver lesion, kidney lesion`` (labels first: they are what a reader scans for;
+    unlabelled volumes show modality, year and shape)."""
+    if hit.item is None:
+        return f"{hit.score:.3f}"
+    return f"{hit.score:.3f} · {', '.join(volume_labels(hit.item)) or volume_meta(hit.item)}"
+
+
+def similar_volumes(engine: Engine, study: VolumeStudy, k: int
+                    ) -> tuple[list[tuple[str, str]], list[Hit]]:
+    """Top-k similar indexed volumes (the query's own row left out): gallery items + hits."""
+    hits = _volume_search(engine).search(study.query, k=int(k))
+    items = []
+    for hit in hits:
+        path = engine.item_path(hit.item) if hit.item else None
+        if path is not None:
+            items.append((str(path), volume_caption(hit)))
+    return items, hits
+
+
+def volume_card(hit: Hit | None) -> str:
+    """De-identified Markdown card of a similar volume (allow-listed fields only)."""
+    if hit is None or hit.item is None:
+        return "_catalog row missing_"
+    it, extra = hit.item, hit.item.extra or {}
+    rows = [("volume", f"#{it.id}"), ("study", f"`{it.study}`" if it.study else None),
+            ("score", f"{hit.score:.3f}"), ("modality", it.modality), ("year", it.year),
+            ("shape", "×".join(str(v) for v in extra.get("shape") or []) or None),
+            ("spacing mm", " × ".join(f"{v:g}" for v in extra.get("spacing") or []) or None),
+            ("labels", ", ".join(volume_labels(it)) or None)]
+    return " · ".join(f"**{k}** {v}" for k, v in rows if v is not None)

@@ -50,3 +50,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name == "test_browser.py":
             item.add_marker(pytest.mark.browser)
+
+
+@pytest.fixture(scope="session")
+def tiny_ct(tmp_path_factory) -> Path:
+    """Eight PhantomCT volumes of 32^3 (three with a liver lesion for seed 22)."""
+    from vlm.data.phantom_ct import generate_phantom_ct
+
+    root = tmp_path_factory.mktemp("app_ct") / "pct"
+    generate_phantom_ct(root, n=8, shape=(32, 32, 32), seed=22, workers=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def volume_index(tiny_model, tiny_archive, tiny_ct, tmp_path_factory) -> Path:
+    """An index with the tiny archive's images and the tiny PhantomCT's volumes."""
+    from index.volumes import ingest_volumes
+    from vlm.volume_encoder import VolumeEncoder
+
+    out = build_index(tiny_model, tiny_archive, tmp_path_factory.mktemp("app_vindex") / "idx")
+    ingest_volumes(VolumeEncoder.load("random:lecl-tiny"), tiny_ct, out, progress=False)
+    return out

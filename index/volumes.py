@@ -1,0 +1,378 @@
+"""Fill the index's ``volume`` collection: find volumes under a source -> read -> encode -> add
+one vector and one catalog row per volume -> save generations as it goes.
+
+What counts as a volume:
+
+* every NIfTI file (``.nii``, ``.nii.gz``);
+* every DICOM series (files grouped by SeriesInstanceUID, read header-only) of at least
+  :data:`MIN_SERIES_SLICES` single-frame slices with a position and orientation, assembled with
+  :func:`vlm.io.read_series` (files that are not DICOM are left to the image ingest);
+* in a RadLens data set folder whose ``manifest.jsonl`` rows name a ``dicom_dir`` or ``nifti``
+  (PhantomCT), exactly one volume per row, the DICOM series when present, else the NIfTI file;
+  the row's labels (lesion locations as ``liver_lesion``, ...) go into the catalog row's
+  ``extra`` and the folder's other files (masks) are not indexed.
+
+Idempotent and resumable like :mod:`index.ingest`: a volume's content hash (sha256 of its file,
+or of the sorted file hashes of a series) is looked up before reading, so a rerun adds nothing
+twice; a generation is saved every ``save_every`` volumes. A bad volume never stops the run: it
+is listed once in ``volume_ingest_report.json`` (mode 0600) in the index folder.
+
+Catalog rows hold pseudonyms only (study/series pseudonyms from DICOM, a keyed pseudonym of the
+path unless ``keep_paths``). The index folder keeps, per volume, a thumbnail (middle axial slice,
+soft-tissue window), previews of the most salient slices (both under ``thumbs/vol/``, the only
+files the app serves) and a down-sampled int16 HU stack for the app's slice viewer
+(``volumes/``, read by the server, never served).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.catalog import CatalogItem
+from index.folder import CollectionModel, IndexFolder
+from index.ingest import SKIP_NAMES, file_hash
+from vlm.errors import RadLensError
+from vlm.io import Volume, is_nifti, read_nifti, read_series, render
+from vlm.volume_encoder import VolumeEncoder, VolumeEncoding
+
+logger = logging.getLogger(__name__)
+
+VOLUME = "volume"
+REPORT_FILE = "volume_ingest_report.json"
+#: Thumbnails and slice previews use the soft-tissue window (centre 60, width 400 HU).
+PREVIEW_WINDOW = "abdomen"
+PREVIEW_SIDE = 256
+SALIENT_SLICES = 5
+MIN_SERIES_SLICES = 3
+STACK_MAX_SIDE = 256  # in-plane size of the viewer's stack
+STACK_MAX_SLICES = 256
+NOT_DICOM_SUFFIXES = {".json", ".jsonl", ".txt", ".md", ".csv", ".npy", ".npz", ".png", ".jpg",
+                      ".jpeg", ".tif", ".tiff", ".bmp", ".html", ".zip", ".gz", ".pt", ".sqlite",
+                      ".py", ".log"}
+
+
+@dataclass
+class VolumeSource:
+    """One volume to read: a NIfTI file or the files of one DICOM series."""
+
+    kind: str  # "nifti" | "dicom-series"
+    path: Path  # the NIfTI file, or the folder holding the series
+    files: list[Path]
+    extra: dict[str, Any] = field(default_factory=dict)  # labels from a data set manifest
+
+
+@dataclass
+class VolumeIngestReport:
+    source: str
+    added: int = 0
+    already_indexed: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    encode_seconds: float = 0.0
+    volumes_per_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def collection_model(encoder: VolumeEncoder) -> CollectionModel:
+    """The identity the ``volume`` collection records for ``encoder``."""
+    return CollectionModel(encoder.name, encoder.config_hash, encoder.dim, encoder.source)
+
+
+# ---------------------------------------------------------------------------- finding volumes
+def dataset_extra(row: dict[str, Any]) -> dict[str, Any]:
+    """Catalog ``extra`` of a PhantomCT-style manifest row: labels, no identifiers."""
+    lesions = [les for les in row.get("lesions") or [] if isinstance(les, dict)]
+    locations = sorted({str(les["location"]) for les in lesions if les.get("location")})
+    return {"dataset_id": row.get("volume_id") or row.get("id"), "split": row.get("split"),
+            "labels": [f"{loc}_lesion" for loc in locations],
+            "location_labels": row.get("location_labels"),
+            "lesions": [{k: les.get(k) for k in ("location", "kind", "diameter_mm")}
+                        for les in lesions],
+            "emphysema_class": row.get("emphysema_class")}
+
+
+def _manifest_volume_rows(folder: Path) -> list[dict[str, Any]]:
+    from vlm.data.manifest import read_jsonl
+
+    path = folder / "manifest.jsonl"
+    if not path.is_file():
+        return []
+    try:
+        rows = list(read_jsonl(path))
+    except (OSError, ValueError):
+        return []
+    return [r for r in rows if isinstance(r.get("dicom_dir"), str)
+            or isinstance(r.get("nifti"), str)]
+
+
+def _dataset_sources(root: Path, rows: list[dict[str, Any]]) -> list[VolumeSource]:
+    out = []
+    for row in rows:
+        extra = dataset_extra(row)
+        if row.get("modality"):
+            extra["modality"] = row["modality"]
+        series = root / row["dicom_dir"] if isinstance(row.get("dicom_dir"), str) else None
+        if series is not None and series.is_dir():
+            files = sorted(p for p in series.iterdir() if p.is_file()
+                           and not p.name.startswith("."))
+            out.append(VolumeSource("dicom-series", series, files, extra))
+        elif isinstance(row.get("nifti"), str):
+            out.append(VolumeSource("nifti", root / row["nifti"], [root / row["nifti"]], extra))
+        elif series is not None:
+            out.append(VolumeSource("dicom-series", series, [], extra))
+    return out
+
+
+def group_series(files: list[Path]) -> list[VolumeSource]:
+    """DICOM files -> one source per series of at least :data:`MIN_SERIES_SLICES` positioned,
+    single-frame slices (headers only; unreadable or non-DICOM files are skipped)."""
+    from vlm.io.dicom import load_dataset
+
+    groups: dict[str, list[Path]] = {}
+    for path in files:
+        try:
+            ds = load_dataset(path, stop_before_pixels=True)
+        except RadLensError:
+            continue
+        if ("ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds
+                or int(ds.get("NumberOfFrames") or 1) > 1):
+            continue
+        groups.setdefault(str(ds.get("SeriesInstanceUID") or ""), []).append(path)
+    out = []
+    for members in groups.values():
+        if len(members) >= MIN_SERIES_SLICES:
+            members = sorted(members)
+            folder = Path(os.path.commonpath([str(p.parent) for p in members]))
+            out.append(VolumeSource("dicom-series", folder, members))
+    return out
+
+
+def find_volumes(source: str | os.PathLike[str]) -> list[VolumeSource]:
+    """Every volume under ``source`` (a folder, a NIfTI file or a series folder), by path."""
+    src = Path(source)
+    if src.is_file():
+        return [VolumeSource("nifti", src, [src])] if is_nifti(src) else []
+    found: list[VolumeSource] = []
+    loose: list[Path] = []
+    for root, dirs, files in os.walk(src):
+        here = Path(root)
+        rows = _manifest_volume_rows(here)
+        if rows:
+            found.extend(_dataset_sources(here, rows))
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = here / name
+            if name.startswith(".") or name in SKIP_NAMES:
+                continue
+            if is_nifti(path):
+                found.append(VolumeSource("nifti", path, [path]))
+            elif path.suffix.lower() not in NOT_DICOM_SUFFIXES:
+                loose.append(path)
+    found.extend(group_series(loose))
+    return sorted(found, key=lambda s: str(s.path))
+
+
+def content_hash(src: VolumeSource) -> str:
+    """sha256 of a NIfTI file's bytes, or of the sorted file hashes of a series."""
+    if src.kind == "nifti":
+        return file_hash(src.path)
+    if not src.files:
+        raise FileNotFoundError(2, "no files", str(src.path))
+    digest = hashlib.sha256(b"dicom-series\0")
+    for h in sorted(file_hash(p) for p in src.files):
+        digest.update(h.encode())
+    return digest.hexdigest()
+
+
+def read_source(src: VolumeSource) -> Volume:
+    """Read one volume (raises :class:`vlm.errors.ImageReadError` / ``SeriesError``)."""
+    if src.kind == "nifti":
+        return read_nifti(src.path)
+    return read_series(src.files)
+
+
+# ---------------------------------------------------------------------------- previews
+def _png(hu: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    im = Image.fromarray(render(hu, window=PREVIEW_WINDOW))
+    scale = PREVIEW_SIDE / max(im.size)
+    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                   Image.Resampling.LANCZOS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    im.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def preview_stack(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Z', Y', X') int16 HU for the slice viewer (at most :data:`STACK_MAX_SLICES` evenly spaced
+    slices, in-plane decimated to at most :data:`STACK_MAX_SIDE`) and the original slice index
+    of each kept slice."""
+    z, y, x = hu.shape
+    step = max(1, int(np.ceil(max(y, x) / STACK_MAX_SIDE)))
+    keep = (np.arange(z) if z <= STACK_MAX_SLICES
+            else np.unique(np.linspace(0, z - 1, STACK_MAX_SLICES).round().astype(int)))
+    stack = np.clip(np.round(hu[keep, ::step, ::step]), -32768, 32767).astype(np.int16)
+    return stack, keep.astype(np.int32)
+
+
+def write_previews(ix_path: Path, digest: str, hu: np.ndarray, enc: VolumeEncoding,
+                   n_salient: int = SALIENT_SLICES) -> dict[str, Any]:
+    """Write the thumbnail, salient-slice previews and viewer stack of one volume into the
+    index folder; returns the catalog fields pointing at them (paths relative to the folder)."""
+    sub = Path("thumbs") / "vol" / digest[:2]
+    thumb = sub / f"{digest}.png"
+    _png(hu[hu.shape[0] // 2], ix_path / thumb)
+    salient = []
+    for k, score in enc.top_slices(n_salient):
+        rel = sub / f"{digest}_k{k:04d}.png"
+        _png(hu[k], ix_path / rel)
+        salient.append({"k": k, "score": round(score, 6), "preview": rel.as_posix()})
+    stack, z_index = preview_stack(hu)
+    rel_stack = Path("volumes") / digest[:2] / f"{digest}.npz"
+    (ix_path / rel_stack).parent.mkdir(parents=True, exist_ok=True)
+    tmp = ix_path / rel_stack.with_name(f".{digest}.tmp.npz")
+    np.savez_compressed(tmp, hu=stack, z=z_index)
+    os.replace(tmp, ix_path / rel_stack)
+    return {"thumbnail": thumb.as_posix(), "salient": salient, "stack": rel_stack.as_posix()}
+
+
+def load_stack(index_path: str | os.PathLike[str], item: CatalogItem
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The viewer stack of a volume row: (Z', Y', X') int16 HU and original slice indices.
+
+    Raises:
+        RadLensError: the row has no stack inside the index folder.
+    """
+    rel = (item.extra or {}).get("stack")
+    root = Path(index_path).resolve()
+    path = (root / rel).resolve() if isinstance(rel, str) else None
+    if path is None or root not in path.parents or not path.is_file():
+        raise RadLensError(f"volume #{item.id} has no slice stack in the index: rebuild it")
+    with np.load(path) as data:
+        return np.asarray(data["hu"]), np.asarray(data["z"])
+
+
+# ---------------------------------------------------------------------------- ingest
+def ingest_volumes(encoder: VolumeEncoder, source: str | os.PathLike[str],
+                   out: str | os.PathLike[str], *, save_every: int = 16, progress: bool = True,
+                   keep_paths: bool = False) -> VolumeIngestReport:
+    """Add every volume under ``source`` to the ``volume`` collection of the index at ``out``
+    (created if missing, with the volume model as its folder-level model).
+
+    Raises:
+        ConfigError: the index's ``volume`` collection was filled by another model.
+    """
+    src, dest = Path(source), Path(out)
+    if not src.exists():
+        raise RadLensError(f"{src}: no such file or folder")
+    model = collection_model(encoder)
+    if (dest / "CURRENT").exists():
+        ix = IndexFolder.open(dest, mode="w")
+    else:
+        ix = IndexFolder.create(dest, model_name=model.model_name,
+                                config_hash=model.config_hash, dim=model.dim,
+                                preprocessing={"volume_model_path": encoder.source})
+    try:
+        ix.collection(VOLUME, model=model)
+    except BaseException:
+        ix.close()
+        raise
+    report = VolumeIngestReport(source=str(src))
+    try:
+        _run(encoder, model, ix, src, report, save_every, progress, keep_paths)
+    finally:
+        report_file = dest / REPORT_FILE
+        report_file.write_text(json.dumps(report.to_dict(), indent=1))
+        report_file.chmod(0o600)
+        ix.close()
+    return report
+
+
+def _failure(src: VolumeSource, exc: BaseException) -> dict[str, str]:
+    if isinstance(exc, RadLensError):
+        reason = str(exc)
+        for p in (str(src.path), *(str(f) for f in src.files[:1])):
+            reason = reason.removeprefix(f"{p}: ")
+    elif isinstance(exc, OSError):
+        reason = f"unreadable ({exc.strerror or exc})"
+    else:  # a reader or model bug must not stop the archive
+        reason = f"unexpected {type(exc).__name__}: {exc}"[:300]
+    return {"path": str(src.path), "reason": " ".join(reason.split())}
+
+
+def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: Path,
+         report: VolumeIngestReport, save_every: int, progress: bool, keep_paths: bool
+         ) -> None:
+    from tqdm import tqdm
+
+    from vlm.io.deid import default_pseudonymizer
+
+    pseudo = default_pseudonymizer()
+    root = src if src.is_dir() else src.parent
+    start = time.time()
+    sources = find_volumes(src)
+    known = ix.catalog.content_hashes(VOLUME)
+    since_save = 0
+    for vs in tqdm(sources, unit="volume", dynamic_ncols=True, disable=not progress):
+        try:
+            digest = content_hash(vs)
+            if digest in known:
+                report.already_indexed += 1
+                continue
+            volume = read_source(vs)
+            t0 = time.time()
+            enc = encoder.encode(volume)
+            report.encode_seconds += time.time() - t0
+            if not (np.isfinite(enc.vector).all() and np.abs(enc.vector).sum() > 0):
+                raise RadLensError("the volume encodes to a zero or non-finite vector "
+                                   "(empty or constant volume?)")
+            uri = (os.path.relpath(vs.path, root) if keep_paths
+                   else pseudo("src", os.path.abspath(vs.path)))
+            ix.add(VOLUME, enc.vector[None], [_row(ix.path, vs, volume, enc, digest, uri)],
+                   model=model)
+        except Exception as exc:
+            report.failed.append(_failure(vs, exc))
+            logger.warning("skipped a volume: %s", report.failed[-1]["reason"])
+            continue
+        known.add(digest)
+        report.added += 1
+        since_save += 1
+        if since_save >= save_every:
+            ix.save()
+            since_save = 0
+    ix.save()
+    report.seconds = round(time.time() - start, 3)
+    report.encode_seconds = round(report.encode_seconds, 3)
+    report.volumes_per_s = (round(report.added / report.seconds, 3)
+                            if report.added and report.seconds else 0.0)
+
+
+def _row(ix_path: Path, vs: VolumeSource, volume: Volume, enc: VolumeEncoding, digest: str,
+         uri: str | None) -> dict[str, Any]:
+    """The catalog row of one volume (previews written into the index folder first)."""
+    meta = volume.meta
+    files = write_previews(ix_path, digest, volume.array, enc)
+    extra = {k: v for k, v in vs.extra.items() if k != "modality"}
+    extra.update(shape=list(volume.shape), spacing=[round(s, 4) for s in volume.spacing],
+                 source_format=meta.source_format, score_kind=enc.score_kind,
+                 salient=files["salient"], stack=files["stack"])
+    return {"source_uri": uri, "content_hash": digest, "thumbnail": files["thumbnail"],
+            "study": meta.study_pseudonym, "series": meta.series_pseudonym,
+            "modality": meta.modality or vs.extra.get("modality"), "body_part": meta.body_part,
+            "year": meta.study_year, "rows": volume.shape[1], "cols": volume.shape[2],
+            "extra": extra}

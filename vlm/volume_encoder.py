@@ -1,0 +1,321 @@
+"""Volume encoder: one unit vector per CT volume (the index's ``volume`` collection) and one
+saliency score per axial slice (the app's attention-slice strip).
+
+Where the model comes from (:meth:`VolumeEncoder.load`):
+
+* a LeCL checkpoint folder written by ``radlens train lecl`` (a run folder: ``best/`` first):
+  the CLEAR slice encoder embeds every axial slice; **volume vector = mean over the slices of
+  the air-referenced slice embeddings ``e_k - e_air``, L2-normalised**, where ``e_air`` is the
+  embedding of an all-air slice (-1024 HU) of the same size. The reference removes the tower's
+  input-independent offset: without it the mean embeddings of all volumes point the same way
+  (pairwise cosine > 0.997 on PhantomCT for random and briefly trained towers, so rankings
+  drown in float16 rounding); with it the cosines spread over about 0.73-0.99. Subtracting a
+  constant does not change which slices differ from which. When the folder also holds a CLEAR
+  ABMIL checkpoint
+  (``clear_mil.pt``, see :func:`save_clear_mil`; or pass ``attention=``), its attention over the
+  slices gives the slice scores. The vector stays the mean either way, so vectors do not depend
+  on a downstream task head and one index can mix volumes scored with and without ABMIL.
+* a DrasCLR checkpoint folder written by ``radlens train drasclr``: volume vector = mean of the
+  lattice patch features (``DrasCLR.volume_embedding``), L2-normalised, with the anatomical
+  frame taken from the body's bounding box (:func:`vlm.train.drasclr.real_ct_frame`) for every
+  volume, so PhantomCT and real CT are encoded the same way.
+* ``random:<lecl|drasclr>-<tiny|small>[@seed]``: a seeded randomly initialised tower, the
+  "random tower" baseline and the model of fast tests.
+
+Slice scores without ABMIL (``score_kind == "distinct"``): ``1 - cos(e_k - e_air, v)`` for the
+volume vector ``v``, i.e. the slices least like the volume's average slice.
+This is not learned attention and not a lesion detector: it points at atypical slices (often the
+ends of the scan, or slices with unusual content). For DrasCLR, a slice's score is the largest
+``1 - cos(f_p, mean_p f_p)`` over the lattice patches whose extent covers it (0 where none does).
+
+Identity: :attr:`VolumeEncoder.name` (``lecl``, ``drasclr``, ``lecl-tiny-random@0``, ...) and
+:attr:`VolumeEncoder.config_hash`, a sha256 fingerprint of the tower's config *and weights*
+(two trainings of the same config make different vectors, so they must not share a collection).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlm.errors import ConfigError, RadLensError
+from vlm.io.types import Volume
+from vlm.models.clear import ClearConfig, ClearMIL, LeCL
+from vlm.models.drasclr import DrasCLR
+
+logger = logging.getLogger(__name__)
+
+CLEAR_MIL_CHECKPOINT = "clear_mil.pt"
+RANDOM_PREFIX = "random:"
+SCORE_ATTENTION, SCORE_DISTINCT = "attention", "distinct"
+AIR_HU = -1024.0
+EMPTY_TOLERANCE = 1e-4  # |mean(e_k - e_air)| below this fraction of |e_air|: an empty volume
+#: Versions of the vector definitions; part of the fingerprint, so a change refuses old indexes.
+VECTOR_DEFINITION = {"lecl": "mean(e_k - e_air)/v1", "drasclr": "mean(patch features)/v1"}
+#: What each slice-score kind means, for captions and model cards.
+SCORE_MEANING = {
+    SCORE_ATTENTION: "CLEAR ABMIL attention over the slices",
+    SCORE_DISTINCT: "1 - cosine to the volume vector (the least typical slices; not learned "
+                    "attention)",
+}
+
+
+@dataclass
+class VolumeEncoding:
+    """What the encoder gives for one volume."""
+
+    vector: np.ndarray  # (D,) float32, unit length
+    slice_scores: np.ndarray  # (Z,) float32, higher = more salient
+    score_kind: str  # SCORE_ATTENTION | SCORE_DISTINCT
+
+    def top_slices(self, k: int = 5) -> list[tuple[int, float]]:
+        """The ``k`` highest-scoring slices as ``(slice index, score)``, best first."""
+        order = np.argsort(-self.slice_scores, kind="stable")[: max(int(k), 0)]
+        return [(int(i), float(self.slice_scores[i])) for i in order]
+
+
+# --------------------------------------------------------------------------- ABMIL checkpoints
+
+def save_clear_mil(model: ClearMIL, folder: str | os.PathLike[str]) -> Path:
+    """Write a CLEAR ABMIL (config + weights) as ``folder/clear_mil.pt`` (atomically).
+
+    Put it in a LeCL checkpoint folder to give :class:`VolumeEncoder` attention slice scores.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{CLEAR_MIL_CHECKPOINT}.tmp"
+    torch.save({"kind": "clear_mil", "config": dataclasses.asdict(model.cfg),
+                "state_dict": model.state_dict()}, tmp)
+    os.replace(tmp, folder / CLEAR_MIL_CHECKPOINT)
+    return folder / CLEAR_MIL_CHECKPOINT
+
+
+def load_clear_mil(path: str | os.PathLike[str]) -> ClearMIL:
+    """A CLEAR ABMIL from ``clear_mil.pt`` or a folder holding it, in eval mode."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CLEAR_MIL_CHECKPOINT
+    if not p.is_file():
+        raise ConfigError(f"{p}: no CLEAR ABMIL checkpoint; write one with save_clear_mil")
+    state: dict[str, Any] = torch.load(p, map_location="cpu", weights_only=False)
+    if state.get("kind") != "clear_mil":
+        raise ConfigError(f"{p} is not a CLEAR ABMIL checkpoint")
+    model = ClearMIL(ClearConfig(**state["config"]))
+    model.load_state_dict(state["state_dict"])
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+def _fingerprint(config: dict[str, Any], modules: dict[str, torch.nn.Module]) -> str:
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=list).encode())
+    for prefix, module in sorted(modules.items()):
+        for name, t in sorted(module.state_dict().items()):
+            h.update(f"{prefix}.{name}".encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _find(folder: Path, filename: str) -> Path | None:
+    for cand in (folder / filename, folder / "best" / filename, folder / "last" / filename):
+        if cand.is_file():
+            return cand
+    return None
+
+
+# --------------------------------------------------------------------------- the encoder
+
+class VolumeEncoder:
+    """A volume model ready for inference (eval mode asserted). Use :meth:`load`.
+
+    Args:
+        model: a :class:`LeCL` or :class:`DrasCLR` (put into eval mode here).
+        name: model name recorded in the index.
+        source: what :meth:`load` reloads it from (checkpoint path or ``random:`` name).
+        attention: optional CLEAR ABMIL over the LeCL slice embeddings.
+        lattice: DrasCLR lattice steps (z, y, x).
+        device: torch device for the model.
+        batch_size: slices (LeCL) or patches (DrasCLR) per forward pass.
+    """
+
+    def __init__(self, model: LeCL | DrasCLR, name: str, source: str, *,
+                 attention: ClearMIL | None = None,
+                 lattice: tuple[int, int, int] = (4, 4, 4), device: str = "cpu",
+                 batch_size: int = 64) -> None:
+        if attention is not None and not isinstance(model, LeCL):
+            raise ConfigError("CLEAR ABMIL attention needs a LeCL slice encoder, not DrasCLR")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.attention = attention.to(self.device).eval() if attention is not None else None
+        assert not self.model.training, "inference needs eval mode"
+        self.name, self.source = name, source
+        self.lattice = lattice
+        self.batch_size = int(batch_size)
+        self._air: dict[tuple[int, int], torch.Tensor] = {}
+        if isinstance(model, LeCL):
+            self.kind = "lecl"
+            self.dim = int(model.cfg.embed_dim)
+            self.config_hash = _fingerprint(
+                {**dataclasses.asdict(model.cfg), "vector": VECTOR_DEFINITION["lecl"]},
+                {"encoder": model.encoder})
+            if attention is not None and attention.cfg.in_dim != self.dim:
+                raise ConfigError(f"the CLEAR ABMIL expects {attention.cfg.in_dim}-d slice "
+                                  f"embeddings, the LeCL encoder gives {self.dim}-d: train the "
+                                  "ABMIL on this encoder's embeddings")
+        else:
+            self.kind = "drasclr"
+            self.dim = int(model.cfg.repr_dim)
+            self.config_hash = _fingerprint(
+                {**dataclasses.asdict(model.cfg), "lattice": list(lattice),
+                 "vector": VECTOR_DEFINITION["drasclr"]},
+                {"encoder": model.encoder})
+        self.score_kind = SCORE_ATTENTION if self.attention is not None else SCORE_DISTINCT
+
+    def __repr__(self) -> str:
+        return (f"VolumeEncoder({self.name!r}, dim={self.dim}, config_hash={self.config_hash!r}, "
+                f"scores={self.score_kind!r})")
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, source: str | os.PathLike[str], *,
+             attention: str | os.PathLike[str] | None = None, device: str = "cpu"
+             ) -> VolumeEncoder:
+        """A LeCL or DrasCLR checkpoint folder, or ``random:<kind>-<preset>[@seed]``.
+
+        Raises:
+            ConfigError: no checkpoint there, an unknown random name, or a mismatched ABMIL.
+        """
+        text = str(source)
+        if text.startswith(RANDOM_PREFIX):
+            if attention is not None:
+                raise ConfigError("a random tower has no trained attention: drop attention=")
+            return cls.random(text, device=device)
+        from vlm.train.drasclr import CHECKPOINT as DRAS_FILE
+        from vlm.train.drasclr import load_drasclr
+        from vlm.train.lecl import CHECKPOINT as LECL_FILE
+        from vlm.train.lecl import load_lecl
+
+        folder = Path(source)
+        if _find(folder, LECL_FILE) is not None:
+            found = _find(folder, CLEAR_MIL_CHECKPOINT)
+            mil_path = Path(attention) if attention is not None else (
+                found.parent if found is not None else None)
+            mil = load_clear_mil(mil_path) if mil_path is not None else None
+            return cls(load_lecl(folder), "lecl", str(folder.resolve()), attention=mil,
+                       device=device)
+        if _find(folder, DRAS_FILE) is not None:
+            if attention is not None:
+                raise ConfigError("CLEAR ABMIL attention needs a LeCL slice encoder, not DrasCLR")
+            model, lattice = load_drasclr(folder)
+            return cls(model, "drasclr", str(folder.resolve()), lattice=lattice, device=device)
+        raise ConfigError(f"{folder}: no {LECL_FILE} or {DRAS_FILE}; train one with "
+                          "'radlens train lecl|drasclr' or use random:lecl-tiny")
+
+    @classmethod
+    def random(cls, name: str = "random:lecl-tiny", *, device: str = "cpu") -> VolumeEncoder:
+        """A seeded randomly initialised tower: ``random:lecl-small@3``, ``random:drasclr-tiny``."""
+        spec = name.removeprefix(RANDOM_PREFIX)
+        base, _, seed_text = spec.partition("@")
+        kind, _, preset = base.partition("-")
+        try:
+            seed = int(seed_text) if seed_text else 0
+        except ValueError:
+            raise ConfigError(f"random tower '{name}': the seed after '@' must be an integer"
+                              ) from None
+        from vlm.train.drasclr import DEFAULT_LATTICE, drasclr_config
+        from vlm.train.drasclr import PRESETS as DRAS_PRESETS
+        from vlm.train.lecl import PRESETS as LECL_PRESETS
+        from vlm.train.lecl import lecl_config
+
+        presets = {"lecl": LECL_PRESETS, "drasclr": DRAS_PRESETS}.get(kind, {})
+        if preset not in presets:
+            raise ConfigError(f"unknown random tower '{name}': use random:lecl-tiny, "
+                              "random:lecl-small, random:drasclr-tiny or random:drasclr-small "
+                              "(optionally @SEED)")
+        canonical = f"{RANDOM_PREFIX}{kind}-{preset}@{seed}"
+        label = f"{kind}-{preset}-random@{seed}"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if kind == "lecl":
+                return cls(LeCL(lecl_config(preset)), label, canonical, device=device)
+            gen = torch.Generator().manual_seed(seed)
+            model = DrasCLR(drasclr_config(preset, lattice=DEFAULT_LATTICE), gen)
+            return cls(model, label, canonical, lattice=DEFAULT_LATTICE, device=device)
+
+    # ------------------------------------------------------------------ encoding
+    @torch.inference_mode()
+    def encode(self, volume: Volume | np.ndarray) -> VolumeEncoding:
+        """One volume, (Z, Y, X) in HU on the canonical grid -> vector and slice scores."""
+        hu = np.asarray(volume.array if isinstance(volume, Volume) else volume, np.float32)
+        if hu.ndim != 3 or min(hu.shape) < 1:
+            raise ConfigError(f"a volume must be a (Z, Y, X) array, got shape {hu.shape}")
+        assert not self.model.training, "inference needs eval mode"
+        if isinstance(self.model, LeCL):
+            return self._encode_lecl(self.model, torch.from_numpy(hu))
+        return self._encode_drasclr(self.model, hu)
+
+    def _encode_lecl(self, model: LeCL, hu: torch.Tensor) -> VolumeEncoding:
+        from vlm.train.lecl import embed_volume
+
+        emb = embed_volume(model, hu.to(self.device), self.batch_size).float()  # (Z, E)
+        air = self._air_embedding(model, tuple(hu.shape[1:]))  # (E,)
+        centred = emb - air[None]  # (Z, E)
+        mean = centred.mean(0)  # (E,)
+        if float(mean.norm()) <= EMPTY_TOLERANCE * float(air.norm()):
+            raise RadLensError("the volume looks like empty air to the slice encoder: nothing "
+                               "to index")
+        if self.attention is not None:
+            scores = self.attention(emb[None]).attention[0]  # (Z,), sums to 1
+        else:
+            scores = 1.0 - F.cosine_similarity(centred, mean[None], dim=1)  # (Z,)
+        return VolumeEncoding(_unit(mean), scores.cpu().numpy().astype(np.float32),
+                              self.score_kind)
+
+    def _air_embedding(self, model: LeCL, size: tuple[int, ...]) -> torch.Tensor:
+        """(E,) embedding of an all-air slice of ``size`` (cached per size)."""
+        key = (int(size[0]), int(size[1]))
+        if key not in self._air:
+            from vlm.train.lecl import embed_volume
+
+            air = torch.full((1, *key), AIR_HU, device=self.device)
+            self._air[key] = embed_volume(model, air)[0].float()
+        return self._air[key]
+
+    def _encode_drasclr(self, model: DrasCLR, hu: np.ndarray) -> VolumeEncoding:
+        from vlm.data.drasclr_patches import extract_patches, preprocess_hu
+        from vlm.train.drasclr import real_ct_frame, volume_grid
+
+        mc = model.cfg
+        try:
+            frame = real_ct_frame(hu)
+        except ValueError:
+            raise ConfigError("no voxel above -500 HU: DrasCLR needs a CT volume in HU") from None
+        x = preprocess_hu(torch.from_numpy(hu), mc.hu_min, mc.hu_max)  # (Z, Y, X) in [-1, 1]
+        grid = volume_grid(tuple(x.shape), frame, self.lattice, mc.n_neighbours)
+        if len(grid) == 0:
+            raise ConfigError("no DrasCLR lattice patch falls inside this volume")
+        patches = extract_patches(x, grid.centres, mc.patch_size).to(self.device)
+        feats = model.patch_features(patches, torch.from_numpy(grid.coords).to(self.device),
+                                     self.batch_size).float()  # (N, R)
+        mean = feats.mean(0)  # (R,) = DrasCLR.volume_embedding
+        distinct = (1.0 - F.cosine_similarity(feats, mean[None], dim=1)).cpu().numpy()
+        scores = np.zeros(hu.shape[0], np.float32)
+        half = mc.patch_size / 2.0
+        for k_centre, d in zip(grid.centres[:, 0], distinct, strict=True):
+            lo, hi = max(0, round(k_centre - half)), min(hu.shape[0], round(k_centre + half))
+            scores[lo:hi] = np.maximum(scores[lo:hi], d)
+        return VolumeEncoding(_unit(mean), scores, SCORE_DISTINCT)
+
+
+def _unit(v: torch.Tensor) -> np.ndarray:
+    return F.normalize(v.float(), dim=0).cpu().numpy().astype(np.float32)
