@@ -1,0 +1,181 @@
+"""Ingestion of the PhantomCXR archive: images/s end to end against encoder-only images/s.
+
+Usage: ``python benchmarks/ingest_throughput.py [--data data/phantom_cxr] [--limit N]``
+
+The archive is the PhantomCXR folder (hard-linked, or copied, into a scratch folder so the
+original stays untouched) beside an ``incoming/`` folder salted with broken files: a truncated
+DICOM, a text file named ``.dcm``, an empty file, random bytes and a DICOM without pixel data.
+
+* **End to end** is ``radlens index build`` as users run it (``index.ingest.ingest``): walk,
+  hash, decode and preprocess in worker processes, thumbnails, encoding, image + region vectors
+  and catalog rows, generations saved as it goes, the failures report. Timed from the call to
+  the return, worker start-up included.
+* **Encoder only** is the same model encoding already-preprocessed tensors of the same images
+  at the same batch size, measured in the same run: the ceiling ingestion can approach.
+
+Then the same build is run again over the same folder (it must add nothing) and the failures
+report is checked (each broken file listed once, no good file listed). Prints one JSON object;
+writes ``benchmarks/out/ingest_throughput.{json,png}``. Target: ratio >= 0.85.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).resolve().parent / "out"
+TARGET_RATIO = 0.85
+
+
+def link_tree(src: Path, dst: Path, limit: int | None) -> int:
+    """Hard-link (copy across file systems) the data set; with ``limit``, only that many
+    images and a manifest listing just them."""
+    from vlm.data.manifest import read_jsonl, write_jsonl
+
+    rows = [r for r in read_jsonl(src / "manifest.jsonl") if isinstance(r.get("file"), str)]
+    rows = rows[:limit] if limit else rows
+    dst.mkdir(parents=True)
+    for r in rows:
+        target = dst / r["file"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src / r["file"], target)
+        except OSError:
+            shutil.copy2(src / r["file"], target)
+    write_jsonl(dst / "manifest.jsonl", rows)
+    return len(rows)
+
+
+def salt(folder: Path, good: Path) -> list[str]:
+    """Broken files next to the archive; returns their paths."""
+    import numpy as np
+    import pydicom
+
+    folder.mkdir(parents=True)
+    data = good.read_bytes()
+    bad = {"truncated.dcm": data[: len(data) // 3], "notes.dcm": b"not a DICOM file\n" * 40,
+           "empty.dcm": b"", "noise.bin": np.random.default_rng(0).bytes(4096)}
+    for name, blob in bad.items():
+        (folder / name).write_bytes(blob)
+    ds = pydicom.dcmread(good)
+    del ds.PixelData
+    ds.save_as(folder / "no_pixels.dcm")
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def encoder_only(encoder: Any, paths: list[Path], batch: int, n: int) -> dict[str, Any]:
+    """Encode ``n`` already-preprocessed images at ``batch``: images/s (best of two passes)."""
+    import torch
+
+    from vlm.data.transforms import Preprocess
+    from vlm.io import read_image
+
+    pre = Preprocess(encoder.model.config.preprocess)
+    x = torch.stack([pre(read_image(p))[0] for p in paths[:n]]).to(torch.float16)
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for s in range(0, len(x), batch):
+                encoder.model.encode_image(x[s:s + batch].to(encoder.dtype))
+        best = min(best, time.perf_counter() - t)
+    return {"images": len(x), "seconds": round(best, 3), "images_per_s": round(len(x) / best, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "phantom_cxr")
+    ap.add_argument("--model", default=str(ROOT / "checkpoints" / "lrclr-small"))
+    ap.add_argument("--limit", type=int, default=None, help="index only the first N images")
+    ap.add_argument("--reference-images", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--work", type=Path, default=ROOT / "build" / "bench_ingest")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--keep-index", type=Path, default=None,
+                    help="move the built index here (e.g. for search_precision.py)")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    import vlm  # noqa: F401  (torchvision CPU shim)
+    from index.ingest import ingest
+    from vlm.inference import Encoder
+
+    if not (args.data / "manifest.jsonl").is_file():
+        print(f"{args.data}: no PhantomCXR here; run `radlens data phantom-cxr --out "
+              f"{args.data}` first", file=sys.stderr)
+        return 2
+    shutil.rmtree(args.work, ignore_errors=True)
+    archive = args.work / "archive"
+    n_images = link_tree(args.data, archive / "phantom_cxr", args.limit)
+    good = sorted((archive / "phantom_cxr").rglob("*.dcm"))
+    broken = salt(archive / "incoming", good[0])
+    encoder = Encoder(args.model)
+    ref = encoder_only(encoder, good, args.batch_size, min(args.reference_images, len(good)))
+    print(f"encoder only: {ref}", file=sys.stderr, flush=True)
+
+    index = args.work / "index"
+    t = time.perf_counter()
+    report = ingest(encoder, archive, index, batch_size=args.batch_size, workers=args.workers,
+                    progress=False, model_path=args.model)
+    wall = time.perf_counter() - t
+    t = time.perf_counter()
+    again = ingest(encoder, archive, index, batch_size=args.batch_size, workers=args.workers,
+                   progress=False, model_path=args.model)
+    rerun_s = time.perf_counter() - t
+    failed = sorted(f["path"] for f in report.failed)
+    pipeline = report.added / wall
+    result: dict[str, Any] = {
+        "benchmark": "ingest_throughput", "model": encoder.name, "cpu_count": os.cpu_count(),
+        "images": n_images, "batch_size": args.batch_size,
+        "workers": args.workers or os.cpu_count(),
+        "end_to_end": {"added": report.added, "regions": report.regions,
+                       "seconds": round(wall, 2), "images_per_s": round(pipeline, 2),
+                       "encode_seconds_inside": round(report.encode_seconds, 2)},
+        "encoder_only": ref,
+        "ratio": round(pipeline / ref["images_per_s"], 3), "target_ratio": TARGET_RATIO,
+        "failures": {"salted": len(broken), "reported": len(failed),
+                     "each_broken_file_once": failed == broken,
+                     "reasons": {Path(f["path"]).name: f["reason"] for f in report.failed}},
+        "rerun": {"added": again.added, "already_indexed": again.already_indexed,
+                  "failed": len(again.failed), "seconds": round(rerun_s, 2)},
+    }
+    result["target_met"] = result["ratio"] >= TARGET_RATIO
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ingest_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out / "ingest_throughput.png")
+    sys.stdout.write(json.dumps(result) + "\n")
+    if args.keep_index:
+        shutil.rmtree(args.keep_index, ignore_errors=True)
+        args.keep_index.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(index), str(args.keep_index))
+    shutil.rmtree(args.work, ignore_errors=True)
+    return 0
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    names = ["encoder only", "end to end"]
+    values = [result["encoder_only"]["images_per_s"], result["end_to_end"]["images_per_s"]]
+    ax.barh(names, values, color=["#888", "#2a7"])
+    ax.axvline(values[0] * TARGET_RATIO, color="r", ls="--", lw=1, label="target (0.85x)")
+    ax.set_xlabel("images / s")
+    ax.set_title(f"Ingest {result['images']} PhantomCXR images, ratio {result['ratio']}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
