@@ -41,6 +41,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/phantom_cxr_speed.py
 	$(BIN)/python benchmarks/phantom_ct_speed.py
 	$(BIN)/python benchmarks/real_ct.py
+	$(BIN)/python benchmarks/app_search_latency.py
+	$(BIN)/python benchmarks/ingest_throughput.py --keep-index build/bench_index
+	$(BIN)/python benchmarks/search_precision.py --index build/bench_index
 
 clean:
 	rm -rf $(VENV) build data/demo .pytest_cache .mypy_cache .ruff_cache
