@@ -1,10 +1,11 @@
 """The real app in headless Chromium: search, zero-shot, grounding, similar cases, bad uploads,
 two isolated sessions, and screenshots of every tab (``docs/img/app_<tab>.png``).
 
-Needs Debian ``chromium`` and PyPI ``playwright`` (``playwright install`` is not used). Set
-``RADLENS_APP_MODEL`` to a trained checkpoint to also check that an effusion study scores a
-higher effusion probability than a normal one; with the tiny random model only rendering is
-checked.
+Needs Debian ``chromium`` and PyPI ``playwright`` (``playwright install`` is not used). The
+app runs the shipped checkpoint ``checkpoints/lrclr-small`` (or ``RADLENS_APP_MODEL``), and the
+test checks that an effusion study scores a higher effusion probability than a normal one;
+only without any trained checkpoint does it fall back to the tiny random model and check
+rendering alone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-dev-shm-usage"]
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "img"
 TIMEOUT = 30_000  # ms per wait
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "lrclr-small"
 
 # ``browser`` is added by tests/ui/conftest.py once the marker is registered in pyproject.
 pytestmark = [pytest.mark.slow]
@@ -55,7 +57,8 @@ def served(tmp_path_factory, request):
     from ui.serve import launch
     from vlm.data.phantom_cxr import generate_phantom_cxr
 
-    trained = os.environ.get("RADLENS_APP_MODEL")
+    trained = os.environ.get("RADLENS_APP_MODEL") or (
+        str(SHIPPED) if (SHIPPED / "model.safetensors").is_file() else None)
     model = Path(trained) if trained else request.getfixturevalue("tiny_model")
     root = tmp_path_factory.mktemp("browser")
     data = root / "pcxr"
@@ -118,10 +121,15 @@ def _upload(page, path: Path) -> str:
     return page.inner_text("#study-status").strip()
 
 
-def _probability(page, finding: str) -> float:
+def _probability(page, finding: str, changed_from: float | None = None) -> float:
+    """The finding's probability in the zero-shot table; with ``changed_from``, wait until the
+    table shows another value (the table can still hold the previous study's numbers while
+    the new study is being scored)."""
     page.wait_for_function(
-        "f => [...document.querySelectorAll('#zs-table tr')].some("
-        "r => r.innerText.includes(f))", arg=finding)
+        "a => [...document.querySelectorAll('#zs-table tr')].some(r => {"
+        " const c = [...r.querySelectorAll('td')].map(x => x.innerText.trim());"
+        " return c.length > 1 && c[0] === a[0] && (a[1] === null || Number(c[1]) !== a[1]); })",
+        arg=[finding, changed_from])
     for row in page.query_selector_all("#zs-table tr"):
         cells = [c.inner_text().strip() for c in row.query_selector_all("td")]
         if cells and cells[0] == finding:
@@ -163,7 +171,8 @@ def test_app_end_to_end(served, browser):
     _clear_upload(page)
     status = _upload(page, files["normal"])
     assert "⚠" not in status, status
-    p_norm = _probability(page, "pleural_effusion")
+    p_norm = _probability(page, "pleural_effusion",
+                          changed_from=p_eff if served["trained"] else None)
     assert 0.0 <= p_eff <= 1.0 and 0.0 <= p_norm <= 1.0
     if served["trained"]:
         assert p_eff > p_norm, (p_eff, p_norm)
