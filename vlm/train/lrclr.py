@@ -137,10 +137,11 @@ class LRCLRTask:
         sim = torch.cat(images) @ torch.cat(texts).T
         top5 = sim.topk(min(5, n), dim=1).indices
         recall5 = (top5 == torch.arange(n)[:, None]).any(1).float().mean().item()
-        out = {"val_loss": sum(losses) / max(1, len(losses)), "val_i2t_recall@5": recall5}
+        metrics: dict[str, float] = {"val_loss": sum(losses) / max(1, len(losses)),
+                                     "val_i2t_recall@5": recall5}
         if self.zero_shot_scorable():
-            out["val_zeroshot_auc"] = self._zero_shot_auc()
-        return out
+            metrics["val_zeroshot_auc"] = self._zero_shot_auc()
+        return metrics
 
     def zero_shot_scorable(self) -> bool:
         """Whether some finding has enough validation positives for a zero-shot AUC."""
