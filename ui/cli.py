@@ -395,6 +395,29 @@ def train_drasclr_cmd(
     print(json_line({k: v for k, v in summary.items() if k != "history"}))
 
 
+@train_app.command("clear")
+def train_clear_cmd(
+    data: Annotated[Path, typer.Option(help="PhantomCT-style folder with manifest.jsonl.")],
+    slice_model: Annotated[Path, typer.Option(help="LeCL run or checkpoint folder.")],
+    out: Annotated[Path | None, typer.Option(
+        help="Where clear_mil.pt goes (default: the slice-model folder, where the volume "
+             "encoder finds it).")] = None,
+    epochs: Annotated[int, typer.Option()] = 64,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train the CLEAR lesion-location ABMIL on a LeCL encoder's slice embeddings."""
+    import dataclasses
+
+    from vlm.eval.volumes import SMALL_DATA_CLEAR
+    from vlm.train.clear import train_clear_head
+
+    cfg = dataclasses.replace(SMALL_DATA_CLEAR, epochs=epochs, lr=lr, batch_size=batch_size)
+    summary = train_clear_head(data, slice_model, out or slice_model, cfg, seed=seed)
+    print(json_line({k: v for k, v in summary.items() if k != "config"}))
+
+
 @app.command("eval-volumes")
 def eval_volumes_cmd(
     data: Annotated[Path, typer.Option(help="PhantomCT-style folder with manifest.jsonl.")],

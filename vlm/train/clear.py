@@ -17,15 +17,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlm.data.ct_dataset import EMPHYSEMA_NAMES, Endpoints
+from vlm.data.ct_dataset import EMPHYSEMA_NAMES, CTDataset, Endpoints
+from vlm.data.phantom_ct.tissues import LOCATION_CLASSES
 from vlm.errors import ConfigError
 from vlm.losses import cox_partial_likelihood
 from vlm.models.clear import ClearConfig, ClearMIL, pad_bags, positive_class_weights, select_slices
@@ -204,3 +209,49 @@ def train_clear(embeddings: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
             else:
                 pred.score[test] = logits[:, 0] * sd + mu
     return pred
+
+
+def train_clear_head(data: str | os.PathLike[str] | CTDataset,
+                     slice_model: str | os.PathLike[str], out: str | os.PathLike[str],
+                     cfg: ClearConfig | None = None, seed: int = 0) -> dict[str, Any]:
+    """``radlens train clear``: one lesion-location ABMIL on a LeCL encoder's slice embeddings.
+
+    Trained on the manifest's ``train`` split, early-stopped on ``val``, scored on ``test``;
+    written as ``out/clear_mil.pt`` (put it in the LeCL run folder and
+    :class:`~vlm.volume_encoder.VolumeEncoder` uses its attention and pooled embedding) with
+    ``out/clear_mil.json`` (per-location test AUC, epochs, sizes).
+    """
+    from vlm.eval.metrics import roc_auc
+    from vlm.train.lecl import extract_slice_embeddings
+    from vlm.volume_encoder import save_clear_mil
+
+    ds = data if isinstance(data, CTDataset) else CTDataset(data)
+    split = np.array([r["split"] for r in ds.rows])
+    tr, va, te = (np.flatnonzero(split == s) for s in ("train", "val", "test"))
+    if len(tr) < 2 or len(va) < 1:
+        raise ConfigError(f"{ds.root}: CLEAR needs >= 2 train and >= 1 val volumes in the "
+                          f"manifest (found {len(tr)} train, {len(va)} val)")
+    emb = extract_slice_embeddings(slice_model, ds)
+    bags = [b.float() for b in emb.bags]
+    ep = ds.endpoints()
+    y = endpoint_targets(ep)["locations"]
+    cfg = dataclasses.replace(cfg or ClearConfig(), in_dim=int(bags[0].shape[1]))
+    lesion = [ds.lesion_slices(i) for i in range(len(ds))]
+    model, epochs = fit_mil(bags, y, "locations", cfg, tr, va, seed, lesion)
+    aucs: dict[str, float | None] = {}
+    if len(te):
+        with torch.no_grad():
+            prob = torch.sigmoid(model(*_bags(bags, te, cfg.max_slices, None, None)).logits)
+        for j, name in enumerate(LOCATION_CLASSES):
+            auc = roc_auc(y[te, j].numpy(), prob[:, j].numpy())
+            aucs[name] = None if np.isnan(auc) else round(float(auc), 4)
+    scored = [a for a in aucs.values() if a is not None]
+    summary = {"slice_model": str(Path(slice_model).resolve()), "endpoint": "locations",
+               "train": len(tr), "val": len(va), "test": len(te), "epochs": epochs,
+               "test_auc": aucs,
+               "test_macro_auc": round(float(np.mean(scored)), 4) if scored else None,
+               "config": dataclasses.asdict(model.cfg), "seed": seed}
+    out = Path(out)
+    save_clear_mil(model, out)
+    (out / "clear_mil.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -126,3 +126,24 @@ def test_real_ct_frame_ignores_detached_table():
     assert frame["lo"] == [4.0, 10.0, 8.0] and frame["hi"] == [15.0, 29.0, 31.0]
     grid = dr.volume_grid(hu.shape, frame, (2, 2, 2), n_neighbours=2)
     assert len(grid) == 8 and (np.abs(grid.coords) == 0.5).all()
+
+
+def test_train_clear_head_writes_an_abmil_the_volume_encoder_uses(data, lecl_run, tmp_path):
+    from vlm.train.clear import train_clear_head
+    from vlm.volume_encoder import SCORE_ATTENTION, VolumeEncoder
+
+    out, _ = lecl_run
+    cfg = ClearConfig(epochs=3, patience=2, batch_size=8, hidden_dim=16, attention_dim=16,
+                      head_dim=16, max_slices=24)
+    splits = [r["split"] for r in data.rows]
+    summary = train_clear_head(data, out / "last", tmp_path, cfg)
+    assert (tmp_path / "clear_mil.pt").is_file() and (tmp_path / "clear_mil.json").is_file()
+    assert summary["train"] == splits.count("train") and summary["val"] == splits.count("val")
+    assert 1 <= summary["epochs"] <= 3
+    for auc in summary["test_auc"].values():
+        assert auc is None or 0.0 <= auc <= 1.0
+    enc = VolumeEncoder.load(out / "last", attention=tmp_path)
+    assert enc.score_kind == SCORE_ATTENTION
+    got = enc.encode(data.volume_tensor(0).numpy())
+    assert got.slice_scores.shape == (SHAPE[0],)
+    assert abs(float(got.slice_scores.sum()) - 1.0) < 1e-4  # ABMIL attention sums to 1
