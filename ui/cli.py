@@ -452,6 +452,24 @@ def export_model(
     print(json_line({"checkpoint": str(path), "bytes": size}))
 
 
+@app.command("export-volume-model")
+def export_volume_model_cmd(
+    run: Annotated[Path, typer.Option(help="LeCL run or checkpoint folder (with clear_mil.pt "
+                                           "from 'radlens train clear', if any).")],
+    out: Annotated[Path, typer.Option(help="Where the shipped volume model goes.")],
+    benchmark: Annotated[Path | None, typer.Option(
+        help="volume_benchmark.json of 'radlens eval-volumes' for the model card.")] = None,
+    command: Annotated[list[str] | None, typer.Option(
+        help="A command that made the model (repeat; goes into the card).")] = None,
+) -> None:
+    """Package a LeCL slice encoder (+ CLEAR ABMIL) for shipping (float16, model card)."""
+    from vlm.volume_encoder import export_volume_model
+
+    path = export_volume_model(run, out, benchmark=benchmark, commands=command)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(json_line({"checkpoint": str(path), "bytes": size}))
+
+
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Option(help="Checkpoint folder (or config name).")],

@@ -319,3 +319,46 @@ class VolumeEncoder:
 
 def _unit(v: torch.Tensor) -> np.ndarray:
     return F.normalize(v.float(), dim=0).cpu().numpy().astype(np.float32)
+
+
+# --------------------------------------------------------------------------- shipping
+
+def export_volume_model(run: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                        benchmark: str | os.PathLike[str] | None = None,
+                        commands: list[str] | None = None) -> Path:
+    """Package a LeCL run (plus its CLEAR ABMIL, when the run has one) for shipping:
+    ``lecl.pt`` with the float16 slice encoder only, ``clear_mil.pt`` / ``clear_mil.json``,
+    ``MODEL_CARD.md`` (with the ``radlens eval-volumes`` JSON when ``benchmark`` is given)."""
+    import shutil
+
+    from vlm.models.card import volume_model_card
+    from vlm.train.lecl import CHECKPOINT as LECL_FILE
+    from vlm.train.lecl import export_lecl, read_checkpoint
+
+    src, dest = Path(run), Path(out)
+    if _find(src, LECL_FILE) is None:
+        raise ConfigError(f"{src}: no {LECL_FILE}; only LeCL runs are packaged (a DrasCLR run "
+                          "folder is used as it is)")
+    dest.mkdir(parents=True, exist_ok=True)
+    export_lecl(src, dest)
+    head_summary = None
+    mil = _find(src, CLEAR_MIL_CHECKPOINT)
+    if mil is not None:
+        shutil.copyfile(mil, dest / CLEAR_MIL_CHECKPOINT)
+        info = mil.parent / "clear_mil.json"
+        if info.is_file():
+            shutil.copyfile(info, dest / "clear_mil.json")
+            head_summary = json.loads(info.read_text())
+    state = read_checkpoint(dest, LECL_FILE, "train_lecl")
+    bench = None
+    if benchmark is not None:
+        data = json.loads(Path(benchmark).read_text())
+        bench = {"n_volumes": data.get("n_volumes"), "folds": data.get("folds"),
+                 "shape": data.get("shape"), "budget_minutes": data.get("budget_minutes"),
+                 "representations": {k: v.get("metrics") for k, v in
+                                     data.get("representations", {}).items()}}
+    enc = VolumeEncoder.load(dest)
+    card = volume_model_card("lecl", state["config"], state.get("summary"), head_summary, bench,
+                             commands, enc.config_hash)
+    (dest / "MODEL_CARD.md").write_text(card)
+    return dest

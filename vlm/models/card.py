@@ -73,3 +73,62 @@ def model_card(config: ModelConfig, training: dict[str, Any] | None = None,
         "- Labels come from MeSH indexing of the reports; they are incomplete and noisy.", "",
     ]
     return "\n".join(lines)
+
+
+def volume_model_card(kind: str, config: dict[str, Any], training: dict[str, Any] | None,
+                      head: dict[str, Any] | None = None,
+                      benchmark: dict[str, Any] | None = None,
+                      commands: list[str] | None = None, fingerprint: str = "") -> str:
+    """MODEL_CARD.md of a shipped CT volume model (``kind``: ``lecl`` or ``drasclr``)."""
+    if kind == "lecl":
+        v = config.get("vision", {})
+        title = "CLEAR slice encoder (LeCL)"
+        details = [
+            f"- Slice encoder: open_clip ViT {v.get('layers')}x{v.get('width')}, patch "
+            f"{v.get('patch_size')}, {v.get('image_size')} px axial slices (HU windowed to "
+            "three channels), random initialisation, pre-trained with MoCo v3 and the "
+            f"lesion-enhanced loss, w = {config.get('lesion_weight')}.",
+            f"- Slice embedding: {config.get('embed_dim')}-d (the encoder's pooled output; "
+            "projector, predictor and momentum copy are not shipped).",
+        ]
+        if head:
+            details.append(
+                "- CLEAR ABMIL head (`clear_mil.pt`): lesion-location multi-label attention MIL "
+                f"trained on the train split ({head.get('train')} volumes), early-stopped on val "
+                f"({head.get('val')}), test macro AUC {head.get('test_macro_auc')} over "
+                f"{head.get('test')} volumes. Its attention-pooled embedding is the volume "
+                "vector of the index and its attention the app's slice strip.")
+    else:
+        title = "DrasCLR 3-D encoder"
+        details = [f"- Anatomy-conditioned 3-D CNN, config: `{json.dumps(config)[:400]}`."]
+    lines = [f"# {title}", "", "**Not for clinical use.** Trained on synthetic CT (PhantomCT); "
+             "no clinical claim is made or implied.", "", "## Model details", "", *details]
+    if fingerprint:
+        lines.append(f"- Fingerprint (config + weights, what an index records): `{fingerprint}`.")
+    lines += [
+        "", "## Intended use", "",
+        "Research and engineering inside RadLens: volume vectors for similar-case search, "
+        "slice saliency for the app, slice embeddings for CLEAR endpoint models. Out of scope: "
+        "diagnosis, triage, any clinical decision, real CT without re-training and validation.",
+        "", "## Training data", "",
+        "PhantomCT (`data_cards/phantom_ct.md`): **fully synthetic** chest-abdomen CT, pixels "
+        "and labels alike. Self-supervised pre-training sees every volume of the generated set "
+        "(no labels); only the ABMIL head sees labels, of the train split.", "",
+    ]
+    if commands:
+        lines += ["## How it was made", "", "```bash", *commands, "```", ""]
+    if training:
+        lines += ["## Pre-training summary", "", "```json",
+                  json.dumps({k: v for k, v in training.items() if k != "history"}, indent=1,
+                             default=str)[:2000], "```", ""]
+    if benchmark:
+        lines += ["## Evaluation (5-fold CV on PhantomCT, `radlens eval-volumes`)", "", "```json",
+                  json.dumps(benchmark, indent=1, default=str)[:4000], "```", ""]
+    lines += [
+        "## Limitations", "",
+        "- Synthetic CT: simple organ shapes and lesions; behaviour on real CT is untested "
+        "beyond timing (see the README).",
+        "- Small model and short CPU training; results are for comparing methods at equal "
+        "budget, not for absolute performance.", "",
+    ]
+    return "\n".join(lines)

@@ -183,11 +183,33 @@ def save_lecl(model: LeCL, folder: str | os.PathLike[str], summary: dict[str, An
 
 
 def load_lecl(model_dir: str | os.PathLike[str]) -> LeCL:
-    """The LeCL model of a checkpoint folder (``best`` preferred inside a run folder), eval mode."""
+    """The LeCL model of a checkpoint folder (``best`` preferred inside a run folder), eval mode.
+
+    An inference checkpoint (:func:`export_lecl`) holds only the slice encoder; the projector,
+    predictor and momentum copy, which inference never uses, then keep their initial values.
+    """
     state = read_checkpoint(model_dir, CHECKPOINT, "train_lecl")
     model = LeCL(config_from_dict(state["config"]))
-    model.load_state_dict(state["state_dict"])
+    if state.get("encoder_only"):
+        weights = {k: v.float() for k, v in state["state_dict"].items()}
+        model.encoder.load_state_dict(weights)
+    else:
+        model.load_state_dict(state["state_dict"])
     return model.eval()
+
+
+def export_lecl(model_dir: str | os.PathLike[str], out: str | os.PathLike[str],
+                half: bool = True) -> Path:
+    """Write an inference checkpoint: the slice encoder only (float16 by default), about a
+    seventh of a training checkpoint. Training cannot resume from it."""
+    state = read_checkpoint(model_dir, CHECKPOINT, "train_lecl")
+    model = load_lecl(model_dir)
+    weights = {k: (v.half() if half and v.is_floating_point() else v).contiguous()
+               for k, v in model.encoder.state_dict().items()}
+    return write_checkpoint(out, CHECKPOINT, {"kind": "lecl", "config": state["config"],
+                                              "encoder_only": True,
+                                              "dtype": "float16" if half else "float32"},
+                            weights, state.get("summary"))
 
 
 def default_train_config(**changes: Any) -> TrainConfig:
