@@ -147,3 +147,21 @@ def test_train_clear_head_writes_an_abmil_the_volume_encoder_uses(data, lecl_run
     got = enc.encode(data.volume_tensor(0).numpy())
     assert got.slice_scores.shape == (SHAPE[0],)
     assert abs(float(got.slice_scores.sum()) - 1.0) < 1e-4  # ABMIL attention sums to 1
+
+
+def test_export_volume_model_ships_the_encoder_in_float16(data, lecl_run, tmp_path):
+    from vlm.volume_encoder import VolumeEncoder, export_volume_model
+
+    out, _ = lecl_run
+    dest = export_volume_model(out / "last", tmp_path / "ship",
+                               commands=["radlens train lecl --data D --out R"])
+    assert (dest / "lecl.pt").stat().st_size < (out / "last" / "lecl.pt").stat().st_size / 3
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "Not for clinical use" in card and "radlens train lecl --data D --out R" in card
+    hu = data.volume_tensor(1).numpy()
+    full, slim = VolumeEncoder.load(out / "last"), VolumeEncoder.load(dest)
+    assert slim.dim == full.dim and slim.config_hash in card
+    a, b = full.encode(hu).vector, slim.encode(hu).vector
+    assert float(np.dot(a, b)) > 0.999  # float16 weights, same vector up to rounding
+    with pytest.raises(Exception, match="no lecl.pt"):
+        export_volume_model(tmp_path / "nothing", tmp_path / "x")
