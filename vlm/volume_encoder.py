@@ -206,13 +206,16 @@ class VolumeEncoder:
         from vlm.train.lecl import load_lecl
 
         folder = Path(source)
-        if _find(folder, LECL_FILE) is not None:
-            found = _find(folder, CLEAR_MIL_CHECKPOINT)
-            mil_path = Path(attention) if attention is not None else (
-                found.parent if found is not None else None)
+        lecl_file = _find(folder, LECL_FILE)
+        if lecl_file is not None:
+            # the ABMIL that goes with this encoder sits beside it (a run's best/ and last/
+            # are different encoders), or in the run folder itself
+            beside = [p / CLEAR_MIL_CHECKPOINT for p in (lecl_file.parent, folder)]
+            found = next((p for p in beside if p.is_file()), None)
+            mil_path = Path(attention) if attention is not None else found
             mil = load_clear_mil(mil_path) if mil_path is not None else None
-            return cls(load_lecl(folder), "lecl", str(folder.resolve()), attention=mil,
-                       device=device)
+            return cls(load_lecl(lecl_file.parent), "lecl", str(folder.resolve()),
+                       attention=mil, device=device)
         if _find(folder, DRAS_FILE) is not None:
             if attention is not None:
                 raise ConfigError("CLEAR ABMIL attention needs a LeCL slice encoder, not DrasCLR")

@@ -150,3 +150,19 @@ def test_missing_or_wrong_checkpoints_are_one_line_errors(tmp_path):
         VolumeEncoder.load("random:lecl-tiny").encode(np.zeros((4, 4), np.float32))
     with pytest.raises(RadLensError, match="empty air"):
         VolumeEncoder.load("random:lecl-tiny").encode(np.full((6, 20, 20), -1024, np.float32))
+
+
+def test_abmil_is_taken_from_beside_the_encoder_it_was_trained_on(tmp_path):
+    """A run has best/ and last/ encoders; an ABMIL in last/ must not pair with best/."""
+    from vlm.train.lecl import lecl_config, save_lecl
+
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    save_lecl(LeCL(lecl_config("tiny")), run / "best")
+    save_lecl(LeCL(lecl_config("tiny")), run / "last")
+    dim = lecl_config("tiny").embed_dim
+    save_clear_mil(ClearMIL(ClearConfig(in_dim=dim)), run / "last")
+    assert VolumeEncoder.load(run).attention is None  # best/ has no ABMIL of its own
+    assert VolumeEncoder.load(run / "last").attention is not None
+    save_clear_mil(ClearMIL(ClearConfig(in_dim=dim)), run)  # a run-level ABMIL applies
+    assert VolumeEncoder.load(run).attention is not None

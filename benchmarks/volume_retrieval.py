@@ -1,0 +1,103 @@
+"""Volume search quality on PhantomCT: do a volume's nearest neighbours share its lesions?
+
+For each volume model, every PhantomCT volume is encoded exactly as ``radlens index build
+--volume-model`` encodes it (:class:`vlm.volume_encoder.VolumeEncoder`), and every volume with
+a lesion in location L queries the others (itself left out, cosine similarity). Reported per
+location: mean precision@k over those queries against the base rate (the share of the other
+volumes with a lesion in L, the expected precision of a random ranking), and a one-sided
+permutation p-value (labels shuffled over volumes, same statistic).
+
+Usage::
+
+    python benchmarks/volume_retrieval.py --data data/phantom_ct \\
+        --model lecl=runs/eval-volumes/clear_lecl --model random=random:lecl-small@0 [-k 5]
+
+Prints one JSON object; writes ``benchmarks/out/volume_retrieval.json``. The index's own
+acceptance query is "a volume with a liver lesion returns liver-lesion volumes above the base
+rate", i.e. the ``liver`` row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def precision_at_k(vectors: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Mean over positive volumes of the share of positives among their k nearest others."""
+    sim = vectors @ vectors.T
+    np.fill_diagonal(sim, -np.inf)
+    top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    pos = np.flatnonzero(labels)
+    return float(labels[top[pos]].mean()) if len(pos) else float("nan")
+
+
+def retrieval_table(vectors: np.ndarray, locations: np.ndarray, names: list[str], k: int,
+                    permutations: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
+    rng = np.random.default_rng(seed)
+    n = len(vectors)
+    out: dict[str, dict[str, float]] = {}
+    for j, name in enumerate(names):
+        y = locations[:, j].astype(bool)
+        if y.sum() < 2:
+            continue
+        p = precision_at_k(vectors, y, k)
+        null = np.array([precision_at_k(vectors, rng.permutation(y), k)
+                         for _ in range(permutations)])
+        out[name] = {"queries": int(y.sum()), "precision_at_k": round(p, 4),
+                     "base_rate": round(float((y.sum() - 1) / (n - 1)), 4),
+                     "p_value": round(float((1 + (null >= p).sum()) / (1 + permutations)), 4)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "phantom_ct")
+    ap.add_argument("--model", action="append", required=True,
+                    help="NAME=SOURCE (a LeCL/DrasCLR run or checkpoint folder, or random:...)")
+    ap.add_argument("-k", type=int, default=5)
+    ap.add_argument("--splits", default=None, help="comma-separated manifest splits to use")
+    ap.add_argument("--permutations", type=int, default=1000)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    import vlm  # noqa: F401  (torchvision CPU shim)
+    from vlm.data.ct_dataset import CTDataset
+    from vlm.data.phantom_ct.tissues import LOCATION_CLASSES
+    from vlm.volume_encoder import VolumeEncoder
+
+    ds = CTDataset(args.data, args.splits.split(",") if args.splits else None)
+    locations = ds.endpoints().locations
+    result: dict[str, Any] = {"benchmark": "volume_retrieval", "data": str(args.data),
+                              "volumes": len(ds), "k": args.k, "models": {}}
+    for spec in args.model:
+        name, _, source = spec.partition("=")
+        enc = VolumeEncoder.load(source or name)
+        t = time.perf_counter()
+        vectors = np.stack([enc.encode(ds.volume_tensor(i).numpy()).vector
+                            for i in range(len(ds))])
+        seconds = time.perf_counter() - t
+        table = retrieval_table(vectors, locations, list(LOCATION_CLASSES), args.k,
+                                args.permutations)
+        result["models"][name] = {"source": source or name, "encoder": repr(enc),
+                                  "seconds_per_volume": round(seconds / len(ds), 3),
+                                  "locations": table}
+        print(f"{name}: liver {table.get('liver')}", file=sys.stderr, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "volume_retrieval.json").write_text(json.dumps(result, indent=2) + "\n")
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
