@@ -16,6 +16,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -117,9 +118,28 @@ _KNOWN: set[str] = set()
 _PRE: PreprocessConfig | None = None
 
 
-def _init_worker(known: set[str], pre: dict[str, Any]) -> None:
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the ingesting process dies (a killed
+    build must not leave decode workers behind holding its pipes and files)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the call
+        os._exit(1)
+
+
+def _init_worker(known: set[str], pre: dict[str, Any], worker: bool = False) -> None:
     global _KNOWN, _PRE
-    torch.set_num_threads(1)
+    if worker:  # in-process decoding (workers=0) keeps the encoder's thread count
+        _die_with_parent()
+        torch.set_num_threads(1)
     _KNOWN, _PRE = known, PreprocessConfig(**pre)
 
 
@@ -167,15 +187,32 @@ def decode_one(path: str) -> dict[str, Any]:
                 "year": meta.study_year, "rows": meta.rows, "cols": meta.columns}}
 
 
+def plan_workers(workers: int | None, device: torch.device) -> tuple[int, int]:
+    """(decode processes, encoder threads). ``workers=0`` decodes in this process.
+
+    With the encoder on the CPU, decoding and encoding share the cores, so they are split
+    rather than oversubscribed: by default half the cores decode and the encoder gets the rest
+    (measured on 2 cores: one decode process + one encoder thread ran 1.4x faster than two
+    decode processes beside a two-thread encoder). With a GPU encoder every core but one
+    decodes and the encoder's thread count is left alone.
+    """
+    cores = os.cpu_count() or 1
+    if workers is None:
+        workers = max(1, cores // 2) if device.type == "cpu" else max(1, cores - 1)
+    workers = max(0, int(workers))
+    threads = max(1, cores - workers) if device.type == "cpu" else torch.get_num_threads()
+    return workers, threads
+
+
 def _results(paths: list[str], workers: int, known: set[str], pre: PreprocessConfig
              ) -> Iterator[dict[str, Any]]:
-    if workers <= 1:
+    if workers == 0:
         _init_worker(known, asdict(pre))
         yield from map(decode_one, paths)
         return
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(known, asdict(pre))) as pool:
+                             initargs=(known, asdict(pre), True)) as pool:
         yield from pool.map(decode_one, paths, chunksize=8)
 
 
@@ -201,10 +238,14 @@ def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathL
                                     **asdict(encoder.model.config.preprocess),
                                     "model_path": model_path})
     report = IngestReport(source=str(src))
+    n_workers, threads = plan_workers(workers, encoder.device)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        _run(encoder, ix, src, report, batch_size, workers or (os.cpu_count() or 1),
-             save_every, regions, progress, keep_paths)
+        _run(encoder, ix, src, report, batch_size, n_workers, save_every, regions, progress,
+             keep_paths)
     finally:
+        torch.set_num_threads(before)
         report_file = dest / "ingest_report.json"
         report_file.write_text(json.dumps(report.to_dict(), indent=1))
         report_file.chmod(0o600)

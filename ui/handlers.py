@@ -372,7 +372,7 @@ def build_index(engine: Engine, folder: str, roots: Sequence[str | os.PathLike[s
     src = check_source(folder, roots)
     model_path = engine.index.manifest.get("preprocessing", {}).get("model_path")
     report = (ingest_fn or ingest)(engine.encoder, src, engine.index.path, progress=True,
-                                   workers=1, model_path=model_path)
+                                   workers=0, model_path=model_path)
     engine.index.reload()
     failures = [[os.path.relpath(f["path"], src) if os.path.isabs(f["path"]) else f["path"],
                  f["reason"]] for f in report.failed]

@@ -14,7 +14,7 @@ def build_index(model: Path | str, source: Path, out: Path) -> Path:
     from index.ingest import ingest
     from vlm.inference import Encoder
 
-    ingest(Encoder(str(model)), source, out, progress=False, workers=1, batch_size=16,
+    ingest(Encoder(str(model)), source, out, progress=False, workers=0, batch_size=16,
            model_path=str(model))
     return out
 

@@ -163,5 +163,5 @@ def test_export_volume_model_ships_the_encoder_in_float16(data, lecl_run, tmp_pa
     assert slim.dim == full.dim and slim.config_hash in card
     a, b = full.encode(hu).vector, slim.encode(hu).vector
     assert float(np.dot(a, b)) > 0.999  # float16 weights, same vector up to rounding
-    with pytest.raises(Exception, match="no lecl.pt"):
+    with pytest.raises(Exception, match=r"no lecl\.pt"):
         export_volume_model(tmp_path / "nothing", tmp_path / "x")
