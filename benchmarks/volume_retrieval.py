@@ -1,11 +1,12 @@
 """Volume search quality on PhantomCT: do a volume's nearest neighbours share its lesions?
 
 For each volume model, every PhantomCT volume is encoded exactly as ``radlens index build
---volume-model`` encodes it (:class:`vlm.volume_encoder.VolumeEncoder`), and every volume with
-a lesion in location L queries the others (itself left out, cosine similarity). Reported per
-location: mean precision@k over those queries against the base rate (the share of the other
-volumes with a lesion in L, the expected precision of a random ranking), and a one-sided
-permutation p-value (labels shuffled over volumes, same statistic).
+--volume-model`` encodes it (:class:`vlm.volume_encoder.VolumeEncoder`). For each label (a
+lesion location, or an emphysema class), every volume with the label queries the others
+(itself left out, cosine similarity). Reported per label: mean precision@k over those queries
+against the base rate (the share of the other volumes with the label, the expected precision
+of a random ranking), and a one-sided permutation p-value (labels shuffled over volumes, same
+statistic).
 
 Usage::
 
@@ -32,11 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out"
 
 
-def precision_at_k(vectors: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Mean over positive volumes of the share of positives among their k nearest others."""
+def neighbours(vectors: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) indices of each volume's k most similar other volumes (cosine)."""
     sim = vectors @ vectors.T
     np.fill_diagonal(sim, -np.inf)
-    top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+
+def precision_at_k(top: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over positive volumes of the share of positives among their neighbours."""
     pos = np.flatnonzero(labels)
     return float(labels[top[pos]].mean()) if len(pos) else float("nan")
 
@@ -45,14 +50,14 @@ def retrieval_table(vectors: np.ndarray, locations: np.ndarray, names: list[str]
                     permutations: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
     rng = np.random.default_rng(seed)
     n = len(vectors)
+    top = neighbours(vectors, k)
     out: dict[str, dict[str, float]] = {}
     for j, name in enumerate(names):
         y = locations[:, j].astype(bool)
         if y.sum() < 2:
             continue
-        p = precision_at_k(vectors, y, k)
-        null = np.array([precision_at_k(vectors, rng.permutation(y), k)
-                         for _ in range(permutations)])
+        p = precision_at_k(top, y)
+        null = np.array([precision_at_k(top, rng.permutation(y)) for _ in range(permutations)])
         out[name] = {"queries": int(y.sum()), "precision_at_k": round(p, 4),
                      "base_rate": round(float((y.sum() - 1) / (n - 1)), 4),
                      "p_value": round(float((1 + (null >= p).sum()) / (1 + permutations)), 4)}
@@ -72,12 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import vlm  # noqa: F401  (torchvision CPU shim)
-    from vlm.data.ct_dataset import CTDataset
+    from vlm.data.ct_dataset import EMPHYSEMA_NAMES, CTDataset
     from vlm.data.phantom_ct.tissues import LOCATION_CLASSES
     from vlm.volume_encoder import VolumeEncoder
 
     ds = CTDataset(args.data, args.splits.split(",") if args.splits else None)
-    locations = ds.endpoints().locations
+    ep = ds.endpoints()
+    # lesion locations, then the emphysema classes (diffuse disease) as further label columns
+    labels = np.concatenate([ep.locations, np.eye(len(EMPHYSEMA_NAMES))[ep.emphysema_class]], 1)
+    names = list(LOCATION_CLASSES) + [f"emphysema_{c}" for c in EMPHYSEMA_NAMES]
     result: dict[str, Any] = {"benchmark": "volume_retrieval", "data": str(args.data),
                               "volumes": len(ds), "k": args.k, "models": {}}
     for spec in args.model:
@@ -87,11 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         vectors = np.stack([enc.encode(ds.volume_tensor(i).numpy()).vector
                             for i in range(len(ds))])
         seconds = time.perf_counter() - t
-        table = retrieval_table(vectors, locations, list(LOCATION_CLASSES), args.k,
-                                args.permutations)
+        table = retrieval_table(vectors, labels, names, args.k, args.permutations)
         result["models"][name] = {"source": source or name, "encoder": repr(enc),
                                   "seconds_per_volume": round(seconds / len(ds), 3),
-                                  "locations": table}
+                                  "labels": table}
         print(f"{name}: liver {table.get('liver')}", file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "volume_retrieval.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -463,11 +463,17 @@ def export_volume_model_cmd(
         help="volume_benchmark.json of 'radlens eval-volumes' for the model card.")] = None,
     command: Annotated[list[str] | None, typer.Option(
         help="A command that made the model (repeat; goes into the card).")] = None,
+    note: Annotated[list[str] | None, typer.Option(
+        help="A line for the card's Notes section (repeat).")] = None,
+    with_head: Annotated[bool, typer.Option(
+        "--with-head/--without-head", help="Ship the run's CLEAR ABMIL (clear_mil.pt).")
+                         ] = True,
 ) -> None:
     """Package a LeCL slice encoder (+ CLEAR ABMIL) for shipping (float16, model card)."""
     from vlm.volume_encoder import export_volume_model
 
-    path = export_volume_model(run, out, benchmark=benchmark, commands=command)
+    path = export_volume_model(run, out, benchmark=benchmark, commands=command,
+                               with_head=with_head, notes=note)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(json_line({"checkpoint": str(path), "bytes": size}))
 

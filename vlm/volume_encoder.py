@@ -328,7 +328,8 @@ def _unit(v: torch.Tensor) -> np.ndarray:
 
 def export_volume_model(run: str | os.PathLike[str], out: str | os.PathLike[str], *,
                         benchmark: str | os.PathLike[str] | None = None,
-                        commands: list[str] | None = None) -> Path:
+                        commands: list[str] | None = None, with_head: bool = True,
+                        notes: list[str] | None = None) -> Path:
     """Package a LeCL run (plus its CLEAR ABMIL, when the run has one) for shipping:
     ``lecl.pt`` with the float16 slice encoder only, ``clear_mil.pt`` / ``clear_mil.json``,
     ``MODEL_CARD.md`` (with the ``radlens eval-volumes`` JSON when ``benchmark`` is given)."""
@@ -345,7 +346,9 @@ def export_volume_model(run: str | os.PathLike[str], out: str | os.PathLike[str]
     dest.mkdir(parents=True, exist_ok=True)
     export_lecl(src, dest)
     head_summary = None
-    mil = _find(src, CLEAR_MIL_CHECKPOINT)
+    mil = _find(src, CLEAR_MIL_CHECKPOINT) if with_head else None
+    for stale in ("clear_mil.pt", "clear_mil.json"):
+        (dest / stale).unlink(missing_ok=True)
     if mil is not None:
         shutil.copyfile(mil, dest / CLEAR_MIL_CHECKPOINT)
         info = mil.parent / "clear_mil.json"
@@ -362,6 +365,6 @@ def export_volume_model(run: str | os.PathLike[str], out: str | os.PathLike[str]
                                      data.get("representations", {}).items()}}
     enc = VolumeEncoder.load(dest)
     card = volume_model_card("lecl", state["config"], state.get("summary"), head_summary, bench,
-                             commands, enc.config_hash)
+                             commands, enc.config_hash, notes)
     (dest / "MODEL_CARD.md").write_text(card)
     return dest

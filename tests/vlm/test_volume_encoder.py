@@ -3,6 +3,8 @@ loading LeCL / DrasCLR / CLEAR ABMIL checkpoints and seeded random towers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +168,21 @@ def test_abmil_is_taken_from_beside_the_encoder_it_was_trained_on(tmp_path):
     assert VolumeEncoder.load(run / "last").attention is not None
     save_clear_mil(ClearMIL(ClearConfig(in_dim=dim)), run)  # a run-level ABMIL applies
     assert VolumeEncoder.load(run).attention is not None
+
+
+SHIPPED_VOLUME = Path(__file__).resolve().parents[2] / "checkpoints" / "lecl-small"
+
+
+@pytest.mark.skipif(not (SHIPPED_VOLUME / "lecl.pt").is_file(),
+                    reason="no shipped volume model in this checkout")
+def test_shipped_volume_model_loads_matches_its_card_and_encodes():
+    enc = VolumeEncoder.load(SHIPPED_VOLUME)
+    card = (SHIPPED_VOLUME / "MODEL_CARD.md").read_text()
+    assert enc.config_hash in card and "Not for clinical use" in card
+    assert sum(f.stat().st_size for f in SHIPPED_VOLUME.iterdir()) < 10_000_000
+    rng = np.random.default_rng(0)
+    hu = np.full((24, 64, 64), -1024.0, np.float32)
+    hu[:, 12:52, 10:54] = rng.normal(40.0, 20.0, (24, 40, 44))  # a soft-tissue block
+    got = enc.encode(hu)
+    assert got.vector.shape == (enc.dim,) and abs(float(np.linalg.norm(got.vector)) - 1) < 1e-5
+    assert got.slice_scores.shape == (24,)

@@ -78,7 +78,8 @@ def model_card(config: ModelConfig, training: dict[str, Any] | None = None,
 def volume_model_card(kind: str, config: dict[str, Any], training: dict[str, Any] | None,
                       head: dict[str, Any] | None = None,
                       benchmark: dict[str, Any] | None = None,
-                      commands: list[str] | None = None, fingerprint: str = "") -> str:
+                      commands: list[str] | None = None, fingerprint: str = "",
+                      notes: list[str] | None = None) -> str:
     """MODEL_CARD.md of a shipped CT volume model (``kind``: ``lecl`` or ``drasclr``)."""
     if kind == "lecl":
         v = config.get("vision", {})
@@ -117,6 +118,8 @@ def volume_model_card(kind: str, config: dict[str, Any], training: dict[str, Any
     ]
     if commands:
         lines += ["## How it was made", "", "```bash", *commands, "```", ""]
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     if training:
         lines += ["## Pre-training summary", "", "```json",
                   json.dumps({k: v for k, v in training.items() if k != "history"}, indent=1,
