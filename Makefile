@@ -44,6 +44,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/app_search_latency.py
 	$(BIN)/python benchmarks/ingest_throughput.py --keep-index build/bench_index
 	$(BIN)/python benchmarks/search_precision.py --index build/bench_index
+	test -f data/phantom_ct/manifest.jsonl || $(BIN)/radlens data phantom-ct --out data/phantom_ct --n 300
+	$(BIN)/python benchmarks/volume_retrieval.py --data data/phantom_ct \
+		--model lecl-small=checkpoints/lecl-small --model random=random:lecl-small@0
 
 clean:
 	rm -rf $(VENV) build data/demo .pytest_cache .mypy_cache .ruff_cache

@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     from vlm.data.phantom_ct.tissues import LOCATION_CLASSES
     from vlm.volume_encoder import VolumeEncoder
 
+    if not (args.data / "manifest.jsonl").is_file():
+        print(f"{args.data}: no PhantomCT here; run `radlens data phantom-ct --out {args.data} "
+              "--n 300` first", file=sys.stderr)
+        return 2
     ds = CTDataset(args.data, args.splits.split(",") if args.splits else None)
     ep = ds.endpoints()
     # lesion locations, then the emphysema classes (diffuse disease) as further label columns
