@@ -105,6 +105,9 @@ def _contact_sheet(paths: list[str], target: Path, tile: int = 256) -> None:
 REAL_DEMO_FILES = ("RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG3_UNCI.dcm", "CT_small.dcm",
                    "MR_small.dcm", "emri_small.dcm", "US1_J2KR.dcm", "SC_rgb.dcm")
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "lrclr-small"
+SHIPPED_VOLUME_MODEL = SHIPPED_MODEL.parent / "lecl-small"
+#: PhantomCT volumes in the demo (seed 1: not the seed-0 volumes the shipped encoder saw).
+DEMO_VOLUMES, DEMO_VOLUME_SHAPE, DEMO_VOLUME_SEED = 24, (128, 128, 128), 1
 
 
 def test_split_report_ids(seed: int = 0) -> list[str]:
@@ -138,9 +141,34 @@ def build_demo_archive(data_dir: Path, size: int = 512, limit: int | None = None
     return archive
 
 
+def build_demo_volumes(data_dir: Path, index: Path, model: str | Path = SHIPPED_VOLUME_MODEL,
+                       n: int = DEMO_VOLUMES,
+                       shape: tuple[int, int, int] = DEMO_VOLUME_SHAPE,
+                       progress: bool = True) -> Path:
+    """PhantomCT volumes (outside the image archive) in the index's ``volume`` collection,
+    for the Volumes tab; reused once built."""
+    from index.volumes import REPORT_FILE, ingest_volumes
+    from vlm.data.phantom_ct import generate_phantom_ct
+    from vlm.volume_encoder import VolumeEncoder
+
+    ct = data_dir / "ct" / "phantom_ct"
+    if not (ct / "manifest.jsonl").is_file():
+        generate_phantom_ct(ct, n=n, shape=shape, seed=DEMO_VOLUME_SEED)
+    if not (index / REPORT_FILE).is_file():
+        report = ingest_volumes(VolumeEncoder.load(model), ct, index, progress=progress,
+                                keep_paths=True)
+        print(f"demo: indexed {report.added} PhantomCT volumes with {Path(str(model)).name}, "
+              f"{len(report.failed)} unreadable")
+    return ct
+
+
 def build_demo_index(data_dir: Path, model: Path = SHIPPED_MODEL, limit: int | None = None,
-                     progress: bool = True) -> Path:
-    """Build (or reuse) ``data_dir/index`` over the demo archive with ``model``."""
+                     progress: bool = True, volume_model: str | Path | None = None,
+                     volumes: int = DEMO_VOLUMES,
+                     volume_shape: tuple[int, int, int] = DEMO_VOLUME_SHAPE) -> Path:
+    """Build (or reuse) ``data_dir/index`` over the demo archive with ``model``, plus
+    ``volumes`` PhantomCT volumes encoded by ``volume_model`` (default: the shipped one, when
+    present; ``volumes=0`` leaves them out)."""
     from index.ingest import ingest
     from vlm.inference import Encoder
 
@@ -151,4 +179,8 @@ def build_demo_index(data_dir: Path, model: Path = SHIPPED_MODEL, limit: int | N
                         model_path=str(model.resolve()), keep_paths=True)
         print(f"demo: indexed {report.added} images ({report.regions} regions), "
               f"{len(report.failed)} unreadable, {report.images_per_s:.1f} images/s")
+    chosen = volume_model or (SHIPPED_VOLUME_MODEL if (SHIPPED_VOLUME_MODEL / "lecl.pt").is_file()
+                              else None)
+    if volumes > 0 and chosen is not None:
+        build_demo_volumes(data_dir, index, chosen, volumes, volume_shape, progress)
     return index

@@ -15,13 +15,16 @@ from vlm.models import create_model, get_tokenizer, save_checkpoint
 def test_demo_index_is_built_once_and_reused(tmp_path, capsys):
     model = tmp_path / "model"
     save_checkpoint(create_model("lrclr-tiny"), model, get_tokenizer("lrclr-tiny"), card="#")
-    index = build_demo_index(tmp_path / "demo", model, limit=6, progress=False)
+    index = build_demo_index(tmp_path / "demo", model, limit=6, progress=False,
+                             volume_model="random:lecl-tiny", volumes=2,
+                             volume_shape=(32, 32, 32))
     report = json.loads((index / "ingest_report.json").read_text())
     real = len(list((tmp_path / "demo" / "archive" / "real").iterdir()))
     assert real == len(REAL_DEMO_FILES)
     assert report["added"] == 6 + real and not report["failed"]
     stamp = (index / "CURRENT").read_text()
-    build_demo_index(tmp_path / "demo", model, limit=6, progress=False)
+    build_demo_index(tmp_path / "demo", model, limit=6, progress=False,
+                     volume_model="random:lecl-tiny", volumes=2, volume_shape=(32, 32, 32))
     assert (index / "CURRENT").read_text() == stamp  # nothing rebuilt
     from index.folder import IndexFolder
 
@@ -29,6 +32,7 @@ def test_demo_index_is_built_once_and_reused(tmp_path, capsys):
     reports = [it.extra.get("report") for it in ix.catalog.get_many(range(ix.catalog.next_id()))
                if it is not None and it.collection == "image"]
     assert sum(1 for r in reports if r) == 6  # phantom studies carry their report text
+    assert ix.catalog.count("volume") == 2  # the Volumes tab has PhantomCT volumes to show
     ix.close()
 
 
