@@ -113,3 +113,20 @@ def test_engine_search_filters_and_model_check(archive, model_dir, tmp_path):
     with pytest.raises(RadLensError, match="was built with model"):
         Engine.open(out, model=str(other))
     assert engine.item_path(hits[0].item) is not None  # thumbnails live in the index
+
+
+def test_plan_workers_splits_cpu_cores_and_leaves_gpu_threads(monkeypatch):
+    import torch
+
+    from index import ingest as ig
+
+    monkeypatch.setattr(ig.os, "cpu_count", lambda: 8)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert ig.plan_workers(None, cpu) == (4, 4)  # half decode, the encoder gets the rest
+    assert ig.plan_workers(0, cpu) == (0, 8)  # decode in this process: all threads encode
+    assert ig.plan_workers(6, cpu) == (6, 2)
+    assert ig.plan_workers(20, cpu) == (20, 1)  # never fewer than one encoder thread
+    workers, threads = ig.plan_workers(None, gpu)
+    assert workers == 7 and threads == torch.get_num_threads()
+    monkeypatch.setattr(ig.os, "cpu_count", lambda: 1)
+    assert ig.plan_workers(None, cpu) == (1, 1)
