@@ -188,7 +188,10 @@ def load_lecl(model_dir: str | os.PathLike[str]) -> LeCL:
     An inference checkpoint (:func:`export_lecl`) holds only the slice encoder; the projector,
     predictor and momentum copy, which inference never uses, then keep their initial values.
     """
-    state = read_checkpoint(model_dir, CHECKPOINT, "train_lecl")
+    return _model_from_state(read_checkpoint(model_dir, CHECKPOINT, "train_lecl"))
+
+
+def _model_from_state(state: dict[str, Any]) -> LeCL:
     model = LeCL(config_from_dict(state["config"]))
     if state.get("encoder_only"):
         weights = {k: v.float() for k, v in state["state_dict"].items()}
@@ -203,7 +206,7 @@ def export_lecl(model_dir: str | os.PathLike[str], out: str | os.PathLike[str],
     """Write an inference checkpoint: the slice encoder only (float16 by default), about a
     seventh of a training checkpoint. Training cannot resume from it."""
     state = read_checkpoint(model_dir, CHECKPOINT, "train_lecl")
-    model = load_lecl(model_dir)
+    model = _model_from_state(state)
     weights = {k: (v.half() if half and v.is_floating_point() else v).contiguous()
                for k, v in model.encoder.state_dict().items()}
     return write_checkpoint(out, CHECKPOINT, {"kind": "lecl", "config": state["config"],
