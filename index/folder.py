@@ -193,8 +193,8 @@ class IndexFolder:
             persist.verify_files(gen_dir, manifest)
         collections = {}
         for name, meta in manifest["collections"].items():
-            arrays = {key: np.load(gen_dir / f"{name}.{suffix}",
-                                   mmap_mode="r" if mmap and key == "vectors" else None)
+            arrays = {key: persist.read_array(gen_dir / f"{name}.{suffix}",
+                                              mmap=mmap and key == "vectors")
                       for key, suffix in (("ids", "ids.npy"), ("vectors", "vectors.f16.npy"),
                                           ("alive", "alive.npy"))}
             index = faiss.read_index(str(gen_dir / f"{name}.faiss"))

@@ -16,7 +16,7 @@ removes the leftovers. Generations are immutable once named, so readers need no 
 
 Public API: :func:`write_generation`, :func:`read_current`, :func:`read_manifest`,
 :func:`verify_files`, :func:`cleanup`, :func:`write_bytes`, :func:`write_array`,
-:func:`fsync_dir`, :data:`FORMAT_VERSION`.
+:func:`read_array`, :func:`fsync_dir`, :data:`FORMAT_VERSION`, :data:`NPY_HEADER_LOCK`.
 """
 
 from __future__ import annotations
@@ -28,16 +28,24 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
 from index.errors import IndexCorruptError, IndexFormatError
 
 logger = logging.getLogger(__name__)
+
+#: Held while numpy parses an ``.npy`` header. numpy parses it with ``ast.literal_eval``, and
+#: CPython 3.11 keeps the AST constructor's recursion depth in interpreter-wide state: two
+#: threads converting an AST at once (a reader reloading while another thread loads, e.g. a
+#: finaliser switching threads mid-parse) fail with ``SystemError: AST constructor recursion
+#: depth mismatch``. Seen once in CI on the concurrent-readers test.
+NPY_HEADER_LOCK = threading.Lock()
 
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
@@ -98,7 +106,7 @@ def write_array(path: Path, array: np.ndarray) -> dict[str, Any]:
     """Write ``array`` as ``.npy`` (fsynced, hashed while written, in chunks)."""
     with open(path, "xb") as fh:
         w = _HashingWriter(fh)
-        arr = np.asarray(array)
+        arr = np.ascontiguousarray(array)  # the header must describe the C-order bytes below
         header = np.lib.format.header_data_from_array_1_0(arr)
         np.lib.format.write_array_header_1_0(w, header)
         rows = max(1, _CHUNK // max(1, arr.itemsize * int(np.prod(arr.shape[1:]) or 1)))
@@ -107,6 +115,35 @@ def write_array(path: Path, array: np.ndarray) -> dict[str, Any]:
         fh.flush()
         os.fsync(fh.fileno())
     return {"sha256": w.sha.hexdigest(), "bytes": w.size}
+
+
+def read_array(path: Path, *, mmap: bool = False) -> np.ndarray:
+    """Read an ``.npy`` file; only the header parse holds :data:`NPY_HEADER_LOCK`.
+
+    Args:
+        path: the file.
+        mmap: map it read-only instead of reading it into memory.
+    """
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        with NPY_HEADER_LOCK:
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise IndexCorruptError(f"{path}: unsupported .npy version {version}")
+        if dtype.hasobject:
+            raise IndexCorruptError(f"{path}: object arrays are not index data")
+        order: Literal["C", "F"] = "F" if fortran else "C"
+        if mmap:
+            return np.memmap(path, dtype=dtype, mode="r", shape=shape, order=order,
+                             offset=fh.tell())
+        count = int(np.prod(shape)) if shape else 1
+        data = np.fromfile(fh, dtype=dtype, count=count)
+        if data.size != count:
+            raise IndexCorruptError(f"{path}: truncated ({data.size} of {count} values)")
+        return data.reshape(tuple(shape), order=order)
 
 
 def sha256_file(path: Path) -> str:

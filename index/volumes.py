@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from index import persist
 from index.catalog import CatalogItem
 from index.folder import CollectionModel, IndexFolder
 from index.ingest import SKIP_NAMES, file_hash
@@ -263,7 +264,7 @@ def load_stack(index_path: str | os.PathLike[str], item: CatalogItem
     path = (root / rel).resolve() if isinstance(rel, str) else None
     if path is None or root not in path.parents or not path.is_file():
         raise RadLensError(f"volume #{item.id} has no slice stack in the index: rebuild it")
-    with np.load(path) as data:
+    with persist.NPY_HEADER_LOCK, np.load(path) as data:  # see NPY_HEADER_LOCK
         return np.asarray(data["hu"]), np.asarray(data["z"])
 
 

@@ -243,3 +243,24 @@ def test_readers_see_complete_generations_during_writes(tmp_path):
     assert not (tmp_path / "ix" / old_reader.generation).exists()
     old_reader.close()
     ix.close()
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+@pytest.mark.parametrize("array", [np.arange(12, dtype=np.int64).reshape(3, 4),
+                                   np.ones((5, 3), np.float16), np.array([True, False]),
+                                   np.asfortranarray(np.arange(6.0).reshape(2, 3))])
+def test_read_array_reads_what_write_array_and_numpy_write(tmp_path, array, mmap):
+    persist.write_array(tmp_path / "a.npy", array)
+    np.save(tmp_path / "b.npy", array)
+    for name in ("a.npy", "b.npy"):
+        got = persist.read_array(tmp_path / name, mmap=mmap)
+        assert got.dtype == array.dtype and got.shape == array.shape
+        np.testing.assert_array_equal(got, array)
+
+
+def test_read_array_refuses_a_truncated_file(tmp_path):
+    np.save(tmp_path / "a.npy", np.arange(100, dtype=np.int64))
+    data = (tmp_path / "a.npy").read_bytes()
+    (tmp_path / "a.npy").write_bytes(data[:-8])
+    with pytest.raises(IndexCorruptError, match="truncated"):
+        persist.read_array(tmp_path / "a.npy")
