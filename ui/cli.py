@@ -445,11 +445,16 @@ def export_model(
     eval_dir: Annotated[Path | None, typer.Option(
         help="'radlens eval --out' folder: its calibration and metrics join the card.")] = None,
     half: Annotated[bool, typer.Option("--half/--full", help="Store float16 weights.")] = True,
+    command: Annotated[list[str] | None, typer.Option(
+        help="A command that made the model (repeat; goes into the card).")] = None,
+    note: Annotated[str | None, typer.Option(
+        help="A paragraph for the top of the card (e.g. which floors it misses).")] = None,
 ) -> None:
     """Package a trained checkpoint for shipping (float16, calibration, model card)."""
     from vlm.models.checkpoint import export_checkpoint
 
-    path = export_checkpoint(checkpoint, out, half=half, eval_dir=eval_dir)
+    path = export_checkpoint(checkpoint, out, half=half, eval_dir=eval_dir, note=note,
+                             commands=command)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(json_line({"checkpoint": str(path), "bytes": size}))
 

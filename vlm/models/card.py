@@ -18,7 +18,8 @@ RECONSTRUCTION = (
 
 
 def model_card(config: ModelConfig, training: dict[str, Any] | None = None,
-               metrics: dict[str, Any] | None = None, data: str = "PhantomCXR") -> str:
+               metrics: dict[str, Any] | None = None, data: str = "PhantomCXR",
+               commands: list[str] | None = None) -> str:
     local = config.region.enabled or config.cross_attention.enabled
     kind = "LRCLR (reconstruction)" if local else "plain CLIP baseline (LRCLR layers off)"
     text = config.text
@@ -58,6 +59,8 @@ def model_card(config: ModelConfig, training: dict[str, Any] | None = None,
         "(CC BY-NC-ND 4.0, read from the installed torchxrayvision package) paired with "
         "**synthetic** radiographs rendered by RadLens. See `data_cards/phantom_cxr.md`.", "",
     ]
+    if commands:
+        lines += ["## How it was made", "", "```bash", *commands, "```", ""]
     if training:
         shown = {k: v for k, v in training.items() if k != "history"}
         lines += ["## Training", "", "```json", json.dumps(shown, indent=1, default=str)[:3000],

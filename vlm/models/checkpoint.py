@@ -125,9 +125,12 @@ def load_state(model: LRCLR, folder: str | os.PathLike[str]) -> None:
 
 def export_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                       half: bool = True, eval_dir: str | os.PathLike[str] | None = None,
-                      note: str | None = None) -> Path:
+                      note: str | None = None, commands: list[str] | None = None) -> Path:
     """Copy a trained checkpoint for shipping: float16 weights (loaded back as float32), the
-    validation calibration and a model card that carries the evaluation metrics."""
+    validation calibration and a model card that carries the evaluation metrics.
+
+    ``note`` goes at the top of the card (e.g. which floors the model misses); ``commands``
+    are the commands that made it, shown in the card's "How it was made" section."""
     from safetensors.torch import load_file, save_file
 
     from vlm.models.card import model_card
@@ -152,7 +155,7 @@ def export_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
                 metrics = json.loads((ev / "eval.json").read_text())
         (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         card = model_card(ModelConfig.from_dict(meta["model"]), training=meta.get("training"),
-                          metrics=metrics)
+                          metrics=metrics, commands=commands)
         if note:
             card = card.replace("## Model details", f"{note}\n\n## Model details", 1)
         (tmp / "MODEL_CARD.md").write_text(card)

@@ -197,11 +197,14 @@ def test_exported_checkpoint_is_half_size_and_loads(tiny_model, tiny_tokenizer, 
     src = save_checkpoint(tiny_model, tmp_path / "run", tiny_tokenizer, card="#")
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "calibration.json").write_text('{"cardiomegaly": [2.0, -1.0]}')
-    dst = export_checkpoint(src, tmp_path / "ship", eval_dir=tmp_path / "eval")
+    dst = export_checkpoint(src, tmp_path / "ship", eval_dir=tmp_path / "eval",
+                            note="> Below the floors.", commands=["radlens train lrclr --x 1"])
     assert (dst / "model.safetensors").stat().st_size < 0.6 * (
         src / "model.safetensors").stat().st_size
-    assert (dst / "calibration.json").is_file() and "Not for clinical use" in (
-        dst / "MODEL_CARD.md").read_text()
+    card = (dst / "MODEL_CARD.md").read_text()
+    assert (dst / "calibration.json").is_file() and "Not for clinical use" in card
+    assert card.index("> Below the floors.") < card.index("## Model details")
+    assert "## How it was made" in card and "radlens train lrclr --x 1" in card
     shipped = create_model(dst)
     with torch.no_grad():
         a = tiny_model.encode_image(images).global_embedding
