@@ -43,15 +43,6 @@ def tiny_engine(tiny_model, tiny_archive, tmp_path_factory):
     return Engine.open(out)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Mark the headless-browser tests ``browser`` once that marker is registered."""
-    if not any(m.split(":")[0].strip() == "browser" for m in config.getini("markers")):
-        return
-    for item in items:
-        if item.path.name == "test_browser.py":
-            item.add_marker(pytest.mark.browser)
-
-
 @pytest.fixture(scope="session")
 def tiny_ct(tmp_path_factory) -> Path:
     """Eight PhantomCT volumes of 32^3 (three with a liver lesion for seed 22)."""
@@ -71,3 +62,12 @@ def volume_index(tiny_model, tiny_archive, tiny_ct, tmp_path_factory) -> Path:
     out = build_index(tiny_model, tiny_archive, tmp_path_factory.mktemp("app_vindex") / "idx")
     ingest_volumes(VolumeEncoder.load("random:lecl-tiny"), tiny_ct, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium for one browser test module (see tests/ui/chromium.py)."""
+    from tests.ui.chromium import chromium
+
+    with chromium() as b:
+        yield b

@@ -2,7 +2,7 @@
 two isolated sessions, and screenshots of every tab (``docs/img/app_<tab>.png``).
 
 Needs Debian ``chromium`` and PyPI ``playwright`` (``playwright install`` is not used). The
-app runs the shipped checkpoint ``checkpoints/lrclr-small`` (or ``RADLENS_APP_MODEL``), and the
+app runs the shipped checkpoint ``checkpoints/lrclr-r18`` (or ``RADLENS_APP_MODEL``), and the
 test checks that an effusion study scores a higher effusion probability than a normal one;
 only without any trained checkpoint does it fall back to the tiny random model and check
 rendering alone.
@@ -12,41 +12,22 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.ui.chromium import MARKS, ROOT, SHOTS, free_port, open_page
 from tests.ui.conftest import build_index
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run",
-        "--disable-dev-shm-usage"]
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "img"
-TIMEOUT = 30_000  # ms per wait
-SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "lrclr-small"
+SHIPPED = ROOT / "checkpoints" / "lrclr-r18"
 
-# ``browser`` is added by tests/ui/conftest.py once the marker is registered in pyproject.
-pytestmark = [pytest.mark.slow]
+pytestmark = MARKS
 
 try:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
-    from playwright.sync_api import sync_playwright
-except ImportError:  # pragma: no cover - depends on the machine
-    sync_playwright = None
-
-if sync_playwright is None:
-    pytestmark.append(pytest.mark.skip(reason="PyPI playwright is not installed"))
-elif not Path(CHROMIUM).is_file():
-    pytestmark.append(pytest.mark.skip(reason=f"{CHROMIUM} missing: apt-get install chromium"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+except ImportError:  # pragma: no cover - depends on the machine; MARKS skips the module
+    PlaywrightTimeout = TimeoutError
 
 
 @pytest.fixture(scope="module")
@@ -82,28 +63,11 @@ def served(tmp_path_factory, request):
     files["more"] = more
 
     app = build_app(engine, ingest_roots=[str(root)])
-    port = _free_port()
+    port = free_port()
     launch(app, engine, port=port, prevent_thread_lock=True)
     yield {"url": f"http://127.0.0.1:{port}/", "files": files, "engine": engine,
            "trained": bool(trained)}
     app.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield b
-        b.close()
-
-
-def _page(browser, url):
-    ctx = browser.new_context(viewport={"width": 1400, "height": 900})
-    page = ctx.new_page()
-    page.set_default_timeout(TIMEOUT)
-    page.goto(url)
-    page.wait_for_selector("#tabs")
-    return ctx, page
 
 
 def _tab(page, name: str) -> None:
@@ -168,7 +132,7 @@ def _clear_upload(page) -> None:
 def test_app_end_to_end(served, browser):
     t0 = time.time()
     files = served["files"]
-    ctx, page = _page(browser, served["url"])
+    ctx, page = open_page(browser, served["url"])
     assert "RadLens" in page.title()
 
     # zero-shot: an effusion study and a normal study
@@ -265,7 +229,7 @@ def test_two_sessions_do_not_share_uploads(served, browser):
     files = served["files"]
     label = {k: load_upload(files[k], 2**30).label for k in ("effusion", "normal")}
     assert label["effusion"] != label["normal"]
-    (ca, a), (cb, b) = _page(browser, served["url"]), _page(browser, served["url"])
+    (ca, a), (cb, b) = open_page(browser, served["url"]), open_page(browser, served["url"])
     a.set_input_files("#upload input[type=file]", str(files["effusion"]))
     b.set_input_files("#upload input[type=file]", str(files["normal"]))
     for page, mine, other in ((a, "effusion", "normal"), (b, "normal", "effusion")):

@@ -15,38 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
-from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run",
-        "--disable-dev-shm-usage"]
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "img"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts"
-TIMEOUT = 30_000  # ms per wait
+from tests.ui.chromium import ARTIFACTS, MARKS, SHOTS, free_port, open_page
+
 K = 6  # the tab's default number of similar volumes
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
-
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:  # pragma: no cover - depends on the machine
-    sync_playwright = None
-
-if sync_playwright is None:
-    pytestmark.append(pytest.mark.skip(reason="PyPI playwright is not installed"))
-elif not Path(CHROMIUM).is_file():
-    pytestmark.append(pytest.mark.skip(reason=f"{CHROMIUM} missing: apt-get install chromium"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+pytestmark = MARKS
 
 
 @pytest.fixture(scope="module")
@@ -67,19 +44,11 @@ def served(tiny_model, tiny_archive, tiny_ct, tmp_path_factory):
     bad = root / "broken.nii.gz"
     bad.write_bytes(b"this is not a NIfTI volume\n" * 20)
     app = build_app(engine)
-    port = _free_port()
+    port = free_port()
     launch(app, engine, port=port, prevent_thread_lock=True)
     yield {"url": f"http://127.0.0.1:{port}/", "engine": engine, "bad": bad,
            "trained": bool(os.environ.get("RADLENS_VOLUME_MODEL"))}
     app.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield b
-        b.close()
 
 
 def _src(page, selector: str) -> str | None:
@@ -97,11 +66,7 @@ def test_volumes_tab_end_to_end(served, browser):
     liver = {it.id for it in items if "liver_lesion" in (it.extra.get("labels") or [])}
     label, query_id = next((lab, i) for lab, i in h.volume_choices(engine) if i in liver)
 
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1200})
-    page = ctx.new_page()
-    page.set_default_timeout(TIMEOUT)
-    page.goto(served["url"])
-    page.wait_for_selector("#tabs")
+    ctx, page = open_page(browser, served["url"], height=1200)
     page.get_by_role("tab", name="Volumes").click()
     page.click("#vol-pick input")
     page.get_by_role("option", name=label).click()
