@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import expit
 
 from vlm.errors import ConfigError
 from vlm.models.lrclr import LRCLR
@@ -112,7 +113,7 @@ class ZeroShotClassifier:
         diff = self.logit_differences(image)
         a = np.array([self.calibration.get(f, (1.0, 0.0))[0] for f in self.findings])
         b = np.array([self.calibration.get(f, (1.0, 0.0))[1] for f in self.findings])
-        return 1.0 / (1.0 + np.exp(-(a * diff + b)))
+        return expit(a * diff + b)  # no overflow warning for large logits
 
     def score_phrases(self, image: ImageEmbedding, phrases: list[str]) -> np.ndarray:
         """(N, len(phrases)) logits for arbitrary phrases (e.g. "small left effusion")."""
@@ -138,7 +139,7 @@ def platt(x: np.ndarray, y: np.ndarray, iters: int = 200) -> tuple[float, float]
     w = np.array([1.0, 0.0])
     feats = np.stack([xs, np.ones_like(xs)], 1)
     for _ in range(iters):
-        p = 1 / (1 + np.exp(-feats @ w))
+        p = expit(feats @ w)
         grad = feats.T @ (p - y) + 1e-3 * w
         hess = feats.T @ (feats * (p * (1 - p))[:, None]) + 1e-3 * np.eye(2)
         step = np.linalg.solve(hess, grad)

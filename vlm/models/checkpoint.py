@@ -160,6 +160,8 @@ def export_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
             card = card.replace("## Model details", f"{note}\n\n## Model details", 1)
         (tmp / "MODEL_CARD.md").write_text(card)
         dst.parent.mkdir(parents=True, exist_ok=True)
+        for path in (tmp, *tmp.rglob("*")):  # mkdtemp made the folder private to its owner
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
