@@ -4,13 +4,14 @@ Usage: ``python benchmarks/search_precision.py --index INDEX [--k 10]``
 
 The index is one built by ``radlens index build`` over a PhantomCXR folder (the catalog keeps
 each study's labels and per-finding side/severity from the data set's manifest, which is what
-makes relevance checkable). Each query goes through ``Engine.search_text`` exactly as
-``radlens search --text`` does. A hit is relevant when its study has the query's finding on the
-query's side (a bilateral finding counts for either side); severity is reported separately
-("strict") because the side and presence of a finding, not its exact grade, is what a search
-must get right first. Scored over all indexed images and over the test split alone (images the
-model never trained on); the base rate is the fraction of relevant images in the same pool,
-i.e. the expected precision of a random ranking.
+makes relevance checkable). Each query is searched with ``Engine.text_query_vector``, the vector
+``radlens search --text`` uses, twice: contrasted with a normal study (the default of
+``Engine.search_text``) and raw (plain cosine, ``radlens search --raw``). A hit is relevant when
+its study has the query's finding on the query's side (a bilateral finding counts for either
+side); severity is reported separately ("strict") because the side and presence of a finding,
+not its exact grade, is what a search must get right first. Scored over all indexed images and
+over the test split alone (images the model never trained on); the base rate is the fraction of
+relevant images in the same pool, i.e. the expected precision of a random ranking.
 
 Prints one JSON object; writes ``benchmarks/out/search_precision.json``.
 """
@@ -78,13 +79,18 @@ def main(argv: list[str] | None = None) -> int:
                               "model": engine.encoder.name, "k": args.k,
                               "images": {p: len(v) for p, v in pools.items()},
                               "queries": {}}
+    from index.engine import NORMAL_REFERENCE
+
+    result["contrast"] = NORMAL_REFERENCE
     for text, (finding, side, severity) in QUERIES.items():
         row: dict[str, Any] = {}
-        for pool, allowed in pools.items():
+        for mode, pool, allowed in [(m, p, a) for m in ("contrasted", "raw")
+                                    for p, a in pools.items()]:
             if not len(allowed):
                 continue
-            hits = engine.index.search("image", engine.encoder.encode_text([text]), k=args.k,
-                                       allow=allowed)[0]
+            vector = engine.text_query_vector(text, NORMAL_REFERENCE if mode == "contrasted"
+                                              else None)
+            hits = engine.index.search("image", vector[None], k=args.k, allow=allowed)[0]
             rel = [relevant(h.item.extra or {}, finding, side, severity) for h in hits if h.item]
             strict = [relevant(h.item.extra or {}, finding, side, severity, strict=True)
                       for h in hits if h.item]
@@ -93,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             base_strict = np.mean([relevant(items[i].extra or {}, finding, side, severity, True)
                                    for i in allowed.tolist()])
             p = float(np.mean(rel)) if rel else 0.0
-            row[pool] = {"precision": round(p, 3), "base_rate": round(float(base), 4),
+            key = pool if mode == "contrasted" else f"{pool}_raw"
+            row[key] = {"precision": round(p, 3), "base_rate": round(float(base), 4),
                          "lift": round(p / base, 2) if base else None,
                          "precision_strict": round(float(np.mean(strict)) if strict else 0.0, 3),
                          "base_rate_strict": round(float(base_strict), 4)}
         result["queries"][text] = row
-    for pool in pools:
+    for pool in [*pools, *(f"{p}_raw" for p in pools)]:
         ps = [q[pool]["precision"] for q in result["queries"].values() if pool in q]
         bs = [q[pool]["base_rate"] for q in result["queries"].values() if pool in q]
         if ps:

@@ -214,6 +214,11 @@ def search(
         help="Volume model (default: the one recorded with the volume collection).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per result.")
                        ] = False,
+    contrast: Annotated[str | None, typer.Option(
+        help="Text a --text query is contrasted with (rank by similarity to the query minus "
+             "similarity to this; default: a normal study).")] = None,
+    raw: Annotated[bool, typer.Option(
+        "--raw", help="Rank a --text query by plain cosine, without the contrast.")] = False,
 ) -> None:
     """Search an index by text, by image, or by volume."""
     from index.engine import Engine
@@ -231,8 +236,13 @@ def search(
         _search_volume(index, volume, k, filters, volume_model, as_json)
         return
     engine = Engine.open(index, model=model)
-    results = (engine.search_text(text, k=k, **filters) if text is not None
-               else engine.search_image(image, k=k, **filters))  # type: ignore[arg-type]
+    if text is not None:
+        from index.engine import NORMAL_REFERENCE
+
+        results = engine.search_text(text, k=k, contrast=None if raw else
+                                     (contrast or NORMAL_REFERENCE), **filters)
+    else:
+        results = engine.search_image(image, k=k, **filters)  # type: ignore[arg-type]
     for rank, r in enumerate(results, 1):
         if as_json:
             print(json_line({"rank": rank, **r.to_dict()}))
@@ -321,7 +331,7 @@ def data_phantom_ct(
 def train_lrclr_cmd(
     data: Annotated[Path, typer.Option(help="PhantomCXR-style folder with manifest.jsonl.")],
     out: Annotated[Path, typer.Option(help="Run folder (best/, last/, train_state.pt).")],
-    model: Annotated[str, typer.Option(help="Model config name or JSON.")] = "lrclr-small",
+    model: Annotated[str, typer.Option(help="Model config name or JSON.")] = "lrclr-r18",
     pretrained: Annotated[str | None, typer.Option(
         help="Start from weights: RadLens checkpoint or open_clip weights (path, local-dir:, "
              "hf-hub:).")] = None,

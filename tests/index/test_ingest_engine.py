@@ -104,6 +104,21 @@ def test_engine_search_filters_and_model_check(archive, model_dir, tmp_path):
     assert similar[0].regions and len(similar[0].regions[0]["box"]) == 4
     with pytest.raises(RadLensError, match="unknown filter"):
         engine.search_text("x", k=3, colour="red")
+    # the default query is contrasted with a normal study: rank by cos(q) - cos(normal)
+    import numpy as np
+
+    from index.engine import NORMAL_REFERENCE
+
+    text, n = "opacity in the left lung", len(engine.index.collection("image").ids())
+    q, ref = engine.encoder.encode_text([text, NORMAL_REFERENCE])
+    np.testing.assert_allclose(engine.text_query_vector(text),
+                               (q - ref) / np.linalg.norm(q - ref), atol=1e-5)
+    np.testing.assert_allclose(engine.text_query_vector(text, contrast=None), q, atol=1e-6)
+    cos_q = {h.id: h.score for h in engine.search_text(text, k=n, contrast=None)}
+    cos_n = {h.id: h.score for h in engine.search_text(NORMAL_REFERENCE, k=n, contrast=None)}
+    want = sorted((cos_q[i] - cos_n[i] for i in cos_q), reverse=True)
+    got = [cos_q[h.id] - cos_n[h.id] for h in engine.search_text(text, k=5)]
+    assert min(got) >= want[4] - 2e-3  # float16 vectors: near-ties may swap
     other = tmp_path / "other"
     torch_model = create_model("lrclr-tiny")
     cfg = torch_model.config.replace(embed_dim=48)
