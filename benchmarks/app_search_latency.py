@@ -1,6 +1,6 @@
 """Server-side latency of the app's text search on a 100,000-image index, next to raw faiss.
 
-Usage: ``python benchmarks/app_search_latency.py [--n 100000] [--model checkpoints/lrclr-small]``
+Usage: ``python benchmarks/app_search_latency.py [--n 100000] [--model checkpoints/lrclr-r18]``
 
 What is timed is exactly what the app's "Search" button runs on the server
 (``ui.handlers.search_text`` then ``ui.handlers.gallery``): encode the query text with the
@@ -90,7 +90,7 @@ def build_index(path: Path, model_path: str, n: int, seed: int = 0) -> tuple[Any
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=100_000)
-    ap.add_argument("--model", default=str(ROOT / "checkpoints" / "lrclr-small"))
+    ap.add_argument("--model", default=str(ROOT / "checkpoints" / "lrclr-r18"))
     ap.add_argument("--repeats", type=int, default=10, help="passes over the phrase list")
     ap.add_argument("--k", type=int, default=12)
     ap.add_argument("--out", type=Path, default=OUT)

@@ -1,11 +1,11 @@
 """Encode throughput of a RadLens model next to the same-size open_clip model without the LRCLR
 layers, measured in one run (images/s and reports/s at batch sizes 1 and 32).
 
-    python benchmarks/encode_throughput.py [--model lrclr-small] [--seconds 10]
+    python benchmarks/encode_throughput.py [--model lrclr-r18] [--seconds 10]
 
 Prints JSON and writes benchmarks/out/encode_throughput.json. The reference is open_clip's
-CustomTextCLIP with the identical ViT config and the identical HF text tower, so the ratio
-isolates what region selection and sentence pooling cost.
+CustomTextCLIP with the identical image trunk (ViT config or timm model) and the identical HF
+text tower, so the ratio isolates what region selection and sentence pooling cost.
 """
 
 from __future__ import annotations
@@ -39,10 +39,15 @@ def open_clip_reference(model):
 
     cfg = model.config
     v = cfg.vision
+    if v.backend == "timm":  # open_clip's TimmModel: same trunk, average pool, linear head
+        vision_cfg = {"image_size": v.image_size, "timm_model_name": v.timm_model,
+                      "timm_model_pretrained": False, "timm_pool": "avg", "timm_proj": "linear"}
+    else:
+        vision_cfg = {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width,
+                      "layers": v.layers, "head_width": v.head_width, "mlp_ratio": v.mlp_ratio}
     return CustomTextCLIP(
         embed_dim=cfg.embed_dim,
-        vision_cfg={"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width,
-                    "layers": v.layers, "head_width": v.head_width, "mlp_ratio": v.mlp_ratio},
+        vision_cfg=vision_cfg,
         text_cfg={"hf_model_name": str(resolve_source(cfg.text.source)),
                   "hf_model_pretrained": False, "hf_proj_type": cfg.text.proj_type,
                   "hf_pooler_type": "mean_pooler", "context_length": cfg.text.context_length},
@@ -51,7 +56,7 @@ def open_clip_reference(model):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="lrclr-small")
+    ap.add_argument("--model", default="lrclr-r18")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()

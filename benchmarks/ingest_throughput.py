@@ -125,7 +125,7 @@ def one_core_costs(encoder: Any, paths: list[Path], batch: int, n: int) -> dict[
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "phantom_cxr")
-    ap.add_argument("--model", default=str(ROOT / "checkpoints" / "lrclr-small"))
+    ap.add_argument("--model", default=str(ROOT / "checkpoints" / "lrclr-r18"))
     ap.add_argument("--limit", type=int, default=None, help="index only the first N images")
     ap.add_argument("--reference-images", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=32)

@@ -13,7 +13,7 @@ For a RadLens checkpoint and a PhantomCXR folder, per finding with at least 20 t
 A finding that the text probe separates but the image probe does not is limited by what the
 image tower learned, not by the text encoder or the contrastive alignment.
 
-Usage: ``python benchmarks/linear_probes.py [--model checkpoints/lrclr-small]
+Usage: ``python benchmarks/linear_probes.py [--model checkpoints/lrclr-r18]
 [--data data/phantom_cxr]``; prints one JSON object, writes ``benchmarks/out/linear_probes.json``.
 """
 
@@ -51,7 +51,7 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default=str(ROOT / "checkpoints" / "lrclr-small"))
+    ap.add_argument("--model", default=str(ROOT / "checkpoints" / "lrclr-r18"))
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "phantom_cxr")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)

@@ -11,6 +11,7 @@ import copy
 import io
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from PIL import Image
@@ -104,7 +105,7 @@ def _contact_sheet(paths: list[str], target: Path, tile: int = 256) -> None:
 #: Real DICOM files from pydicom-data / pydicom that join the demo archive.
 REAL_DEMO_FILES = ("RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG3_UNCI.dcm", "CT_small.dcm",
                    "MR_small.dcm", "emri_small.dcm", "US1_J2KR.dcm", "SC_rgb.dcm")
-SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "lrclr-small"
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "lrclr-r18"
 SHIPPED_VOLUME_MODEL = SHIPPED_MODEL.parent / "lecl-small"
 #: PhantomCT volumes in the demo (seed 1: not the seed-0 volumes the shipped encoder saw).
 DEMO_VOLUMES, DEMO_VOLUME_SHAPE, DEMO_VOLUME_SEED = 24, (128, 128, 128), 1
@@ -121,8 +122,6 @@ def test_split_report_ids(seed: int = 0) -> list[str]:
 
 def build_demo_archive(data_dir: Path, size: int = 512, limit: int | None = None) -> Path:
     """The demo archive: the PhantomCXR test split plus real DICOM files (reused if built)."""
-    import shutil
-
     from pydicom.data import get_testdata_file
 
     from vlm.data.phantom_cxr import generate_phantom_cxr
@@ -162,6 +161,18 @@ def build_demo_volumes(data_dir: Path, index: Path, model: str | Path = SHIPPED_
     return ct
 
 
+def _index_config_hash(index: Path) -> str | None:
+    """The config hash of the image model an index folder was built with (None: unreadable)."""
+    from index import persist
+    from vlm.errors import RadLensError
+
+    try:
+        manifest = persist.read_manifest(index / persist.read_current(index))
+    except (RadLensError, OSError):  # a broken demo index is rebuilt like another model's
+        return None
+    return str(manifest.get("config_hash"))
+
+
 def build_demo_index(data_dir: Path, model: Path = SHIPPED_MODEL, limit: int | None = None,
                      progress: bool = True, volume_model: str | Path | None = None,
                      volumes: int = DEMO_VOLUMES,
@@ -174,8 +185,18 @@ def build_demo_index(data_dir: Path, model: Path = SHIPPED_MODEL, limit: int | N
 
     index = data_dir / "index"
     archive = build_demo_archive(data_dir, limit=limit)
+    encoder: Encoder | None = None
+    if (index / "CURRENT").exists():
+        built = _index_config_hash(index)
+        encoder = Encoder(str(model))
+        if built != encoder.config_hash:
+            # a checkout that ships a different default model: the old demo index would be
+            # refused at serve time, and it holds nothing but the regenerable demo archive
+            print(f"demo: {index} was built with another model ({built}); rebuilding it "
+                  f"with {model.name} ({encoder.config_hash})")
+            shutil.rmtree(index)
     if not (index / "CURRENT").exists() or not (index / "ingest_report.json").exists():
-        report = ingest(Encoder(str(model)), archive, index, progress=progress,
+        report = ingest(encoder or Encoder(str(model)), archive, index, progress=progress,
                         model_path=str(model.resolve()), keep_paths=True)
         print(f"demo: indexed {report.added} images ({report.regions} regions), "
               f"{len(report.failed)} unreadable, {report.images_per_s:.1f} images/s")

@@ -35,6 +35,23 @@ def test_demo_index_is_built_once_and_reused(tmp_path, capsys):
     assert ix.catalog.count("volume") == 2  # the Volumes tab has PhantomCT volumes to show
     ix.close()
 
+    # a checkout that ships another default model rebuilds the demo index instead of serving
+    # one that the new model would be refused on
+    other = tmp_path / "other"
+    from vlm.models import load_config
+    from vlm.models.factory import build_model
+
+    save_checkpoint(build_model(load_config("lrclr-tiny").replace(name="lrclr-tiny-b")), other,
+                    get_tokenizer("lrclr-tiny"), card="#")
+    capsys.readouterr()
+    build_demo_index(tmp_path / "demo", other, limit=6, progress=False, volumes=0)
+    assert "built with another model" in capsys.readouterr().out
+    from vlm.inference import Encoder
+
+    ix = IndexFolder.open(index, expect_config_hash=Encoder(str(other)).config_hash)
+    assert ix.catalog.count("image") == 6 + real
+    ix.close()
+
 
 def test_reader_demo_reads_every_real_file(tmp_path, capsys):
     assert run_demo(tmp_path) == []
