@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import vlm  # noqa: F401  (torchvision CPU shim)
-    from index.ingest import ingest, plan_workers
+    from index.ingest import ingest
     from vlm.inference import Encoder
 
     if not (args.data / "manifest.jsonl").is_file():
@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "ingest_throughput", "model": encoder.name, "cpu_count": os.cpu_count(),
         "images": n_images, "batch_size": args.batch_size,
-        "decode_processes_and_encoder_threads": list(plan_workers(args.workers,
-                                                                  encoder.device)),
+        "decode_processes_and_encoder_threads": report.plan,
+        "plan_probe": report.probe,
         "end_to_end": {"added": report.added, "regions": report.regions,
                        "seconds": round(wall, 2), "images_per_s": round(pipeline, 2),
                        "encode_seconds_inside": round(report.encode_seconds, 2)},

@@ -145,3 +145,33 @@ def test_plan_workers_splits_cpu_cores_and_leaves_gpu_threads(monkeypatch):
     assert workers == 7 and threads == torch.get_num_threads()
     monkeypatch.setattr(ig.os, "cpu_count", lambda: 1)
     assert ig.plan_workers(None, cpu) == (1, 1)
+
+
+def test_plan_workers_chooses_by_measured_costs(monkeypatch):
+    import torch
+
+    from index import ingest as ig
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(ig.os, "cpu_count", lambda: 2)
+    # encoding costs twice the decode (ResNet-18 on 2 cores): decode in-process, encode on both
+    assert ig.plan_workers(None, cpu, (6.3e-3, 12.75e-3)) == (0, 2)
+    # comparable costs (the small ViT): one decode process beside a one-thread encoder
+    assert ig.plan_workers(None, cpu, (4.9e-3, 3.6e-3)) == (1, 1)
+    assert ig.plan_workers(1, cpu, (6.3e-3, 12.75e-3)) == (1, 1)  # an explicit count wins
+    monkeypatch.setattr(ig.os, "cpu_count", lambda: 16)
+    # many cores: a few decode processes keep up, the rest encode (3/6.3 ms < 13/(16 x 1.6 ms))
+    assert ig.plan_workers(None, cpu, (6.3e-3, 1.6e-3)) == (3, 13)
+    assert ig.plan_workers(None, gpu, (6.3e-3, 1.6e-3))[0] == 15  # costs are for CPU plans
+
+
+def test_probe_costs_measures_decode_and_encode(archive, model_dir):
+    from index import ingest as ig
+    from vlm.inference import Encoder
+
+    enc = Encoder(str(model_dir))
+    paths = sorted(str(p) for p in (archive / "dicom").glob("s*.dcm"))[:ig.PROBE_FILES]
+    decode, encode = ig.probe_costs(enc, paths, enc.model.config.preprocess)
+    assert 0 < decode < 5 and 0 < encode < 5
+    bad = [str(archive / "dicom" / "notes.dcm")] * 3
+    assert ig.probe_costs(enc, bad, enc.model.config.preprocess) is None
