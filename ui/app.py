@@ -184,8 +184,12 @@ def build_app(engine: Engine, *, max_upload_mb: float = 50, k_default: int = 8,
                         f_view = gr.Dropdown(views, value="any", label="View")
                         f_ymin = gr.Dropdown(years, value="any", label="Year from")
                         f_ymax = gr.Dropdown(years, value="any", label="Year to")
-                        search_btn = gr.Button("Search", variant="primary",
-                                               elem_id="search-btn")
+                        with gr.Column(min_width=160):
+                            search_btn = gr.Button("Search", variant="primary",
+                                                   elem_id="search-btn")
+                            contrast = gr.Checkbox(
+                                value=True, label="Rank against a normal study",
+                                info="off: plain similarity to the text", elem_id="contrast")
                     search_status = gr.Markdown(elem_classes="rl-status")
                     results = gr.Gallery(label="Results", columns=6, height=300,
                                          object_fit="contain", elem_id="search-gallery",
@@ -347,8 +351,8 @@ def build_app(engine: Engine, *, max_upload_mb: float = 50, k_default: int = 8,
 
         # ------------------------------------------------------------------ search
         def on_search(text: str, k_: float, mod: str, view: str, y0: float | None,
-                      y1: float | None) -> tuple[Any, ...]:
-            found = h.search_text(engine, text, int(k_), mod, view, y0, y1)
+                      y1: float | None, contrast_: bool = True) -> tuple[Any, ...]:
+            found = h.search_text(engine, text, int(k_), mod, view, y0, y1, bool(contrast_))
             items = h.gallery(engine, found)
             note = _ok(f"{len(items)} studies") if items else _err("no studies match")
             return found, text, items, note, None, "", None
@@ -356,7 +360,7 @@ def build_app(engine: Engine, *, max_upload_mb: float = 50, k_default: int = 8,
         search_outs = [hits, last_query, results, search_status, selected, card, selected_id]
         for trigger in (search_btn.click, query.submit):
             trigger(_guarded(on_search, len(search_outs), 3),
-                    [query, k, f_mod, f_view, f_ymin, f_ymax], search_outs)
+                    [query, k, f_mod, f_view, f_ymin, f_ymax, contrast], search_outs)
 
         def on_select(found: list[Any], text: str, evt: gr.SelectData) -> tuple[Any, ...]:
             if not found or evt.index is None or evt.index >= len(found):

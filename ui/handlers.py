@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from index.catalog import CatalogItem
-from index.engine import Engine, Result
+from index.engine import NORMAL_REFERENCE, Engine, Result
 from index.folder import Hit
 from index.volume_search import VolumeQuery, VolumeSearch
 from index.volumes import SALIENT_SLICES, VOLUME, load_stack, preview_stack
@@ -205,8 +205,9 @@ def facet_values(engine: Engine, column: str) -> list[str]:
 # ---------------------------------------------------------------------------- search
 def search_text(engine: Engine, text: str, k: int, modality: str | None = None,
                 view: str | None = None, year_min: str | float | None = None,
-                year_max: str | float | None = None) -> list[Result]:
-    """Report text -> top-k results (filters: "any"/empty means no filter)."""
+                year_max: str | float | None = None, contrast: bool = True) -> list[Result]:
+    """Report text -> top-k results (filters: "any"/empty means no filter). ``contrast``:
+    rank against a normal study (:data:`index.engine.NORMAL_REFERENCE`), else plain cosine."""
     def opt(v: str | None) -> str | None:
         return None if v in (None, "", "any") else v
 
@@ -220,7 +221,8 @@ def search_text(engine: Engine, text: str, k: int, modality: str | None = None,
 
     if len((text or "").strip()) > 2000:
         raise RadLensError("query too long: keep it under 2000 characters")
-    return engine.search_text(text or "", k=int(k), modality=opt(modality), view=opt(view),
+    return engine.search_text(text or "", k=int(k), contrast=NORMAL_REFERENCE if contrast
+                              else None, modality=opt(modality), view=opt(view),
                               year_min=year(year_min), year_max=year(year_max))
 
 

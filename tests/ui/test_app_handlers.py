@@ -141,6 +141,12 @@ def test_text_search_gallery_serves_only_index_files(tiny_engine):
     assert len(items) == 5 and all(root in Path(p).resolve().parents for p, _ in items)
     assert all(c.split(" · ")[0].replace(".", "").lstrip("-").isdigit() for _, c in items)
     assert h.search_text(tiny_engine, "opacity", 5, modality="MR") == []
+    # the checkbox "rank against a normal study": on = the engine default, off = plain cosine
+    raw = h.search_text(tiny_engine, "opacity in the left lung", 5, contrast=False)
+    assert [r.id for r in raw] == [r.id for r in tiny_engine.search_text(
+        "opacity in the left lung", k=5, contrast=None)]
+    assert [r.id for r in hits] == [r.id for r in tiny_engine.search_text(
+        "opacity in the left lung", k=5)]
     with pytest.raises(RadLensError):
         h.search_text(tiny_engine, "   ", 5)
     with pytest.raises(RadLensError):
