@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import clustered
 
 from index import persist
 from index.errors import IndexBusyError, IndexCorruptError, IndexFormatError
 from index.folder import IndexFolder
+from tests.index.conftest import clustered
 from vlm.errors import ConfigError, RadLensError
 
 DIM = 32

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import clustered, exact_topk, near, recall
 
 import index.factory as factory_mod
 import index.store as store_mod
@@ -10,6 +9,7 @@ from index.errors import DimensionError
 from index.factory import choose_factory, describe
 from index.gpu import gpu_available
 from index.store import VectorCollection
+from tests.index.conftest import clustered, exact_topk, near, recall
 from vlm.errors import RadLensError
 
 IDS_OFFSET = 10**12  # 64-bit ids far from slot numbers

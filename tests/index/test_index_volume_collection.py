@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import clustered
 
 from index import persist
 from index.folder import CollectionModel, IndexFolder
+from tests.index.conftest import clustered
 from vlm.errors import ConfigError, RadLensError
 
 DIM, VDIM = 32, 16
