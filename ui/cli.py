@@ -114,8 +114,9 @@ def index_build(
         help=f"{VOLUME_MODEL_HELP} Indexes the volumes into the 'volume' collection.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per encoder batch.")] = 32,
     workers: Annotated[int | None, typer.Option(
-        help="Decode processes; 0 decodes in this process (default: half the cores with a CPU "
-             "encoder, the encoder gets the other half; all but one with a GPU).")
+        help="Decode processes; 0 decodes in this process (default: with a CPU encoder, chosen "
+             "from the measured decode and encode cost of the first files; all cores but one "
+             "with a GPU).")
                        ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     keep_paths: Annotated[bool, typer.Option(

@@ -182,21 +182,20 @@ def build_demo_index(data_dir: Path, model: Path = SHIPPED_MODEL, limit: int | N
     present; ``volumes=0`` leaves them out)."""
     from index.ingest import ingest
     from vlm.inference import Encoder
+    from vlm.models.config import config_hash, load_config
 
     index = data_dir / "index"
     archive = build_demo_archive(data_dir, limit=limit)
-    encoder: Encoder | None = None
     if (index / "CURRENT").exists():
-        built = _index_config_hash(index)
-        encoder = Encoder(str(model))
-        if built != encoder.config_hash:
+        built, wanted = _index_config_hash(index), config_hash(load_config(model))
+        if built != wanted:
             # a checkout that ships a different default model: the old demo index would be
             # refused at serve time, and it holds nothing but the regenerable demo archive
             print(f"demo: {index} was built with another model ({built}); rebuilding it "
-                  f"with {model.name} ({encoder.config_hash})")
+                  f"with {model.name} ({wanted})")
             shutil.rmtree(index)
     if not (index / "CURRENT").exists() or not (index / "ingest_report.json").exists():
-        report = ingest(encoder or Encoder(str(model)), archive, index, progress=progress,
+        report = ingest(Encoder(str(model)), archive, index, progress=progress,
                         model_path=str(model.resolve()), keep_paths=True)
         print(f"demo: indexed {report.added} images ({report.regions} regions), "
               f"{len(report.failed)} unreadable, {report.images_per_s:.1f} images/s")
