@@ -21,7 +21,6 @@ p95 < 300 ms on the 2-core machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out"
@@ -158,10 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         result["target_met"] = result["app_search"]["p95_ms"] < TARGET_P95_MS
         engine.index.close()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "app_search_latency.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, "app_search_latency", result)
     plot(result, app_all, raw_ms, exact_ms, args.out / "app_search_latency.png")
-    sys.stdout.write(json.dumps(result) + "\n")
     return 0
 
 

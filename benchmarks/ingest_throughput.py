@@ -21,13 +21,14 @@ writes ``benchmarks/out/ingest_throughput.{json,png}``. Target: ratio >= 0.85.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _common import have_phantom_cxr, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out"
@@ -140,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from index.ingest import ingest
     from vlm.inference import Encoder
 
-    if not (args.data / "manifest.jsonl").is_file():
-        print(f"{args.data}: no PhantomCXR here; run `radlens data phantom-cxr --out "
-              f"{args.data}` first", file=sys.stderr)
+    if not have_phantom_cxr(args.data):
         return 2
     shutil.rmtree(args.work, ignore_errors=True)
     archive = args.work / "archive"
@@ -188,10 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                   "failed": len(again.failed), "seconds": round(rerun_s, 2)},
     }
     result["target_met"] = result["ratio"] >= TARGET_RATIO
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ingest_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, "ingest_throughput", result)
     plot(result, args.out / "ingest_throughput.png")
-    sys.stdout.write(json.dumps(result) + "\n")
     if args.keep_index:
         shutil.rmtree(args.keep_index, ignore_errors=True)
         args.keep_index.parent.mkdir(parents=True, exist_ok=True)

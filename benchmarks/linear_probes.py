@@ -20,12 +20,12 @@ Usage: ``python benchmarks/linear_probes.py [--model checkpoints/lrclr-r18]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import have_phantom_cxr, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out"
@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlm.train.lrclr import pool_texts
     from vlm.zeroshot import ZeroShotClassifier
 
-    if not (args.data / "manifest.jsonl").is_file():
-        print(f"{args.data}: no PhantomCXR here; run `radlens data phantom-cxr --out "
-              f"{args.data}` first", file=sys.stderr)
+    if not have_phantom_cxr(args.data):
         return 2
     model = create_model(args.model)
     tokenizer = get_tokenizer(args.model)
@@ -103,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "macro": {k: round(float(np.mean(list(v.values()))), 4) if v else None
                   for k, v in rows.items()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "linear_probes.json").write_text(json.dumps(result, indent=2) + "\n")
-    sys.stdout.write(json.dumps(result) + "\n")
+    write_result(args.out, "linear_probes", result)
     return 0
 
 

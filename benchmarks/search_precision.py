@@ -19,10 +19,11 @@ Prints one JSON object; writes ``benchmarks/out/search_precision.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from _common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out"
@@ -111,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if ps:
             result[f"mean_precision_{pool}"] = round(float(np.mean(ps)), 3)
             result[f"mean_base_rate_{pool}"] = round(float(np.mean(bs)), 4)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "search_precision.json").write_text(json.dumps(result, indent=2) + "\n")
-    sys.stdout.write(json.dumps(result) + "\n")
+    write_result(args.out, "search_precision", result)
     return 0
 
 

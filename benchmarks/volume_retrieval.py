@@ -21,13 +21,13 @@ rate", i.e. the ``liver`` row.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out"
@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "seconds_per_volume": round(seconds / len(ds), 3),
                                   "labels": table}
         print(f"{name}: liver {table.get('liver')}", file=sys.stderr, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "volume_retrieval.json").write_text(json.dumps(result, indent=2) + "\n")
-    sys.stdout.write(json.dumps(result) + "\n")
+    write_result(args.out, "volume_retrieval", result)
     return 0
 
 

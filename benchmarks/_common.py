@@ -1,0 +1,27 @@
+"""What every benchmark script shares: the data check and where its JSON goes.
+
+Scripts run as ``python benchmarks/<name>.py``, so this module is importable as ``_common``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def have_phantom_cxr(data: Path) -> bool:
+    """Whether ``data`` holds a PhantomCXR folder; says how to make one when it does not."""
+    if (data / "manifest.jsonl").is_file():
+        return True
+    print(f"{data}: no PhantomCXR here; run `radlens data phantom-cxr --out {data}` first",
+          file=sys.stderr)
+    return False
+
+
+def write_result(out: Path, name: str, result: dict[str, Any]) -> None:
+    """``out/<name>.json`` (indented) and the same object as one line on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    sys.stdout.write(json.dumps(result) + "\n")
