@@ -347,7 +347,7 @@ def export_volume_model(run: str | os.PathLike[str], out: str | os.PathLike[str]
     export_lecl(src, dest)
     head_summary = None
     mil = _find(src, CLEAR_MIL_CHECKPOINT) if with_head else None
-    for stale in ("clear_mil.pt", "clear_mil.json"):
+    for stale in (CLEAR_MIL_CHECKPOINT, "clear_mil.json"):
         (dest / stale).unlink(missing_ok=True)
     if mil is not None:
         shutil.copyfile(mil, dest / CLEAR_MIL_CHECKPOINT)
