@@ -370,19 +370,34 @@ def train_lecl_cmd(
     data: Annotated[Path, typer.Option(help="PhantomCT-style folder with manifest.jsonl.")],
     out: Annotated[Path, typer.Option(help="Run folder.")],
     lesion_weight: Annotated[float, typer.Option(help="w of LeCL; 0 = plain MoCo v3.")] = 10.0,
-    preset: Annotated[str, typer.Option(help="Model size preset (tiny|small).")] = "small",
+    preset: Annotated[str, typer.Option(help="Model size preset (tiny|small|r18).")] = "small",
     epochs: Annotated[int, typer.Option()] = 20,
     batch_size: Annotated[int, typer.Option()] = 32,
     max_minutes: Annotated[float | None, typer.Option()] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    lr: Annotated[float | None, typer.Option(
+        help="AdamW learning rate (default: the recipe's 3e-4, as eval-volumes).")] = None,
+    splits: Annotated[str, typer.Option(
+        help="Manifest splits whose volumes (and lesion boxes) pre-train the encoder; 'val' "
+             "is always the validation set.")] = "train,test",
 ) -> None:
     """Pre-train the CLEAR slice encoder with lesion-enhanced contrast (LeCL)."""
-    from vlm.train.lecl import lecl_config, train_lecl
-    from vlm.train.loop import TrainConfig
+    from vlm.data.ct_dataset import CTDataset
+    from vlm.errors import RadLensError
+    from vlm.train.lecl import default_train_config, lecl_config, train_lecl
 
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, max_minutes=max_minutes, seed=seed)
-    summary = train_lecl(data, out, lecl_config(preset, lesion_weight=lesion_weight),
-                         lesion_weight=lesion_weight, train=cfg)
+    chosen = {s.strip() for s in splits.split(",") if s.strip()}
+    if not chosen or "val" in chosen:
+        raise RadLensError(f"--splits must name training splits other than 'val', not "
+                           f"{splits!r}")
+    ds = CTDataset(data)
+    volumes = [i for i, r in enumerate(ds.rows) if r["split"] in chosen]
+    if not volumes:
+        raise RadLensError(f"{data}: no volumes in splits {sorted(chosen)}")
+    cfg = default_train_config(epochs=epochs, batch_size=batch_size, max_minutes=max_minutes,
+                               seed=seed, progress=True, **({} if lr is None else {"lr": lr}))
+    summary = train_lecl(ds, out, lecl_config(preset, lesion_weight=lesion_weight),
+                         lesion_weight=lesion_weight, train=cfg, volumes=volumes)
     print(json_line({k: v for k, v in summary.items() if k != "history"}))
 
 
@@ -399,10 +414,10 @@ def train_drasclr_cmd(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Pre-train DrasCLR (anatomy-conditioned 3D CNN) on patch lattices."""
-    from vlm.train.drasclr import drasclr_config, train_drasclr
-    from vlm.train.loop import TrainConfig
+    from vlm.train.drasclr import default_train_config, drasclr_config, train_drasclr
 
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, max_minutes=max_minutes, seed=seed)
+    cfg = default_train_config(epochs=epochs, batch_size=batch_size, max_minutes=max_minutes,
+                               seed=seed, progress=True)
     summary = train_drasclr(data, out, drasclr_config(preset, conditional=not plain),
                             conditional=not plain, train=cfg)
     print(json_line({k: v for k, v in summary.items() if k != "history"}))

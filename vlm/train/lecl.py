@@ -39,24 +39,29 @@ CHECKPOINT = "lecl.pt"
 SLICE_MEAN, SLICE_STD = 0.5, 0.25  # applied after the [0, 1] window, as PreprocessConfig
 
 #: CPU-sized towers. "small": open_clip ViT 96 px, patch 16 (36 tokens), width 192, 4 layers.
+#: "r18": timm ResNet-18 at the slice's own 128 px (a 4x4 grid); a supervised check saw liver
+#: lesions with it where the small ViT's embeddings did not (README, CT volumes).
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
-                        "head_width": 16},
+    "tiny": {"vision": {"backend": "open_clip", "image_size": 32, "patch_size": 8, "width": 32,
+                        "layers": 1, "head_width": 16},
              "embed_dim": 32, "mlp_hidden": 64, "out_dim": 16},
-    "small": {"vision": {"image_size": 96, "patch_size": 16, "width": 192, "layers": 4,
-                         "head_width": 64},
+    "small": {"vision": {"backend": "open_clip", "image_size": 96, "patch_size": 16,
+                         "width": 192, "layers": 4, "head_width": 64},
               "embed_dim": 256, "mlp_hidden": 1024, "out_dim": 128},
+    "r18": {"vision": {"backend": "timm", "timm_model": "resnet18", "image_size": 128},
+            "embed_dim": 256, "mlp_hidden": 1024, "out_dim": 128},
 }
 
 
 def lecl_config(preset: str = "small", lesion_weight: float = 10.0, **changes: Any
                 ) -> LeCLConfig:
-    """A :class:`LeCLConfig` from a preset name (``tiny`` | ``small``) plus field changes."""
+    """A :class:`LeCLConfig` from a preset name (``tiny`` | ``small`` | ``r18``) plus field
+    changes."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown LeCL preset '{preset}': use one of {sorted(PRESETS)}")
     spec = {k: v for k, v in PRESETS[preset].items() if k != "vision"}
     spec.update(changes)
-    vision = VisionConfig(backend="open_clip", **PRESETS[preset]["vision"])
+    vision = VisionConfig(**PRESETS[preset]["vision"])
     return LeCLConfig(vision=vision, lesion_weight=lesion_weight, **spec)
 
 
@@ -168,8 +173,9 @@ def read_checkpoint(model_dir: str | os.PathLike[str], filename: str, recipe: st
     raise ConfigError(f"{root}: no {filename}; train one with {recipe} first")
 
 
-def recipe_train_config(lr: float, weight_decay: float, **changes: Any) -> TrainConfig:
-    """CPU loop settings of the CT recipes: 10 epochs, batch 32, 10 warm-up steps, no bar."""
+def recipe_train_config(lr: float, weight_decay: float, /, **changes: Any) -> TrainConfig:
+    """CPU loop settings of the CT recipes: 10 epochs, batch 32, 10 warm-up steps, no bar;
+    ``changes`` (``lr`` included) override them."""
     base = TrainConfig(epochs=10, batch_size=32, lr=lr, weight_decay=weight_decay,
                        warmup_steps=10, progress=False, save_every=100)
     return dataclasses.replace(base, **changes)

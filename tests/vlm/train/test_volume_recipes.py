@@ -165,3 +165,42 @@ def test_export_volume_model_ships_the_encoder_in_float16(data, lecl_run, tmp_pa
     assert float(np.dot(a, b)) > 0.999  # float16 weights, same vector up to rounding
     with pytest.raises(Exception, match=r"no lecl\.pt"):
         export_volume_model(tmp_path / "nothing", tmp_path / "x")
+
+
+def test_r18_preset_is_a_resnet_slice_encoder():
+    from vlm.models.clear import is_vit
+    from vlm.train.lecl import embed_volume
+
+    cfg = lc.lecl_config("r18")
+    assert cfg.vision.backend == "timm" and cfg.vision.timm_model == "resnet18"
+    assert not is_vit(cfg.vision)  # MoCo v3 gives CNNs the 2-layer projector
+    model = LeCL(cfg).eval()
+    emb = embed_volume(model, torch.full((2, 128, 128), -1000.0))
+    assert emb.shape == (2, cfg.embed_dim)
+
+
+def test_train_lecl_cli_trains_on_the_named_splits_with_the_recipe_lr(data, monkeypatch,
+                                                                      capsys, tmp_path):
+    from ui.cli import main
+
+    seen: dict = {}
+
+    def fake_train(ds, out, cfg, lesion_weight, train, volumes):
+        seen.update(cfg=cfg, train=train, volumes=volumes)
+        return {"steps": 0}
+
+    monkeypatch.setattr(lc, "train_lecl", fake_train)
+    args = ["train", "lecl", "--data", str(data.root), "--out", str(tmp_path / "run"),
+            "--preset", "tiny"]
+    assert main([*args, "--splits", "train"]) == 0
+    splits = [r["split"] for r in data.rows]
+    assert seen["volumes"] == [i for i, s in enumerate(splits) if s == "train"]
+    assert seen["train"].lr == lc.default_train_config().lr
+    assert seen["train"].weight_decay == lc.default_train_config().weight_decay
+    assert main([*args, "--lr", "1e-3"]) == 0
+    assert seen["train"].lr == 1e-3
+    assert seen["volumes"] == [i for i, s in enumerate(splits) if s != "val"]
+    capsys.readouterr()
+    assert main([*args, "--splits", "val"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--splits" in err[0]
