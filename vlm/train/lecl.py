@@ -39,8 +39,8 @@ CHECKPOINT = "lecl.pt"
 SLICE_MEAN, SLICE_STD = 0.5, 0.25  # applied after the [0, 1] window, as PreprocessConfig
 
 #: CPU-sized towers. "small": open_clip ViT 96 px, patch 16 (36 tokens), width 192, 4 layers.
-#: "r18": timm ResNet-18 at the slice's own 128 px (a 4x4 grid); a supervised check saw liver
-#: lesions with it where the small ViT's embeddings did not (README, CT volumes).
+#: "r18": timm ResNet-18 at the slice's own 128 px (a 4x4 grid), the CNN option of CLEAR's
+#: slice encoder (README, CT volumes, has its numbers).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"vision": {"backend": "open_clip", "image_size": 32, "patch_size": 8, "width": 32,
                         "layers": 1, "head_width": 16},
