@@ -42,7 +42,8 @@ class LeCLConfig:
     momentum: float = 0.99  # key encoder EMA (MoCo v3 raises it to 1 by a cosine schedule)
     temperature: float = 1.0
     lesion_weight: float = 10.0  # w; 0 = plain MoCo v3 (the ablation baseline)
-    base_lr: float = 1e-4  # AdamW lr = base_lr * batch / 256
+    base_lr: float = 1e-4  # official AdamW lr = base_lr * batch / 256; recorded only: the CPU
+    # recipe trains with TrainConfig.lr (vlm.train.lecl.default_train_config, 3e-4)
     weight_decay: float = 1e-6
     crop_scale: tuple[float, float] = (0.08, 1.0)
 
