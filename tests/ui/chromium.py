@@ -7,6 +7,7 @@ reason when either piece is missing on this machine.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +21,11 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run",
         "--disable-dev-shm-usage"]
 ROOT = Path(__file__).resolve().parents[2]
-SHOTS = ROOT / "docs" / "img"
 ARTIFACTS = ROOT / "build" / "test-artifacts"
+#: Screenshots go to the test artifacts; RADLENS_UPDATE_SCREENSHOTS=1 refreshes the README's
+#: committed ones instead (so an ordinary test run leaves the work tree as it found it).
+SHOTS = (ROOT / "docs" / "img" if os.environ.get("RADLENS_UPDATE_SCREENSHOTS") == "1"
+         else ARTIFACTS / "screenshots")
 TIMEOUT = 30_000  # ms per wait
 
 try:
