@@ -34,7 +34,9 @@ FILTER_KEYS = ("modality", "body_part", "view", "year_min", "year_max")
 #: cosine ranks images by overall resemblance to the query text, which for a finding phrase is
 #: dominated by whatever the model finds most "abnormal" (on PhantomCXR with lrclr-r18,
 #: "pleural effusion" returned 0 effusions in the top 10 raw and 2 contrasted; see README).
-NORMAL_REFERENCE = "No acute cardiopulmonary abnormality. The lungs are clear."
+#: It is the ``normal`` text of the packaged prompt file (``vlm/prompts/cxr_findings.json``), so
+#: zero-shot negatives and search contrast stay one sentence.
+NORMAL_REFERENCE: str = PromptSet.load().normal or ""
 
 
 @dataclass

@@ -42,6 +42,9 @@ class FindingPrompts:
 @dataclass
 class PromptSet:
     findings: dict[str, FindingPrompts] = field(default_factory=dict)
+    #: One description of a normal study: the default negative of every finding that names none,
+    #: and what text search contrasts a query with (:data:`index.engine.NORMAL_REFERENCE`).
+    normal: str | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None) -> PromptSet:
@@ -51,13 +54,22 @@ class PromptSet:
         else:
             text = Path(path).read_text()
         try:
-            data = json.loads(text)["findings"]
-            return cls({name: FindingPrompts(list(v["positive"]), list(v["negative"]),
-                                             v.get("template", "{finding}"))
-                        for name, v in data.items()})
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"prompt file {path}: expected {{'findings': {{name: "
-                              f"{{'positive': [...], 'negative': [...]}}}}}} ({exc})") from None
+            doc = json.loads(text)
+            normal = doc.get("normal")
+            if normal is not None and not isinstance(normal, str):
+                raise TypeError("'normal' must be one string")
+            findings = {}
+            for name, v in doc["findings"].items():
+                negative = v.get("negative", [normal] if normal else None)
+                if negative is None:
+                    raise KeyError(f"'{name}' has no 'negative' and the file no 'normal'")
+                findings[name] = FindingPrompts(list(v["positive"]), list(negative),
+                                                v.get("template", "{finding}"))
+            return cls(findings, normal)
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"prompt file {path}: expected {{'normal': TEXT, 'findings': "
+                              f"{{name: {{'positive': [...], 'negative': [...]}}}}}} with "
+                              f"'negative' optional when 'normal' is given ({exc})") from None
 
     def with_finding(self, name: str, positive: list[str], negative: list[str]) -> PromptSet:
         """A copy with one finding added or replaced (the app's prompt editor)."""
@@ -66,12 +78,13 @@ class PromptSet:
                               "prompt")
         out = dict(self.findings)
         out[name] = FindingPrompts(list(positive), list(negative))
-        return PromptSet(out)
+        return PromptSet(out, self.normal)
 
     def to_json(self) -> str:
-        return json.dumps({"findings": {k: {"positive": v.positive, "negative": v.negative,
-                                            "template": v.template}
-                                        for k, v in self.findings.items()}}, indent=1)
+        doc: dict[str, Any] = {"normal": self.normal} if self.normal else {}
+        doc["findings"] = {k: {"positive": v.positive, "negative": v.negative,
+                               "template": v.template} for k, v in self.findings.items()}
+        return json.dumps(doc, indent=1)
 
 
 class ZeroShotClassifier:

@@ -54,6 +54,25 @@ def test_prompt_sets_are_editable_and_checked(tmp_path):
         PromptSet.load(path)
 
 
+def test_normal_study_text_is_the_default_negative_and_the_search_contrast(tmp_path):
+    from index.engine import NORMAL_REFERENCE
+
+    prompts = PromptSet.load()
+    assert prompts.normal and prompts.normal == NORMAL_REFERENCE
+    assert all(p.negative == [prompts.normal] for p in prompts.findings.values())
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"normal": "Normal chest.", "findings": {
+        "a": {"positive": ["x"]}, "b": {"positive": ["y"], "negative": ["no y"]}}}))
+    loaded = PromptSet.load(path)
+    assert loaded.findings["a"].negative == ["Normal chest."]
+    assert loaded.findings["b"].negative == ["no y"]
+    path.write_text(loaded.to_json())  # round trip keeps the normal text
+    assert PromptSet.load(path).normal == "Normal chest."
+    path.write_text(json.dumps({"findings": {"a": {"positive": ["x"]}}}))
+    with pytest.raises(ConfigError, match="'a' has no 'negative'"):
+        PromptSet.load(path)
+
+
 def test_zero_shot_probabilities_are_softmax_of_the_prompt_pair():
     torch.manual_seed(0)
     model = create_model("lrclr-tiny")
