@@ -377,23 +377,20 @@ def train_lecl_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     lr: Annotated[float | None, typer.Option(
         help="AdamW learning rate (default: the recipe's 3e-4, as eval-volumes).")] = None,
-    splits: Annotated[str, typer.Option(
-        help="Manifest splits whose volumes (and lesion boxes) pre-train the encoder; 'val' "
-             "is always the validation set.")] = "train,test",
+    splits: Annotated[str | None, typer.Option(
+        help="Comma-separated manifest splits whose volumes (and lesion boxes) pre-train the "
+             "encoder (default: train,test); 'val' is always the validation set.")] = None,
 ) -> None:
     """Pre-train the CLEAR slice encoder with lesion-enhanced contrast (LeCL)."""
     from vlm.data.ct_dataset import CTDataset
     from vlm.errors import RadLensError
     from vlm.train.lecl import default_train_config, lecl_config, train_lecl
 
-    chosen = {s.strip() for s in splits.split(",") if s.strip()}
-    if not chosen or "val" in chosen:
-        raise RadLensError(f"--splits must name training splits other than 'val', not "
-                           f"{splits!r}")
     ds = CTDataset(data)
-    volumes = [i for i, r in enumerate(ds.rows) if r["split"] in chosen]
-    if not volumes:
-        raise RadLensError(f"{data}: no volumes in splits {sorted(chosen)}")
+    try:
+        volumes = ds.volumes_in(splits.split(",")) if splits else ds.volumes_in()
+    except RadLensError as exc:
+        raise RadLensError(f"--splits: {exc}") from None
     cfg = default_train_config(epochs=epochs, batch_size=batch_size, max_minutes=max_minutes,
                                seed=seed, progress=True, **({} if lr is None else {"lr": lr}))
     summary = train_lecl(ds, out, lecl_config(preset, lesion_weight=lesion_weight),

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 EMPHYSEMA_NAMES: tuple[str, ...] = tuple(c[0] for c in EMPHYSEMA_CLASSES)
 CACHE_DIR = ".cache"
+#: Manifest splits whose volumes pre-train slice/volume encoders by default; "val" is held out.
+PRETRAIN_SPLITS = ("train", "test")
 
 
 @dataclass
@@ -137,12 +139,22 @@ class CTDataset:
     def body_frame(self, i: int) -> dict[str, Any]:
         return dict(self.rows[i]["body_frame"])
 
+    def volumes_in(self, splits: Sequence[str] = PRETRAIN_SPLITS) -> list[int]:
+        """Indices of the volumes in the named manifest splits (pre-training never takes 'val')."""
+        chosen = {s.strip() for s in splits if s.strip()}
+        if not chosen or "val" in chosen:
+            raise ConfigError(f"pre-training splits must be named and exclude 'val', not "
+                              f"{sorted(chosen)}")
+        found = [i for i, r in enumerate(self.rows) if r["split"] in chosen]
+        if not found:
+            raise ConfigError(f"{self.root}: no volumes in splits {sorted(chosen)}")
+        return found
+
     def pretraining_split(self, volumes: Sequence[int] | None = None,
                           val_volumes: Sequence[int] | None = None
                           ) -> tuple[list[int], list[int]]:
-        """(train, val) volume indices; defaults: splits train+test / val of the manifest."""
-        train = (list(volumes) if volumes is not None
-                 else [i for i, r in enumerate(self.rows) if r["split"] != "val"])
+        """(train, val) volume indices; defaults: :data:`PRETRAIN_SPLITS` / val of the manifest."""
+        train = list(volumes) if volumes is not None else self.volumes_in()
         val = (list(val_volumes) if val_volumes is not None
                else [i for i, r in enumerate(self.rows) if r["split"] == "val"])
         return train, val
