@@ -62,8 +62,8 @@ class Engine:
         if index.manifest["config_hash"] != encoder.config_hash:
             raise RadLensError(
                 f"index {index.path} was built with model {index.manifest['model_name']} "
-                f"(config {index.manifest['config_hash']}); the loaded model is {encoder.name} "
-                f"({encoder.config_hash}): rebuild the index or load its model")
+                f"(fingerprint {index.manifest['config_hash']}); the loaded model is "
+                f"{encoder.name} ({encoder.config_hash}): rebuild the index or load its model")
         self.encoder, self.index = encoder, index
         self._contrast_vectors: dict[str, np.ndarray] = {}
         self.volumes: VolumeSearch | None = (VolumeSearch(index, model=volume_model)

@@ -5,6 +5,7 @@ numpy vectors (unit length), region boxes in *original* image pixels, probabilit
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from vlm.grounding import Grounding, ground
 from vlm.io import ImageData
 from vlm.models.config import config_hash
 from vlm.models.factory import create_model, get_tokenizer
+from vlm.models.lrclr import LRCLR
 from vlm.models.outputs import ImageEmbedding
 from vlm.zeroshot import PromptSet, ZeroShotClassifier, load_calibration
 
@@ -30,8 +32,36 @@ class EncodedImage:
     region_scores: np.ndarray  # (K,)
 
 
+def model_fingerprint(model: LRCLR, source: str | os.PathLike[str] | None = None
+                      ) -> str:
+    """sha256 (16 hex) of a model's config hash and its weights: what an index records.
+
+    Two trainings of one config make different vectors, so the config alone cannot tell an
+    index's model from a retrained one. The weights are the checkpoint's ``model.safetensors``
+    bytes when ``source`` is a checkpoint folder (independent of the precision it is loaded in),
+    else the parameters and buffers themselves. Pinned base weights (the text tower) are named
+    by their sha256 inside the config.
+    """
+    h = hashlib.sha256(config_hash(model.config).encode())
+    weights = Path(source) / "model.safetensors" if source is not None else None
+    if weights is not None and weights.is_file():
+        with open(weights, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    else:
+        for name, t in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class Encoder:
-    """A model ready for inference (eval mode asserted)."""
+    """A model ready for inference (eval mode asserted).
+
+    Identity: :attr:`name` and :attr:`config_hash`, a fingerprint of the config *and* the
+    weights (:func:`model_fingerprint`), as :class:`vlm.volume_encoder.VolumeEncoder` does; an
+    index refuses an encoder whose fingerprint differs from the one that filled it.
+    """
 
     def __init__(self, model: str | os.PathLike[str], device: str = "cpu",
                  precision: str = "fp32", prompts: PromptSet | None = None,
@@ -44,7 +74,7 @@ class Encoder:
         self.dtype = next(self.model.parameters()).dtype
         self.batch_size = batch_size
         self.name = self.model.config.name
-        self.config_hash = config_hash(self.model.config)
+        self.config_hash = model_fingerprint(self.model, model)
         calibration_file = Path(model) / "calibration.json"
         calibration = load_calibration(calibration_file) if calibration_file.is_file() else None
         self.zeroshot = ZeroShotClassifier(self.model, self.tokenizer, prompts, calibration)

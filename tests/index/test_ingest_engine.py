@@ -127,6 +127,12 @@ def test_engine_search_filters_and_model_check(archive, model_dir, tmp_path):
     save_checkpoint(build_model(cfg), other, get_tokenizer("lrclr-tiny"), card="#")
     with pytest.raises(RadLensError, match="was built with model"):
         Engine.open(out, model=str(other))
+    # same config, other weights (a retrained model): refused too, in one line
+    retrained = tmp_path / "retrained"
+    save_checkpoint(create_model("lrclr-tiny"), retrained, get_tokenizer("lrclr-tiny"), card="#")
+    with pytest.raises(RadLensError, match="was built with model lrclr-tiny") as err:
+        Engine.open(out, model=str(retrained))
+    assert "\n" not in str(err.value)
     assert engine.item_path(hits[0].item) is not None  # thumbnails live in the index
 
 
