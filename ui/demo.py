@@ -162,7 +162,7 @@ def build_demo_volumes(data_dir: Path, index: Path, model: str | Path = SHIPPED_
 
 
 def _index_config_hash(index: Path) -> str | None:
-    """The config hash of the image model an index folder was built with (None: unreadable)."""
+    """The fingerprint of the image model an index folder was built with (None: unreadable)."""
     from index import persist
     from vlm.errors import RadLensError
 
@@ -181,13 +181,12 @@ def build_demo_index(data_dir: Path, model: Path = SHIPPED_MODEL, limit: int | N
     ``volumes`` PhantomCT volumes encoded by ``volume_model`` (default: the shipped one, when
     present; ``volumes=0`` leaves them out)."""
     from index.ingest import ingest
-    from vlm.inference import Encoder
-    from vlm.models.config import config_hash, load_config
+    from vlm.inference import Encoder, checkpoint_fingerprint
 
     index = data_dir / "index"
     archive = build_demo_archive(data_dir, limit=limit)
     if (index / "CURRENT").exists():
-        built, wanted = _index_config_hash(index), config_hash(load_config(model))
+        built, wanted = _index_config_hash(index), checkpoint_fingerprint(model)
         if built != wanted:
             # a checkout that ships a different default model: the old demo index would be
             # refused at serve time, and it holds nothing but the regenerable demo archive

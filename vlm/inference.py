@@ -15,13 +15,17 @@ import numpy as np
 import torch
 
 from vlm.data.transforms import Letterbox, Preprocess
+from vlm.errors import ConfigError
 from vlm.grounding import Grounding, ground
 from vlm.io import ImageData
-from vlm.models.config import config_hash
+from vlm.models.config import config_hash, load_config
 from vlm.models.factory import create_model, get_tokenizer
 from vlm.models.lrclr import LRCLR
 from vlm.models.outputs import ImageEmbedding
 from vlm.zeroshot import PromptSet, ZeroShotClassifier, load_calibration
+
+#: A checkpoint folder's weights file (see :mod:`vlm.models.checkpoint`).
+WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass
@@ -42,16 +46,29 @@ def model_fingerprint(model: LRCLR, source: str | os.PathLike[str] | None = None
     else the parameters and buffers themselves. Pinned base weights (the text tower) are named
     by their sha256 inside the config.
     """
-    h = hashlib.sha256(config_hash(model.config).encode())
-    weights = Path(source) / "model.safetensors" if source is not None else None
+    weights = Path(source) / WEIGHTS_FILE if source is not None else None
     if weights is not None and weights.is_file():
-        with open(weights, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    else:
-        for name, t in sorted(model.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return _fingerprint_file(config_hash(model.config), weights)
+    h = hashlib.sha256(config_hash(model.config).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def checkpoint_fingerprint(folder: str | os.PathLike[str]) -> str:
+    """``Encoder(folder).config_hash`` without building the model (a config and a file hash)."""
+    weights = Path(folder) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ConfigError(f"{folder}: no {WEIGHTS_FILE}; not a RadLens checkpoint folder")
+    return _fingerprint_file(config_hash(load_config(folder)), weights)
+
+
+def _fingerprint_file(config_digest: str, weights: Path) -> str:
+    h = hashlib.sha256(config_digest.encode())
+    with open(weights, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
     return h.hexdigest()[:16]
 
 

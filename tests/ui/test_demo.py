@@ -22,10 +22,14 @@ def test_demo_index_is_built_once_and_reused(tmp_path, capsys):
     real = len(list((tmp_path / "demo" / "archive" / "real").iterdir()))
     assert real == len(REAL_DEMO_FILES)
     assert report["added"] == 6 + real and not report["failed"]
-    stamp = (index / "CURRENT").read_text()
+    stamp = (index / "CURRENT").read_text(), (index / "ingest_report.json").stat().st_mtime_ns
+    capsys.readouterr()
     build_demo_index(tmp_path / "demo", model, limit=6, progress=False,
                      volume_model="random:lecl-tiny", volumes=2, volume_shape=(32, 32, 32))
-    assert (index / "CURRENT").read_text() == stamp  # nothing rebuilt
+    second = capsys.readouterr().out
+    assert "another model" not in second and "demo: indexed" not in second, second
+    assert ((index / "CURRENT").read_text(),
+            (index / "ingest_report.json").stat().st_mtime_ns) == stamp  # nothing rebuilt
     from index.folder import IndexFolder
 
     ix = IndexFolder.open(index)
@@ -36,13 +40,10 @@ def test_demo_index_is_built_once_and_reused(tmp_path, capsys):
     ix.close()
 
     # a checkout that ships another default model rebuilds the demo index instead of serving
-    # one that the new model would be refused on
+    # one that the new model would be refused on; a retrained model with the same config
+    # (new weights only, as a re-trained shipped checkpoint) counts as another model
     other = tmp_path / "other"
-    from vlm.models import load_config
-    from vlm.models.factory import build_model
-
-    save_checkpoint(build_model(load_config("lrclr-tiny").replace(name="lrclr-tiny-b")), other,
-                    get_tokenizer("lrclr-tiny"), card="#")
+    save_checkpoint(create_model("lrclr-tiny"), other, get_tokenizer("lrclr-tiny"), card="#")
     capsys.readouterr()
     build_demo_index(tmp_path / "demo", other, limit=6, progress=False, volumes=0)
     assert "built with another model" in capsys.readouterr().out
