@@ -150,6 +150,8 @@ def test_app_end_to_end(served, browser):
     p_norm = _probability(page, "pleural_effusion",
                           changed_from=p_eff if served["trained"] else None)
     assert 0.0 <= p_eff <= 1.0 and 0.0 <= p_norm <= 1.0
+    print(f"pleural_effusion probability: effusion study {p_eff:.3f}, normal study "
+          f"{p_norm:.3f}")  # shown with pytest -rP; quoted in the README
     if served["trained"]:
         assert p_eff > p_norm, (p_eff, p_norm)
 
