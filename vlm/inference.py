@@ -18,14 +18,12 @@ from vlm.data.transforms import Letterbox, Preprocess
 from vlm.errors import ConfigError
 from vlm.grounding import Grounding, ground
 from vlm.io import ImageData
+from vlm.models.checkpoint import WEIGHTS_FILE
 from vlm.models.config import config_hash, load_config
 from vlm.models.factory import create_model, get_tokenizer
 from vlm.models.lrclr import LRCLR
 from vlm.models.outputs import ImageEmbedding
 from vlm.zeroshot import PromptSet, ZeroShotClassifier, load_calibration
-
-#: A checkpoint folder's weights file (see :mod:`vlm.models.checkpoint`).
-WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass

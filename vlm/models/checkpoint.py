@@ -22,6 +22,8 @@ from vlm.models.lrclr import LRCLR
 from vlm.models.tokenizer import ReportTokenizer
 
 FORMAT = "radlens-checkpoint/1"
+#: The weights file of a checkpoint folder.
+WEIGHTS_FILE = "model.safetensors"
 
 
 def is_checkpoint(path: str | os.PathLike[str]) -> bool:
@@ -55,7 +57,7 @@ def save_checkpoint(model: LRCLR, folder: str | os.PathLike[str], tokenizer: Rep
         skip = set(_base_keys(model))
         state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
                  .contiguous() for k, v in model.state_dict().items() if k not in skip}
-        save_file(state, str(tmp / "model.safetensors"))
+        save_file(state, str(tmp / WEIGHTS_FILE))
         tok_fields = tokenizer.save(tmp / "tokenizer")
         cfg = model.config
         meta = {
@@ -107,7 +109,7 @@ def load_state(model: LRCLR, folder: str | os.PathLike[str]) -> None:
         raise ConfigError(f"checkpoint {folder.name} has config {config_hash(stored)} "
                           f"('{meta['model'].get('name')}'), but the model was built with "
                           f"{want} ('{model.config.name}'): load it by its folder instead")
-    state = load_file(str(folder / "model.safetensors"))
+    state = load_file(str(folder / WEIGHTS_FILE))
     own = model.state_dict()
     state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False)
@@ -141,10 +143,10 @@ def export_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
                                 else None))
     try:
         shutil.copytree(src / "tokenizer", tmp / "tokenizer")
-        state = load_file(str(src / "model.safetensors"))
+        state = load_file(str(src / WEIGHTS_FILE))
         if half:
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-        save_file(state, str(tmp / "model.safetensors"))
+        save_file(state, str(tmp / WEIGHTS_FILE))
         meta["dtype"] = "float16" if half else meta.get("dtype", "float32")
         metrics = None
         if eval_dir is not None:
