@@ -148,8 +148,10 @@ class Engine:
     def classify(self, image: ImageData, prompts: PromptSet | None = None) -> dict[str, float]:
         return self.encoder.classify(image, prompts)
 
-    def ground(self, image: ImageData, phrases: Sequence[str]) -> list[Grounding]:
-        return self.encoder.ground(image, phrases)
+    def ground(self, image: ImageData, phrases: Sequence[str], method: str = "gradient"
+               ) -> list[Grounding]:
+        """Heatmap and box per phrase (``method``: see :meth:`vlm.inference.Encoder.ground`)."""
+        return self.encoder.ground(image, phrases, method)
 
     def item_path(self, item: CatalogItem) -> Path | None:
         """The thumbnail file of an item, only if it lies inside the index folder."""

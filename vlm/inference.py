@@ -16,7 +16,8 @@ import torch
 
 from vlm.data.transforms import Letterbox, Preprocess
 from vlm.errors import ConfigError
-from vlm.grounding import Grounding, ground
+from vlm.grounding import METHODS as GROUNDING_METHODS
+from vlm.grounding import Grounding, ground, ground_gradient
 from vlm.io import ImageData
 from vlm.models.checkpoint import WEIGHTS_FILE
 from vlm.models.config import config_hash, load_config
@@ -93,6 +94,7 @@ class Encoder:
         calibration_file = Path(model) / "calibration.json"
         calibration = load_calibration(calibration_file) if calibration_file.is_file() else None
         self.zeroshot = ZeroShotClassifier(self.model, self.tokenizer, prompts, calibration)
+        self._reference_vec: torch.Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -142,13 +144,35 @@ class Encoder:
         probs = zs.probabilities(emb)[0]
         return dict(zip(zs.findings, (float(p) for p in probs), strict=True))
 
-    def ground(self, image: ImageData, phrases: Sequence[str]) -> list[Grounding]:
-        """One heatmap (original image size) and box per phrase."""
-        emb, boxes = self._embed([image])
-        out = []
+    def ground(self, image: ImageData, phrases: Sequence[str], method: str = "gradient"
+               ) -> list[Grounding]:
+        """One heatmap (original image size) and box per phrase.
+
+        ``method``: ``"gradient"`` (phrase against the prompt set's normal-study sentence,
+        one backward pass per phrase) or ``"patch"`` (patch-embedding cosine, no gradient);
+        see :mod:`vlm.grounding`.
+        """
+        if method not in GROUNDING_METHODS:
+            raise ConfigError(f"grounding method must be one of {', '.join(GROUNDING_METHODS)}, "
+                              f"not {method!r}")
         with torch.inference_mode():
-            for phrase in phrases:
-                text = self.model.encode_text(self.tokenizer([phrase], split=False)
-                                              .to(self.device))
-                out.append(ground(emb, text, boxes[0]))
-        return out
+            texts = [self.model.encode_text(self.tokenizer([p], split=False).to(self.device))
+                     for p in phrases]
+        if method == "patch":
+            emb, boxes = self._embed([image])
+            return [ground(emb, text, boxes[0]) for text in texts]
+        x, box = self.preprocess(image)
+        x = x[None].to(self.device, self.dtype)
+        reference = self._reference()
+        return [ground_gradient(self.model, x, text, reference, box) for text in texts]
+
+    def _reference(self) -> torch.Tensor | None:
+        """Unit text vector of the prompt set's normal-study sentence (None without one)."""
+        normal = self.zeroshot.prompts.normal
+        if not normal:
+            return None
+        if self._reference_vec is None:
+            with torch.inference_mode():
+                tokens = self.tokenizer([normal], split=False).to(self.device)
+                self._reference_vec = self.model.encode_text(tokens).global_embedding[0].clone()
+        return self._reference_vec

@@ -5,6 +5,7 @@ import pytest
 
 import vlm  # noqa: F401
 from tests.vlm.io.conftest import sample_file
+from vlm.errors import ConfigError
 from vlm.inference import Encoder
 from vlm.io import read_image
 from vlm.models import create_model, get_tokenizer, save_checkpoint
@@ -38,3 +39,9 @@ def test_encoder_text_classify_ground(encoder):
     assert all(0.0 < p < 1.0 for p in probs.values())
     (g,) = encoder.ground(image, ["left lung"])
     assert g.heatmap.shape == image.pixels.shape
+    (p,) = encoder.ground(image, ["left lung"], method="patch")
+    assert p.heatmap.shape == image.pixels.shape
+    assert not np.allclose(p.heatmap, g.heatmap)  # two methods, two maps
+    assert all(q.grad is None for q in encoder.model.parameters())
+    with pytest.raises(ConfigError, match="grounding method"):
+        encoder.ground(image, ["left lung"], method="gradcam")

@@ -13,8 +13,10 @@ from tests.tiny_cxr import make_tiny_cxr
 from vlm.data.transforms import Letterbox, letterbox
 from vlm.errors import ConfigError
 from vlm.eval.metrics import average_precision_at_k, label_matched, recall_at_k, roc_auc
-from vlm.grounding import cnr, ground, iou, pointing_game
+from vlm.grounding import cam_stage, cnr, ground, ground_gradient, iou, pointing_game
 from vlm.models import create_model, get_tokenizer
+from vlm.models.config import load_config
+from vlm.models.factory import build_model
 from vlm.zeroshot import PromptSet, ZeroShotClassifier, platt
 
 
@@ -109,6 +111,61 @@ def test_grounding_maps_back_through_the_letterbox():
     assert x0 <= g.peak[0] < x1 and y0 <= g.peak[1] < y1
     no_box = ground(img, text)
     assert no_box.heatmap.shape == (64, 64)
+
+
+def _timm_model(name: str, **kwargs: object):
+    cfg = load_config("lrclr-tiny")
+    return build_model(cfg.replace(vision=cfg.vision.__class__(
+        backend="timm", image_size=64, timm_model=name, timm_kwargs=dict(kwargs)))).eval()
+
+
+def test_gradient_grounding_reads_the_stage_at_four_times_the_final_resolution():
+    cnn = _timm_model("resnet18")
+    assert cam_stage(cnn) is cnn.visual.trunk.layer2  # reductions 8 vs 32
+    assert cam_stage(cnn, finer=2) is cnn.visual.trunk.layer3
+    vit = _timm_model("vit_tiny_patch16_224", depth=2, patch_size=8)
+    assert cam_stage(vit) is vit.visual.trunk.blocks[-1].norm1  # tokens entering the last block
+    oc = create_model("lrclr-tiny")
+    assert cam_stage(oc) is oc.visual.trunk.transformer.resblocks[-1].ln_1
+
+
+@pytest.mark.parametrize("tower", ["open_clip", "resnet18", "vit"])
+def test_gradient_grounding_maps_back_and_leaves_the_model_alone(tower):
+    torch.manual_seed(0)
+    model = (create_model("lrclr-tiny") if tower == "open_clip" else _timm_model("resnet18")
+             if tower == "resnet18" else _timm_model("vit_tiny_patch16_224", depth=2,
+                                                      patch_size=8))
+    tok = get_tokenizer("lrclr-tiny")
+    image = torch.rand(120, 80)
+    x, box = letterbox(image, 64)
+    x = ((x - 0.5) / 0.25).expand(1, 3, 64, 64)
+    with torch.inference_mode():  # as the app encodes texts
+        text = model.encode_text(tok(["left pleural effusion"], split=False))
+        ref = model.encode_text(tok(["normal chest"], split=False)).global_embedding[0]
+        before = model.encode_image(x).global_embedding.clone()
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    g = ground_gradient(model, x, text, ref, box)
+    assert g.heatmap.shape == (120, 80) and g.heatmap.max() == pytest.approx(1.0)
+    x0, y0, x1, y1 = g.box
+    assert x0 <= g.peak[0] < x1 and y0 <= g.peak[1] < y1
+    assert g.similarity.shape == ((2, 2) if tower == "resnet18" else (8, 8))
+    again = ground_gradient(model, x, text, ref, box)
+    np.testing.assert_array_equal(g.heatmap, again.heatmap)  # deterministic
+    # the reference changes the map; no reference grounds the phrase alone
+    alone = ground_gradient(model, x, text, None, box)
+    assert not np.allclose(alone.heatmap, g.heatmap)
+    plain = ground_gradient(model, x, text, ref).heatmap
+    assert plain.shape == (64, 64)
+    assert plain[:4].max() == plain[:, -4:].max() == 0.0  # padding artefacts zeroed
+    assert ground_gradient(model, x, text, ref, border=0).heatmap[:4].max() > 0.0
+    assert all(p.grad is None for p in model.parameters())
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(x).global_embedding, before)
+    with pytest.raises(ConfigError, match="eval mode"):
+        ground_gradient(model.train(), x, text, ref)
+    with pytest.raises(ConfigError, match="one image"):
+        ground_gradient(model.eval(), x.expand(2, 3, 64, 64), text, ref)
 
 
 def test_grounding_metrics():

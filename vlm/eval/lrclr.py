@@ -15,7 +15,8 @@ from PIL import Image
 
 from vlm.data.cxr_dataset import CXRDataset
 from vlm.eval.metrics import label_matched, recall_at_k, roc_auc
-from vlm.grounding import cnr, ground, iou, pointing_game
+from vlm.grounding import METHODS as GROUNDING_METHODS
+from vlm.grounding import cnr, ground, ground_gradient, iou, pointing_game
 from vlm.models.factory import create_model, get_tokenizer
 from vlm.models.lrclr import LRCLR
 from vlm.models.outputs import ImageEmbedding
@@ -94,17 +95,20 @@ def evaluate(model_path: str | os.PathLike[str], data: str | os.PathLike[str],
                       "macro_over": macro_set, "min_positives": MIN_POSITIVES},
         "retrieval": {"report_to_image": t2i, "image_to_report": i2t,
                       "label_matched": matched},
-        "grounding": grounding,
+        # the default method's scores; "grounding_patch": the patch-cosine method's
+        "grounding": {"method": "gradient", **grounding["gradient"]},
+        "grounding_patch": {"method": "patch", **grounding["patch"]},
     }
     if out_dir is not None:
-        write_outputs(Path(out_dir), result, labels, probs, findings, model, tokenizer, test,
-                      img, zs)
+        write_outputs(Path(out_dir), result, labels, probs, findings, model, tokenizer, test, zs)
     return result
 
 
 def _grounding(model: LRCLR, tokenizer: Any, ds: CXRDataset, img: ImageEmbedding,
-               zs: ZeroShotClassifier, limit: int | None) -> dict[str, Any]:
-    per: dict[str, dict[str, list[float]]] = {}
+               zs: ZeroShotClassifier, limit: int | None) -> dict[str, dict[str, Any]]:
+    """Pointing game, mIoU and CNR per finding with a mask, for both grounding methods."""
+    per: dict[str, dict[str, dict[str, list[float]]]] = {m: {} for m in GROUNDING_METHODS}
+    reference = _reference(model, tokenizer, zs)
     done = 0
     for i, row in enumerate(ds.rows):
         for f in row.get("findings", []):
@@ -118,14 +122,23 @@ def _grounding(model: LRCLR, tokenizer: Any, ds: CXRDataset, img: ImageEmbedding
                 f["finding"], f.get("side"), f.get("severity"), f.get("zone"))
             with torch.no_grad():
                 text = model.encode_text(tokenizer([phrase], split=False))
-            g = ground(_one(img, i), text, _letterbox(ds, i, mask.shape))
-            entry = per.setdefault(f["finding"], {"pointing": [], "iou": [], "cnr": []})
-            entry["pointing"].append(float(pointing_game(g.heatmap, mask)))
-            entry["iou"].append(iou(g.heatmap, mask))
-            entry["cnr"].append(cnr(g.heatmap, mask))
+            box = _letterbox(ds, i, mask.shape)
+            maps = {"patch": ground(_one(img, i), text, box),
+                    "gradient": ground_gradient(model, ds.image_tensor(i)[None], text,
+                                                reference, box)}
+            for method, g in maps.items():
+                entry = per[method].setdefault(f["finding"],
+                                               {"pointing": [], "iou": [], "cnr": []})
+                entry["pointing"].append(float(pointing_game(g.heatmap, mask)))
+                entry["iou"].append(iou(g.heatmap, mask))
+                entry["cnr"].append(cnr(g.heatmap, mask))
             done += 1
         if limit and done >= limit:
             break
+    return {method: _grounding_summary(found) for method, found in per.items()}
+
+
+def _grounding_summary(per: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     summary = {k: {"n": len(v["pointing"]), "pointing_game": float(np.mean(v["pointing"])),
                    "miou": float(np.mean(v["iou"])), "cnr": float(np.mean(v["cnr"]))}
                for k, v in sorted(per.items())}
@@ -133,6 +146,15 @@ def _grounding(model: LRCLR, tokenizer: Any, ds: CXRDataset, img: ImageEmbedding
     return {"per_finding": summary, "pointing_game": float(np.mean(allp)) if allp else None,
             "miou": float(np.mean([x for v in per.values() for x in v["iou"]])) if allp
             else None, "instances": len(allp)}
+
+
+def _reference(model: LRCLR, tokenizer: Any, zs: ZeroShotClassifier) -> torch.Tensor | None:
+    """The normal-study sentence the gradient grounding contrasts a phrase with."""
+    if not zs.prompts.normal:
+        return None
+    with torch.no_grad():
+        return model.encode_text(tokenizer([zs.prompts.normal], split=False)
+                                 ).global_embedding[0]
 
 
 def _one(img: ImageEmbedding, i: int) -> ImageEmbedding:
@@ -180,14 +202,19 @@ def markdown_table(result: dict[str, Any]) -> str:
               f"{m['random_mAP@10']:.3f}) over {m['queries']} queries.", ""]
     g = result["grounding"]
     if g["pointing_game"] is not None:
-        lines.append(f"Grounding over {g['instances']} findings with masks: pointing game "
+        lines.append(f"Grounding ({g.get('method', 'patch')} method, in the table) over "
+                     f"{g['instances']} findings with masks: pointing game "
                      f"{g['pointing_game']:.3f}, mIoU {g['miou']:.3f}.")
+    p = result.get("grounding_patch")
+    if p and p["pointing_game"] is not None:
+        lines.append(f"Patch-cosine method: pointing game {p['pointing_game']:.3f}, "
+                     f"mIoU {p['miou']:.3f}.")
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(out: Path, result: dict[str, Any], labels: np.ndarray, probs: np.ndarray,
                   findings: list[str], model: LRCLR, tokenizer: Any, ds: CXRDataset,
-                  img: ImageEmbedding, zs: ZeroShotClassifier) -> None:
+                  zs: ZeroShotClassifier) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,28 +238,31 @@ def write_outputs(out: Path, result: dict[str, Any], labels: np.ndarray, probs: 
     fig.tight_layout()
     fig.savefig(out / "roc.png", dpi=110)
     plt.close(fig)
-    _heatmap_examples(out / "heatmaps.png", model, tokenizer, ds, img, zs)
+    _heatmap_examples(out / "heatmaps.png", model, tokenizer, ds, zs)
 
 
 def _heatmap_examples(path: Path, model: LRCLR, tokenizer: Any, ds: CXRDataset,
-                      img: ImageEmbedding, zs: ZeroShotClassifier, n: int = 8) -> None:
+                      zs: ZeroShotClassifier, n: int = 8) -> None:
     import matplotlib.pyplot as plt
 
     picks = [(i, f) for i, r in enumerate(ds.rows) for f in r.get("findings", [])
              if f.get("mask") and f["finding"] in zs.prompts.findings][:: 7][:n]
     if not picks:
         return
+    reference = _reference(model, tokenizer, zs)
     fig, axes = plt.subplots(2, (len(picks) + 1) // 2, figsize=(3 * ((len(picks) + 1) // 2), 6))
     for ax, (i, f) in zip(np.ravel(axes), picks, strict=False):
         base = np.asarray(ds.images[i], dtype=np.float32) / 255
         phrase = zs.prompts.findings[f["finding"]].phrase(f["finding"], f.get("side"),
                                                           f.get("severity"), f.get("zone"))
         with torch.no_grad():
-            g = ground(_one(img, i), model.encode_text(tokenizer([phrase], split=False)))
+            text = model.encode_text(tokenizer([phrase], split=False))
+        g = ground_gradient(model, ds.image_tensor(i)[None], text, reference)
         ax.imshow(base, cmap="gray")
         ax.imshow(g.heatmap, cmap="jet", alpha=0.35)
         x0, y0, x1, y1 = g.box
         ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime"))
+        ax.plot([g.peak[0]], [g.peak[1]], "+", color="white", ms=10, mew=2)
         ax.set_title(phrase[:32], fontsize=8)
         ax.axis("off")
     for ax in np.ravel(axes)[len(picks):]:
