@@ -19,7 +19,7 @@ from vlm.errors import ConfigError
 from vlm.grounding import METHODS as GROUNDING_METHODS
 from vlm.grounding import Grounding, ground, ground_gradient
 from vlm.io import ImageData
-from vlm.models.checkpoint import WEIGHTS_FILE
+from vlm.models.checkpoint import WEIGHTS_FILE, update_with_weights
 from vlm.models.config import config_hash, load_config
 from vlm.models.factory import create_model, get_tokenizer
 from vlm.models.lrclr import LRCLR
@@ -49,9 +49,7 @@ def model_fingerprint(model: LRCLR, source: str | os.PathLike[str] | None = None
     if weights is not None and weights.is_file():
         return _fingerprint_file(config_hash(model.config), weights)
     h = hashlib.sha256(config_hash(model.config).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    update_with_weights(h, model, as_float=True)
     return h.hexdigest()[:16]
 
 

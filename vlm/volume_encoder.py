@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from vlm.errors import ConfigError, RadLensError
 from vlm.io.types import Volume
+from vlm.models.checkpoint import update_with_weights
 from vlm.models.clear import ClearConfig, ClearMIL, LeCL
 from vlm.models.drasclr import DrasCLR
 
@@ -120,9 +121,7 @@ def load_clear_mil(path: str | os.PathLike[str]) -> ClearMIL:
 def _fingerprint(config: dict[str, Any], modules: dict[str, torch.nn.Module]) -> str:
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=list).encode())
     for prefix, module in sorted(modules.items()):
-        for name, t in sorted(module.state_dict().items()):
-            h.update(f"{prefix}.{name}".encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        update_with_weights(h, module, prefix=f"{prefix}.")
     return h.hexdigest()[:16]
 
 

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vlm.errors import ConfigError
 from vlm.models.config import ModelConfig, config_hash
 from vlm.models.lrclr import LRCLR
@@ -24,6 +26,21 @@ from vlm.models.tokenizer import ReportTokenizer
 FORMAT = "radlens-checkpoint/1"
 #: The weights file of a checkpoint folder.
 WEIGHTS_FILE = "model.safetensors"
+
+
+def update_with_weights(h: Any, module: torch.nn.Module, prefix: str = "",
+                        as_float: bool = False) -> None:
+    """Feed a module's state dict into hash ``h``: name, then raw bytes, in sorted order.
+
+    The one byte stream behind every weights fingerprint (LRCLR encoders, LeCL slice caches,
+    volume encoders), so they cannot drift apart. ``as_float`` casts to float32 first (an
+    fp16-loaded model then hashes like its fp32 original). Changing this changes every cache
+    key and index fingerprint already written.
+    """
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{prefix}{name}".encode())
+        t = t.detach().float() if as_float else t.detach()
+        h.update(t.cpu().contiguous().numpy().tobytes())
 
 
 def is_checkpoint(path: str | os.PathLike[str]) -> bool:

@@ -28,6 +28,7 @@ from vlm.data.ct_dataset import CTDataset
 from vlm.data.lecl_views import lecl_pair, window_slice
 from vlm.errors import ConfigError
 from vlm.losses import lecl_symmetric
+from vlm.models.checkpoint import update_with_weights
 from vlm.models.clear import LeCL, LeCLConfig
 from vlm.models.config import VisionConfig
 from vlm.models.momentum import cosine_momentum
@@ -260,9 +261,7 @@ def model_fingerprint(model: LeCL) -> str:
     """sha256 (16 hex) of the model's config and weights: the model half of a cache key."""
     h = hashlib.sha256(json.dumps(config_to_dict(model.cfg), sort_keys=True,
                                   default=list).encode())
-    for name, t in sorted(model.encoder.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    update_with_weights(h, model.encoder)
     return h.hexdigest()[:16]
 
 
