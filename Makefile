@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/phantom_ct_speed.py
 	$(BIN)/python benchmarks/real_ct.py
 	$(BIN)/python benchmarks/app_search_latency.py
+	$(BIN)/python benchmarks/grounding_latency.py
 	$(BIN)/python benchmarks/ingest_throughput.py --keep-index build/bench_index
 	$(BIN)/python benchmarks/search_precision.py --index build/bench_index
 	test -f data/phantom_ct/manifest.jsonl || $(BIN)/radlens data phantom-ct --out data/phantom_ct --n 300

@@ -303,6 +303,11 @@ class Grounded:
     box: tuple[int, int, int, int]
 
 
+GROUNDING_NOTE = ("<br><small>Each map shows which pixels move the image's embedding towards "
+                  "the phrase and away from a normal study (gradient grounding); a research "
+                  "aid, not a detection.</small>")
+
+
 def ground(engine: Engine, study: Study, phrases_text: str, max_phrases: int = 8
            ) -> list[Grounded]:
     """One heatmap and box per phrase (one phrase per line)."""
@@ -332,7 +337,7 @@ def grounding_overlay(base: np.ndarray, grounded: Sequence[Grounded], opacity: f
     legend = " ".join(
         f"<span style='color:rgb{rd.colour_for(i)}'>■</span> {g.phrase}"
         for i, g in enumerate(grounded))
-    return rgb, legend
+    return rgb, legend + GROUNDING_NOTE
 
 
 # ---------------------------------------------------------------------------- index panel
