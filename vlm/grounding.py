@@ -138,7 +138,7 @@ def cam_stage(model: LRCLR, finer: int = 4) -> torch.nn.Module | None:
     return trunk.get_submodule(names[-1]) if names else None
 
 
-def _as_grid(act: torch.Tensor, model: LRCLR) -> torch.Tensor:
+def _as_grid(act: torch.Tensor) -> torch.Tensor:
     """(1, C, h, w) feature map, or ViT tokens (1, prefix + h*w, C) -> (1, C, h, w)."""
     if act.ndim == 4:
         return act
@@ -198,7 +198,7 @@ def ground_gradient(model: LRCLR, image: torch.Tensor, phrase: TextEmbedding,
         pixels[:b], pixels[-b:], pixels[:, :b], pixels[:, -b:] = 0, 0, 0, 0
     heat = _unit_range(pixels)
     if stage is not None:
-        a, g = _as_grid(act.detach().float(), model), _as_grid(da.float(), model)
+        a, g = _as_grid(act.detach().float()), _as_grid(da.float())
         cam = torch.relu((g * a).sum(1, keepdim=True))
         cam = F.interpolate(cam, size=pixels.shape, mode="bilinear", align_corners=False)[0, 0]
         heat = _unit_range(heat * np.sqrt(_unit_range(cam.cpu().numpy().astype(np.float64))))
