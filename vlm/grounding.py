@@ -209,9 +209,22 @@ def ground_gradient(model: LRCLR, image: torch.Tensor, phrase: TextEmbedding,
 
 
 def pointing_game(heatmap: np.ndarray, mask: np.ndarray) -> bool:
-    """Is the heatmap maximum inside the true mask?"""
+    """Is the heatmap maximum inside the true mask? (stricter than the box protocol)"""
     y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     return bool(mask[y, x])
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """Bounding box x0, y0, x1, y1 (exclusive) of a non-empty mask (PhantomCXR's ``box``)."""
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def pointing_game_box(heatmap: np.ndarray, box: tuple[int, int, int, int]) -> bool:
+    """Is the heatmap maximum inside the true box? (the MS-CXR / methods.md protocol)"""
+    y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    x0, y0, x1, y1 = box
+    return bool(x0 <= x < x1 and y0 <= y < y1)
 
 
 def iou(heatmap: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> float:

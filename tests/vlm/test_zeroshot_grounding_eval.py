@@ -13,7 +13,16 @@ from tests.tiny_cxr import make_tiny_cxr
 from vlm.data.transforms import Letterbox, letterbox
 from vlm.errors import ConfigError
 from vlm.eval.metrics import average_precision_at_k, label_matched, recall_at_k, roc_auc
-from vlm.grounding import cam_stage, cnr, ground, ground_gradient, iou, pointing_game
+from vlm.grounding import (
+    cam_stage,
+    cnr,
+    ground,
+    ground_gradient,
+    iou,
+    mask_box,
+    pointing_game,
+    pointing_game_box,
+)
 from vlm.models import create_model, get_tokenizer
 from vlm.models.config import load_config
 from vlm.models.factory import build_model
@@ -174,6 +183,11 @@ def test_grounding_metrics():
     mask = np.zeros((10, 10), bool)
     mask[2:5, 2:5] = True
     assert pointing_game(heat, mask) and not pointing_game(heat, ~mask)
+    ring = np.zeros((10, 10), bool)  # a hollow square: its box holds points its mask misses
+    ring[1:8, 1] = ring[1:8, 7] = ring[1, 1:8] = ring[7, 1:8] = True
+    assert mask_box(ring) == (1, 1, 8, 8)
+    assert not pointing_game(heat, ring) and pointing_game_box(heat, mask_box(ring))
+    assert not pointing_game_box(heat, (4, 4, 8, 8)) and pointing_game_box(heat, (2, 2, 3, 3))
     assert iou(heat, mask) == pytest.approx(4 / 9)
     assert cnr(heat, mask) == pytest.approx(4 / np.sqrt(20))  # (4/9) / sqrt(4/9 * 5/9)
     assert cnr(np.zeros((10, 10)), mask) == 0.0

@@ -16,7 +16,15 @@ from PIL import Image
 from vlm.data.cxr_dataset import CXRDataset
 from vlm.eval.metrics import label_matched, recall_at_k, roc_auc
 from vlm.grounding import METHODS as GROUNDING_METHODS
-from vlm.grounding import cnr, ground, ground_gradient, iou, pointing_game
+from vlm.grounding import (
+    cnr,
+    ground,
+    ground_gradient,
+    iou,
+    mask_box,
+    pointing_game,
+    pointing_game_box,
+)
 from vlm.models.factory import create_model, get_tokenizer
 from vlm.models.lrclr import LRCLR
 from vlm.models.outputs import ImageEmbedding
@@ -123,13 +131,19 @@ def _grounding(model: LRCLR, tokenizer: Any, ds: CXRDataset, img: ImageEmbedding
             with torch.no_grad():
                 text = model.encode_text(tokenizer([phrase], split=False))
             box = _letterbox(ds, i, mask.shape)
+            truth_box = mask_box(mask)
             maps = {"patch": ground(_one(img, i), text, box),
                     "gradient": ground_gradient(model, ds.image_tensor(i)[None], text,
                                                 reference, box)}
             for method, g in maps.items():
-                entry = per[method].setdefault(f["finding"],
-                                               {"pointing": [], "iou": [], "cnr": []})
+                entry = per[method].setdefault(
+                    f["finding"], {"pointing": [], "pointing_box": [], "iou": [], "cnr": [],
+                                   "chance": [], "chance_box": []})
                 entry["pointing"].append(float(pointing_game(g.heatmap, mask)))
+                entry["pointing_box"].append(float(pointing_game_box(g.heatmap, truth_box)))
+                entry["chance"].append(float(mask.mean()))
+                x0, y0, x1, y1 = truth_box
+                entry["chance_box"].append((x1 - x0) * (y1 - y0) / mask.size)
                 entry["iou"].append(iou(g.heatmap, mask))
                 entry["cnr"].append(cnr(g.heatmap, mask))
             done += 1
@@ -139,13 +153,22 @@ def _grounding(model: LRCLR, tokenizer: Any, ds: CXRDataset, img: ImageEmbedding
 
 
 def _grounding_summary(per: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
-    summary = {k: {"n": len(v["pointing"]), "pointing_game": float(np.mean(v["pointing"])),
-                   "miou": float(np.mean(v["iou"])), "cnr": float(np.mean(v["cnr"]))}
+    """``pointing_game``: the peak inside the finding's mask; ``pointing_game_box``: inside the
+    mask's bounding box (the protocol of ``methods.md`` and MS-CXR); ``chance_*``: the same for
+    a uniformly random point (mean mask / box area)."""
+    def mean(key: str, found: dict[str, list[float]] | None = None) -> float | None:
+        vals = (found[key] if found is not None
+                else [x for v in per.values() for x in v[key]])
+        return float(np.mean(vals)) if vals else None
+
+    summary = {k: {"n": len(v["pointing"]), "pointing_game": mean("pointing", v),
+                   "pointing_game_box": mean("pointing_box", v),
+                   "miou": mean("iou", v), "cnr": mean("cnr", v)}
                for k, v in sorted(per.items())}
-    allp = [x for v in per.values() for x in v["pointing"]]
-    return {"per_finding": summary, "pointing_game": float(np.mean(allp)) if allp else None,
-            "miou": float(np.mean([x for v in per.values() for x in v["iou"]])) if allp
-            else None, "instances": len(allp)}
+    return {"per_finding": summary, "pointing_game": mean("pointing"),
+            "pointing_game_box": mean("pointing_box"), "miou": mean("iou"),
+            "chance_mask": mean("chance"), "chance_box": mean("chance_box"),
+            "instances": sum(len(v["pointing"]) for v in per.values())}
 
 
 def _reference(model: LRCLR, tokenizer: Any, zs: ZeroShotClassifier) -> torch.Tensor | None:
@@ -179,13 +202,15 @@ def _letterbox(ds: CXRDataset, i: int, shape: tuple[int, ...]) -> Any:
 def markdown_table(result: dict[str, Any]) -> str:
     zs = result["zero_shot"]
     lines = [f"### {result['model']} on the {result['split']} split ({result['studies']} studies)",
-             "", "| finding | test positives | zero-shot AUC | pointing game | mIoU | CNR |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "", "| finding | test positives | zero-shot AUC | pointing game (mask) | "
+             "pointing game (box) | mIoU | CNR |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     gr = result["grounding"]["per_finding"]
     for name, v in zs["per_finding"].items():
         g = gr.get(name, {})
         cells = [f"{v['auc']:.3f}" if v["auc"] is not None else "–"]
-        cells += [f"{g[k]:.3f}" if k in g else "–" for k in ("pointing_game", "miou", "cnr")]
+        cells += [f"{g[k]:.3f}" if k in g else "–"
+                  for k in ("pointing_game", "pointing_game_box", "miou", "cnr")]
         lines.append(f"| {name} | {v['positives']} | " + " | ".join(cells) + " |")
     macro = zs["macro_auc"]
     lines += ["", f"Macro zero-shot AUC over findings with ≥ {zs['min_positives']} positives: "
@@ -204,11 +229,13 @@ def markdown_table(result: dict[str, Any]) -> str:
     if g["pointing_game"] is not None:
         lines.append(f"Grounding ({g.get('method', 'patch')} method, in the table) over "
                      f"{g['instances']} findings with masks: pointing game "
-                     f"{g['pointing_game']:.3f}, mIoU {g['miou']:.3f}.")
+                     f"{g['pointing_game']:.3f} inside the mask (a random point "
+                     f"{g['chance_mask']:.3f}), {g['pointing_game_box']:.3f} inside its box "
+                     f"(random {g['chance_box']:.3f}); mIoU {g['miou']:.3f}.")
     p = result.get("grounding_patch")
     if p and p["pointing_game"] is not None:
-        lines.append(f"Patch-cosine method: pointing game {p['pointing_game']:.3f}, "
-                     f"mIoU {p['miou']:.3f}.")
+        lines.append(f"Patch-cosine method: pointing game {p['pointing_game']:.3f} (mask), "
+                     f"{p['pointing_game_box']:.3f} (box); mIoU {p['miou']:.3f}.")
     return "\n".join(lines) + "\n"
 
 
