@@ -92,7 +92,6 @@ class Encoder:
         calibration_file = Path(model) / "calibration.json"
         calibration = load_calibration(calibration_file) if calibration_file.is_file() else None
         self.zeroshot = ZeroShotClassifier(self.model, self.tokenizer, prompts, calibration)
-        self._reference_vec: torch.Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -161,16 +160,5 @@ class Encoder:
             return [ground(emb, text, boxes[0]) for text in texts]
         x, box = self.preprocess(image)
         x = x[None].to(self.device, self.dtype)
-        reference = self._reference()
+        reference = self.zeroshot.reference_embedding()
         return [ground_gradient(self.model, x, text, reference, box) for text in texts]
-
-    def _reference(self) -> torch.Tensor | None:
-        """Unit text vector of the prompt set's normal-study sentence (None without one)."""
-        normal = self.zeroshot.prompts.normal
-        if not normal:
-            return None
-        if self._reference_vec is None:
-            with torch.inference_mode():
-                tokens = self.tokenizer([normal], split=False).to(self.device)
-                self._reference_vec = self.model.encode_text(tokens).global_embedding[0].clone()
-        return self._reference_vec

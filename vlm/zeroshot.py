@@ -94,10 +94,23 @@ class ZeroShotClassifier:
         self.prompts = prompts or PromptSet.load()
         self.calibration = dict(calibration or {})
         self._bank: dict[str, tuple[TextEmbedding, int]] | None = None
+        self._reference: torch.Tensor | None = None
 
     @property
     def findings(self) -> list[str]:
         return list(self.prompts.findings)
+
+    def reference_embedding(self) -> torch.Tensor | None:
+        """Unit text vector of the prompt set's normal-study sentence (None without one),
+        encoded once: what gradient grounding contrasts a phrase with."""
+        if not self.prompts.normal:
+            return None
+        if self._reference is None:
+            device = next(self.model.parameters()).device
+            with torch.no_grad():
+                tokens = self.tokenizer([self.prompts.normal], split=False).to(device)
+                self._reference = self.model.encode_text(tokens).global_embedding[0].clone()
+        return self._reference
 
     def _text_bank(self) -> dict[str, tuple[TextEmbedding, int]]:
         if self._bank is None:

@@ -116,7 +116,7 @@ def _grounding(model: LRCLR, tokenizer: Any, ds: CXRDataset, img: ImageEmbedding
                zs: ZeroShotClassifier, limit: int | None) -> dict[str, dict[str, Any]]:
     """Pointing game, mIoU and CNR per finding with a mask, for both grounding methods."""
     per: dict[str, dict[str, dict[str, list[float]]]] = {m: {} for m in GROUNDING_METHODS}
-    reference = _reference(model, tokenizer, zs)
+    reference = zs.reference_embedding()
     done = 0
     for i, row in enumerate(ds.rows):
         for f in row.get("findings", []):
@@ -169,15 +169,6 @@ def _grounding_summary(per: dict[str, dict[str, list[float]]]) -> dict[str, Any]
             "pointing_game_box": mean("pointing_box"), "miou": mean("iou"),
             "chance_mask": mean("chance"), "chance_box": mean("chance_box"),
             "instances": sum(len(v["pointing"]) for v in per.values())}
-
-
-def _reference(model: LRCLR, tokenizer: Any, zs: ZeroShotClassifier) -> torch.Tensor | None:
-    """The normal-study sentence the gradient grounding contrasts a phrase with."""
-    if not zs.prompts.normal:
-        return None
-    with torch.no_grad():
-        return model.encode_text(tokenizer([zs.prompts.normal], split=False)
-                                 ).global_embedding[0]
 
 
 def _one(img: ImageEmbedding, i: int) -> ImageEmbedding:
@@ -276,7 +267,7 @@ def _heatmap_examples(path: Path, model: LRCLR, tokenizer: Any, ds: CXRDataset,
              if f.get("mask") and f["finding"] in zs.prompts.findings][:: 7][:n]
     if not picks:
         return
-    reference = _reference(model, tokenizer, zs)
+    reference = zs.reference_embedding()
     fig, axes = plt.subplots(2, (len(picks) + 1) // 2, figsize=(3 * ((len(picks) + 1) // 2), 6))
     for ax, (i, f) in zip(np.ravel(axes), picks, strict=False):
         base = np.asarray(ds.images[i], dtype=np.float32) / 255
