@@ -106,23 +106,25 @@ class ZeroShotClassifier:
         if not self.prompts.normal:
             return None
         if self._reference is None:
-            device = next(self.model.parameters()).device
-            with torch.no_grad():
-                tokens = self.tokenizer([self.prompts.normal], split=False).to(device)
-                self._reference = self.model.encode_text(tokens).global_embedding[0].clone()
+            self._reference = self._encode([self.prompts.normal]).global_embedding[0].clone()
         return self._reference
+
+    def _encode(self, texts: list[str]) -> TextEmbedding:
+        """Prompts -> TextEmbedding in eval mode, without gradients, on the model's device:
+        the one path by which the classifier encodes its prompt bank, reference and phrases."""
+        device = next(self.model.parameters()).device
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self.model.encode_text(self.tokenizer(texts, split=False).to(device))
+        finally:
+            self.model.train(was)
 
     def _text_bank(self) -> dict[str, tuple[TextEmbedding, int]]:
         if self._bank is None:
-            bank = {}
-            was = self.model.training
-            self.model.eval()
-            with torch.no_grad():
-                for name, p in self.prompts.findings.items():
-                    tokens = self.tokenizer(p.positive + p.negative, split=False)
-                    bank[name] = (self.model.encode_text(tokens), len(p.positive))
-            self.model.train(was)
-            self._bank = bank
+            self._bank = {name: (self._encode(p.positive + p.negative), len(p.positive))
+                          for name, p in self.prompts.findings.items()}
         return self._bank
 
     def logit_differences(self, image: ImageEmbedding) -> np.ndarray:
@@ -143,8 +145,8 @@ class ZeroShotClassifier:
 
     def score_phrases(self, image: ImageEmbedding, phrases: list[str]) -> np.ndarray:
         """(N, len(phrases)) logits for arbitrary phrases (e.g. "small left effusion")."""
+        text = self._encode(phrases)
         with torch.no_grad():
-            text = self.model.encode_text(self.tokenizer(phrases, split=False))
             return self.model.similarity(image, text).double().cpu().numpy()
 
     def calibrate(self, image: ImageEmbedding, labels: np.ndarray) -> dict[str, tuple[float,
