@@ -372,6 +372,8 @@ def _row(ix_path: Path, vs: VolumeSource, volume: Volume, enc: VolumeEncoding, d
     extra.update(shape=list(volume.shape), spacing=[round(s, 4) for s in volume.spacing],
                  source_format=meta.source_format, score_kind=enc.score_kind,
                  salient=files["salient"], stack=files["stack"])
+    if enc.findings:  # a lesion-seg model's per-location scores (model output, not labels)
+        extra["findings"] = enc.findings
     return {"source_uri": uri, "content_hash": digest, "thumbnail": files["thumbnail"],
             "study": meta.study_pseudonym, "series": meta.series_pseudonym,
             "modality": meta.modality or vs.extra.get("modality"), "body_part": meta.body_part,

@@ -98,7 +98,7 @@ def _ingest_volumes(volume_model: str, source: Path, out: Path, progress: bool,
     return bool(report.failed)
 
 
-VOLUME_MODEL_HELP = ("Volume encoder: a 'radlens train lecl' or 'radlens train drasclr' run "
+VOLUME_MODEL_HELP = ("Volume encoder: a 'radlens train lecl', 'drasclr' or 'lesion-seg' run "
                      "folder, or random:lecl-tiny|lecl-small|drasclr-tiny|drasclr-small, "
                      "optionally with @SEED (a seeded random tower, the baseline).")
 
@@ -417,6 +417,43 @@ def train_drasclr_cmd(
                                seed=seed, progress=True)
     summary = train_drasclr(data, out, drasclr_config(preset, conditional=not plain),
                             conditional=not plain, train=cfg)
+    print(json_line({k: v for k, v in summary.items() if k != "history"}))
+
+
+@train_app.command("lesion-seg")
+def train_lesionseg_cmd(
+    data: Annotated[Path, typer.Option(help="PhantomCT-style folder with manifest.jsonl and "
+                                            "lesion masks.")],
+    out: Annotated[Path, typer.Option(help="Run folder (best/, last/, train_state.pt).")],
+    width: Annotated[int, typer.Option(help="Channels of the first block.")] = 16,
+    epochs: Annotated[int, typer.Option(help="Epochs of 100 steps.")] = 36,
+    batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 4,
+    crop: Annotated[int, typer.Option(help="Side of the training crops (voxels).")] = 48,
+    lr: Annotated[float, typer.Option()] = 2e-3,
+    max_minutes: Annotated[float | None, typer.Option()] = None,
+    val_every: Annotated[int, typer.Option(help="Steps between validations.")] = 600,
+    seed: Annotated[int, typer.Option()] = 0,
+    splits: Annotated[str, typer.Option(
+        help="Comma-separated manifest splits whose volumes and masks train the model; 'val' "
+             "is always the validation set.")] = "train",
+) -> None:
+    """Train the supervised 3-D lesion segmenter whose per-location lesion profile is a volume
+    vector for finding-level similar-case search (--volume-model RUN)."""
+    from vlm.data.ct_dataset import CTDataset
+    from vlm.errors import RadLensError
+    from vlm.models.lesionseg import LesionSegConfig
+    from vlm.train.lesionseg import default_train_config, train_lesionseg
+
+    ds = CTDataset(data)
+    try:
+        volumes = ds.volumes_in(splits.split(","))
+    except RadLensError as exc:
+        raise RadLensError(f"--splits: {exc}") from None
+    cfg = default_train_config(epochs=epochs, batch_size=batch_size, lr=lr,
+                               max_minutes=max_minutes, val_every=val_every, seed=seed,
+                               progress=True)
+    summary = train_lesionseg(ds, out, LesionSegConfig(width=width), cfg, volumes=volumes,
+                              crop=crop, samples_per_epoch=100 * batch_size)
     print(json_line({k: v for k, v in summary.items() if k != "history"}))
 
 

@@ -554,12 +554,23 @@ def strip_label(study: VolumeStudy | None) -> str:
     return f"Attention slices · {SCORE_MEANING.get(kind, kind)}"
 
 
+def predicted_findings(item: CatalogItem | None, threshold: float = 0.5) -> list[str]:
+    """A lesion model's findings at or above ``threshold``, best first (``liver 0.91``)."""
+    found = ((item.extra or {}).get("findings") or {}) if item else {}
+    ranked = sorted(((float(v), str(k)) for k, v in found.items() if float(v) >= threshold),
+                    reverse=True)
+    return [f"{k.replace('_', ' ')} {v:.2f}" for v, k in ranked]
+
+
 def volume_caption(hit: Hit) -> str:
     """``0.962 · liver lesion, kidney lesion`` (labels first: they are what a reader scans for;
-    unlabelled volumes show modality, year and shape)."""
+    unlabelled volumes show modality, year and shape), then what a lesion model found
+    (``model: liver 0.91``)."""
     if hit.item is None:
         return f"{hit.score:.3f}"
-    return f"{hit.score:.3f} · {', '.join(volume_labels(hit.item)) or volume_meta(hit.item)}"
+    text = f"{hit.score:.3f} · {', '.join(volume_labels(hit.item)) or volume_meta(hit.item)}"
+    found = predicted_findings(hit.item)
+    return f"{text} · model: {', '.join(found)}" if found else text
 
 
 def similar_volumes(engine: Engine, study: VolumeStudy, k: int

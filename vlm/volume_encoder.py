@@ -19,6 +19,13 @@ Where the model comes from (:meth:`VolumeEncoder.load`):
   lattice patch features (``DrasCLR.volume_embedding``), L2-normalised, with the anatomical
   frame taken from the body's bounding box (:func:`vlm.train.drasclr.real_ct_frame`) for every
   volume, so PhantomCT and real CT are encoded the same way.
+* a lesion-seg checkpoint folder written by ``radlens train lesion-seg`` (**supervised** on
+  PhantomCT lesion masks, :mod:`vlm.models.lesionseg`): the volume is resampled to the model's
+  grid, segmented, and its **volume vector is the per-location lesion profile** (top-k mean
+  lesion probability of each location plus a "no lesion" component ``1 - max``, L2-normalised,
+  :func:`vlm.models.lesionseg.profile_vector`); slice scores are the largest lesion probability
+  on each slice and :attr:`VolumeEncoding.findings` holds the per-location scores. This is a
+  finding-level similarity (same kind of lesion, same organ), not a task-agnostic one.
 * ``random:<lecl|drasclr>-<tiny|small>[@seed]``: a seeded randomly initialised tower, the
   "random tower" baseline and the model of fast tests.
 
@@ -53,21 +60,24 @@ from vlm.io.types import Volume
 from vlm.models.checkpoint import update_with_weights
 from vlm.models.clear import ClearConfig, ClearMIL, LeCL
 from vlm.models.drasclr import DrasCLR
+from vlm.models.lesionseg import LesionSeg3D
 
 logger = logging.getLogger(__name__)
 
 CLEAR_MIL_CHECKPOINT = "clear_mil.pt"
 RANDOM_PREFIX = "random:"
-SCORE_ATTENTION, SCORE_DISTINCT = "attention", "distinct"
+SCORE_ATTENTION, SCORE_DISTINCT, SCORE_LESION = "attention", "distinct", "lesion"
 AIR_HU = -1024.0
 EMPTY_TOLERANCE = 1e-4  # |mean(e_k - e_air)| below this fraction of |e_air|: an empty volume
 #: Versions of the vector definitions; part of the fingerprint, so a change refuses old indexes.
-VECTOR_DEFINITION = {"lecl": "mean(e_k - e_air)/v1", "drasclr": "mean(patch features)/v1"}
+VECTOR_DEFINITION = {"lecl": "mean(e_k - e_air)/v1", "drasclr": "mean(patch features)/v1",
+                     "lesionseg": "profile(top-k mean per location, 1 - max)/v1"}
 #: What each slice-score kind means, for captions and model cards.
 SCORE_MEANING = {
     SCORE_ATTENTION: "CLEAR ABMIL attention over the slices",
     SCORE_DISTINCT: "1 - cosine to the volume vector (the least typical slices; not learned "
                     "attention)",
+    SCORE_LESION: "largest lesion probability on the slice (supervised lesion segmenter)",
 }
 
 
@@ -77,7 +87,9 @@ class VolumeEncoding:
 
     vector: np.ndarray  # (D,) float32, unit length
     slice_scores: np.ndarray  # (Z,) float32, higher = more salient
-    score_kind: str  # SCORE_ATTENTION | SCORE_DISTINCT
+    score_kind: str  # SCORE_ATTENTION | SCORE_DISTINCT | SCORE_LESION
+    #: per-location lesion scores in [0, 1] (lesion-seg models only)
+    findings: dict[str, float] | None = None
 
     def top_slices(self, k: int = 5) -> list[tuple[int, float]]:
         """The ``k`` highest-scoring slices as ``(slice index, score)``, best first."""
@@ -138,7 +150,8 @@ class VolumeEncoder:
     """A volume model ready for inference (eval mode asserted). Use :meth:`load`.
 
     Args:
-        model: a :class:`LeCL` or :class:`DrasCLR` (put into eval mode here).
+        model: a :class:`LeCL`, :class:`DrasCLR` or :class:`LesionSeg3D` (put into eval mode
+            here).
         name: model name recorded in the index.
         source: what :meth:`load` reloads it from (checkpoint path or ``random:`` name).
         attention: optional CLEAR ABMIL over the LeCL slice embeddings.
@@ -147,7 +160,7 @@ class VolumeEncoder:
         batch_size: slices (LeCL) or patches (DrasCLR) per forward pass.
     """
 
-    def __init__(self, model: LeCL | DrasCLR, name: str, source: str, *,
+    def __init__(self, model: LeCL | DrasCLR | LesionSeg3D, name: str, source: str, *,
                  attention: ClearMIL | None = None,
                  lattice: tuple[int, int, int] = (4, 4, 4), device: str = "cpu",
                  batch_size: int = 64) -> None:
@@ -171,6 +184,14 @@ class VolumeEncoder:
                 raise ConfigError(f"the CLEAR ABMIL expects {attention.cfg.in_dim}-d slice "
                                   f"embeddings, the LeCL encoder gives {self.dim}-d: train the "
                                   "ABMIL on this encoder's embeddings")
+        elif isinstance(model, LesionSeg3D):
+            if attention is not None:
+                raise ConfigError("CLEAR ABMIL attention needs a LeCL slice encoder")
+            self.kind = "lesionseg"
+            self.dim = int(model.cfg.n_classes) + 1
+            self.config_hash = _fingerprint(
+                {**model.cfg.to_dict(), "vector": VECTOR_DEFINITION["lesionseg"]},
+                {"segmenter": model})
         else:
             self.kind = "drasclr"
             self.dim = int(model.cfg.repr_dim)
@@ -178,7 +199,8 @@ class VolumeEncoder:
                 {**dataclasses.asdict(model.cfg), "lattice": list(lattice),
                  "vector": VECTOR_DEFINITION["drasclr"]},
                 {"encoder": model.encoder})
-        self.score_kind = SCORE_ATTENTION if self.attention is not None else SCORE_DISTINCT
+        self.score_kind = (SCORE_LESION if self.kind == "lesionseg" else
+                           SCORE_ATTENTION if self.attention is not None else SCORE_DISTINCT)
 
     def __repr__(self) -> str:
         return (f"VolumeEncoder({self.name!r}, dim={self.dim}, config_hash={self.config_hash!r}, "
@@ -189,7 +211,8 @@ class VolumeEncoder:
     def load(cls, source: str | os.PathLike[str], *,
              attention: str | os.PathLike[str] | None = None, device: str = "cpu"
              ) -> VolumeEncoder:
-        """A LeCL or DrasCLR checkpoint folder, or ``random:<kind>-<preset>[@seed]``.
+        """A LeCL, DrasCLR or lesion-seg checkpoint folder, or
+        ``random:<kind>-<preset>[@seed]``.
 
         Raises:
             ConfigError: no checkpoint there, an unknown random name, or a mismatched ABMIL.
@@ -215,13 +238,21 @@ class VolumeEncoder:
             mil = load_clear_mil(mil_path) if mil_path is not None else None
             return cls(load_lecl(lecl_file.parent), "lecl", str(folder.resolve()),
                        attention=mil, device=device)
+        from vlm.train.lesionseg import CHECKPOINT as LESION_FILE
+        from vlm.train.lesionseg import load_lesionseg
+
+        if _find(folder, LESION_FILE) is not None:
+            if attention is not None:
+                raise ConfigError("CLEAR ABMIL attention needs a LeCL slice encoder, not a "
+                                  "lesion segmenter")
+            return cls(load_lesionseg(folder), "lesionseg", str(folder.resolve()), device=device)
         if _find(folder, DRAS_FILE) is not None:
             if attention is not None:
                 raise ConfigError("CLEAR ABMIL attention needs a LeCL slice encoder, not DrasCLR")
             model, lattice = load_drasclr(folder)
             return cls(model, "drasclr", str(folder.resolve()), lattice=lattice, device=device)
-        raise ConfigError(f"{folder}: no {LECL_FILE} or {DRAS_FILE}; train one with "
-                          "'radlens train lecl|drasclr' or use random:lecl-tiny")
+        raise ConfigError(f"{folder}: no {LECL_FILE}, {DRAS_FILE} or {LESION_FILE}; train one "
+                          "with 'radlens train lecl|drasclr|lesion-seg' or use random:lecl-tiny")
 
     @classmethod
     def random(cls, name: str = "random:lecl-tiny", *, device: str = "cpu") -> VolumeEncoder:
@@ -257,11 +288,17 @@ class VolumeEncoder:
     # ------------------------------------------------------------------ encoding
     @torch.inference_mode()
     def encode(self, volume: Volume | np.ndarray) -> VolumeEncoding:
-        """One volume, (Z, Y, X) in HU on the canonical grid -> vector and slice scores."""
+        """One volume, (Z, Y, X) in HU on the canonical grid -> vector and slice scores.
+
+        A lesion-seg model resamples a :class:`Volume` to its training grid first (a bare
+        array is taken to be on that grid already)."""
         hu = np.asarray(volume.array if isinstance(volume, Volume) else volume, np.float32)
         if hu.ndim != 3 or min(hu.shape) < 1:
             raise ConfigError(f"a volume must be a (Z, Y, X) array, got shape {hu.shape}")
         assert not self.model.training, "inference needs eval mode"
+        if isinstance(self.model, LesionSeg3D):
+            spacing = volume.spacing if isinstance(volume, Volume) else None
+            return self._encode_lesionseg(self.model, hu, spacing)
         if isinstance(self.model, LeCL):
             return self._encode_lecl(self.model, torch.from_numpy(hu))
         return self._encode_drasclr(self.model, hu)
@@ -317,6 +354,36 @@ class VolumeEncoder:
             lo, hi = max(0, round(k_centre - half)), min(hu.shape[0], round(k_centre + half))
             scores[lo:hi] = np.maximum(scores[lo:hi], d)
         return VolumeEncoding(_unit(mean), scores, SCORE_DISTINCT)
+
+    def _encode_lesionseg(self, model: LesionSeg3D, hu: np.ndarray,
+                          spacing: tuple[float, float, float] | None) -> VolumeEncoding:
+        from vlm.models.lesionseg import predict, profile_vector, slice_scores, volume_scores
+
+        grid = hu if spacing is None else resample_to_spacing(hu, spacing,
+                                                               model.cfg.spacing_mm)
+        prob = predict(model, grid, device=self.device)
+        scores = volume_scores(prob, model.cfg.top_k)
+        on_grid = slice_scores(prob, grid.shape[0])
+        # back to the input's slices: nearest model-grid slice of each input slice
+        pick = np.minimum((np.arange(hu.shape[0]) * grid.shape[0]) // hu.shape[0],
+                          grid.shape[0] - 1)
+        findings = {c: round(float(v), 4) for c, v in zip(model.cfg.classes, scores,
+                                                           strict=True)}
+        return VolumeEncoding(profile_vector(scores), on_grid[pick], SCORE_LESION, findings)
+
+
+def resample_to_spacing(hu: np.ndarray, spacing: tuple[float, float, float],
+                        target: tuple[float, float, float], tolerance: float = 0.05
+                        ) -> np.ndarray:
+    """(Z, Y, X) HU resampled (trilinear) from ``spacing`` to ``target`` mm; unchanged when every
+    axis is within ``tolerance`` (relative) already."""
+    ratio = [s / t for s, t in zip(spacing, target, strict=True)]
+    if all(abs(r - 1.0) <= tolerance for r in ratio):
+        return hu
+    size = [max(4, round(n * r)) for n, r in zip(hu.shape, ratio, strict=True)]
+    out = F.interpolate(torch.from_numpy(np.ascontiguousarray(hu, np.float32))[None, None],
+                        size=size, mode="trilinear", align_corners=False)
+    return out[0, 0].numpy()
 
 
 def _unit(v: torch.Tensor) -> np.ndarray:

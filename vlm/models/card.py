@@ -138,3 +138,57 @@ def volume_model_card(kind: str, config: dict[str, Any], training: dict[str, Any
         "budget, not for absolute performance.", "",
     ]
     return "\n".join(lines)
+
+
+def lesionseg_model_card(config: dict[str, Any], training: dict[str, Any] | None,
+                         evaluation: dict[str, Any] | None = None,
+                         commands: list[str] | None = None, fingerprint: str = "",
+                         notes: list[str] | None = None) -> str:
+    """MODEL_CARD.md of a shipped supervised lesion segmenter (``radlens train lesion-seg``)."""
+    classes = ", ".join(config.get("classes", []))
+    lines = [
+        "# PhantomCT lesion segmenter (supervised) for finding-level volume search", "",
+        "**Not for clinical use.** Trained on synthetic CT (PhantomCT); no clinical claim is "
+        "made or implied.", "",
+        "## Model details", "",
+        f"- Two-level 3-D U-Net, width {config.get('width')}, batch norm; input: HU windows "
+        f"{config.get('windows')} plus three body-bounding-box coordinate channels; output: one "
+        f"sigmoid lesion map per location ({classes}) at half resolution.",
+        f"- Model grid: {config.get('spacing_mm')} mm (z, y, x); other volumes are resampled "
+        "to it before segmentation.",
+        f"- Volume vector (what an index stores): per location the mean of the "
+        f"{config.get('top_k')} highest lesion probabilities, plus a \"no lesion\" component "
+        "1 - max, L2-normalised. Slice saliency: the largest lesion probability on the slice.",
+        "- **Supervised**, unlike the CLEAR / DrasCLR encoders: it learned from lesion masks, so "
+        "its similarity is \"same kind of lesion in the same organ\", not a task-agnostic one.",
+    ]
+    if fingerprint:
+        lines.append(f"- Fingerprint (config + weights, what an index records): `{fingerprint}`.")
+    lines += [
+        "", "## Intended use", "",
+        "Research and engineering inside RadLens: similar-case search by lesion location and "
+        "the app's salient-slice strip on PhantomCT. Out of scope: diagnosis, triage, lesion "
+        "measurement, any clinical decision, real CT without re-training and validation.",
+        "", "## Training data", "",
+        "PhantomCT (`data_cards/phantom_ct.md`): **fully synthetic** chest-abdomen CT, pixels "
+        "and lesion masks alike. Trained on the masks of the train split only; the val split "
+        "picked the checkpoint; the test split was never seen.", "",
+    ]
+    if commands:
+        lines += ["## How it was made", "", "```bash", *commands, "```", ""]
+    if evaluation:
+        lines += ["## Evaluation", "", "```json",
+                  json.dumps(evaluation, indent=1, default=str)[:4000], "```", ""]
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    if training:
+        lines += ["## Training summary", "", "```json",
+                  json.dumps({k: v for k, v in training.items() if k != "history"}, indent=1,
+                             default=str)[:2000], "```", ""]
+    lines += [
+        "## Limitations", "",
+        "- Synthetic CT with simple organ shapes and ellipsoidal lesions; on real CT it is "
+        "untested beyond running (see the README).",
+        "- Small model, 204 training volumes, CPU training of about half an hour.", "",
+    ]
+    return "\n".join(lines)

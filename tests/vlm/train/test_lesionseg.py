@@ -1,0 +1,186 @@
+"""The supervised lesion segmenter: shapes, inference on any size, profile vectors, training on
+tiny PhantomCT, the volume encoder built on it, and its CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vlm  # noqa: F401  (torchvision shim before open_clip/timm)
+from vlm.data.ct_dataset import CTDataset
+from vlm.data.phantom_ct import generate_phantom_ct
+from vlm.errors import ConfigError
+from vlm.models.lesionseg import (
+    LesionSeg3D,
+    LesionSegConfig,
+    coordinate_channels,
+    model_input,
+    predict,
+    profile_vector,
+    slice_scores,
+    volume_scores,
+)
+from vlm.train import lesionseg as ls
+from vlm.volume_encoder import SCORE_LESION, VolumeEncoder
+
+N, SHAPE = 12, (32, 32, 32)
+TINY = LesionSegConfig(width=4)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> CTDataset:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("pct_lesion")
+    generate_phantom_ct(root, n=N, shape=SHAPE, seed=5, workers=1)
+    return CTDataset(root)
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lesion_run")
+    train = ls.default_train_config(epochs=2, val_every=4, save_every=4)
+    # val = the val and test volumes, so the monitored AUC exists on this tiny set
+    val = [i for i, r in enumerate(data.rows) if r["split"] != "train"]
+    summary = ls.train_lesionseg(data, out, TINY, train, val_volumes=val, samples_per_epoch=16)
+    return out, summary
+
+
+def _hu(shape, seed=0):
+    """Air around a noisy soft-tissue block (a body for the coordinate frame)."""
+    hu = np.full(shape, -1000.0, np.float32)
+    _z, y, x = shape
+    block = hu[:, y // 4: 3 * y // 4, x // 4: 3 * x // 4]
+    block[...] = 40.0 + np.random.default_rng(seed).normal(0.0, 10.0, block.shape)
+    return hu
+
+
+def test_forward_shapes_and_refusals():
+    torch.manual_seed(0)
+    model = LesionSeg3D(TINY).eval()
+    x = torch.rand(2, TINY.in_channels, 16, 24, 32)
+    assert model(x).shape == (2, 8, 8, 12, 16)
+    with pytest.raises(ConfigError, match="multiples of 4"):
+        model(torch.rand(1, TINY.in_channels, 18, 24, 32))
+    with pytest.raises(ConfigError, match="expects"):
+        model(torch.rand(1, 3, 16, 16, 16))
+
+
+def test_inputs_windows_and_coordinates():
+    frame = {"lo": [0.0, 2.0, 4.0], "hi": [10.0, 12.0, 14.0]}
+    c = coordinate_channels((11, 3, 3), frame, offset=(0, 2, 4))
+    assert c.shape == (3, 11, 3, 3)
+    assert c[0, 0, 0, 0] == -1.0 and c[0, 10, 0, 0] == 1.0 and c[1, 0, 0, 0] == -1.0
+    assert torch.allclose(c[2, 0, 0], torch.tensor([-1.0, -0.8, -0.6]))
+    hu = torch.tensor([[[-1000.0, -160.0, 40.0, 240.0, 1000.0]]])
+    x = model_input(hu, LesionSegConfig(coords=False), frame)
+    assert torch.allclose(x[0, 0, 0], torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+    assert x.shape == (2, 1, 1, 5) and float(x[1].min()) == 0.0
+
+
+def test_predict_pads_any_size_and_chunks_consistently():
+    torch.manual_seed(0)
+    model = LesionSeg3D(TINY).eval()
+    hu = _hu((37, 30, 27))
+    prob = predict(model, hu)
+    assert prob.shape == (8, 19, 15, 14)
+    assert float(prob.min()) >= 0.0 and float(prob.max()) <= 1.0
+    chunked = predict(model, hu, chunk=8, margin=16)
+    assert chunked.shape == prob.shape
+    # chunks see 16 slices of context; the receptive field is wider, so agreement is close,
+    # not exact -- a misplaced chunk would differ by far more
+    assert float((chunked - prob).abs().max()) < 0.05
+    assert not model.training
+    with pytest.raises(ConfigError, match="CT volume in HU"):
+        predict(model, np.full((8, 8, 8), -1000.0, np.float32))
+
+
+def test_volume_and_slice_scores_and_profile():
+    prob = torch.zeros(8, 4, 5, 5)
+    prob[3, 1, :2, :2] = torch.tensor([[0.9, 0.7], [0.5, 0.3]])  # liver channel
+    s = volume_scores(prob, top_k=2)
+    assert s[3] == pytest.approx(0.8) and s[0] == 0.0
+    per_slice = slice_scores(prob, n_slices=7)
+    assert per_slice.tolist() == pytest.approx([0, 0, 0.9, 0.9, 0, 0, 0])
+    liver = profile_vector(s)
+    none = profile_vector(np.zeros(8))
+    assert np.linalg.norm(liver) == pytest.approx(1.0) and none[-1] == pytest.approx(1.0)
+    assert float(liver @ none) < 0.3  # lesion-free volumes are far from a liver-lesion query
+    both = profile_vector(np.array([0, 0, 0, 0.8, 0, 0.8, 0, 0], np.float32))
+    assert float(liver @ both) > float(liver @ none)
+
+
+def test_location_masks_follow_the_manifest(data):
+    for i, row in enumerate(data.rows):
+        masks = ls.location_masks(data, i, list(TINY.classes))
+        assert masks.shape == SHAPE
+        for lesion in row["lesions"]:
+            k, j, x = lesion["centre_voxel"]
+            assert masks[k, j, x] == TINY.classes.index(lesion["location"]) + 1
+        if not row["lesions"]:
+            assert not masks.any()
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(data):
+    torch.manual_seed(0)
+    model = LesionSeg3D(TINY)
+    train = ls.default_train_config()
+    task = ls.LesionSegTask(model, data, train, data.volumes_in(["train"]), [], crop=16,
+                            p_lesion=1.0)
+    batch = task.batch(list(range(4)), epoch=0)
+    assert batch["x"].shape == (4, TINY.in_channels, 16, 16, 16)
+    assert batch["target"].shape == (4, 8, 8, 8, 8) and float(batch["target"].sum()) > 0
+    assert torch.equal(task.batch(list(range(4)), epoch=0)["x"], batch["x"])  # seeded
+    opt = torch.optim.AdamW(model.parameters(), 1e-2)
+    first = float(task.loss(batch)["loss"].detach())
+    for _ in range(15):
+        loss = task.loss(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(task.loss(batch)["loss"].detach()) < first
+
+
+def test_train_writes_checkpoints_and_the_encoder_uses_them(data, run, tmp_path):
+    out, summary = run
+    assert summary["steps"] == 8 and summary["monitor"] == "val_macro_auc"
+    meta = json.loads((out / "last" / "config.json").read_text())
+    assert meta["kind"] == "lesionseg" and "lesion masks" in meta["supervised"]
+    model = ls.load_lesionseg(out)
+    assert not model.training and model.cfg == TINY
+    enc = VolumeEncoder.load(out)
+    assert enc.kind == "lesionseg" and enc.dim == 9 and enc.score_kind == SCORE_LESION
+    from vlm.io import read_volume
+
+    vol = read_volume(data.root / data.rows[0]["nifti"])
+    e = enc.encode(vol)  # resampled from the tiny phantom's 15 mm slices to the model grid
+    assert e.vector.shape == (9,) and np.linalg.norm(e.vector) == pytest.approx(1.0, abs=1e-5)
+    assert e.slice_scores.shape == (SHAPE[0],) and set(e.findings) == set(TINY.classes)
+    assert e.vector[:8] @ np.array(list(e.findings.values())) > 0
+    # the fingerprint covers the weights: an exported float16 copy is a different model
+    exported = ls.export_lesionseg(out, tmp_path / "ship")
+    assert exported.stat().st_size < (out / "last" / ls.CHECKPOINT).stat().st_size
+    shipped = VolumeEncoder.load(tmp_path / "ship")
+    assert shipped.config_hash != enc.config_hash
+    card = (tmp_path / "ship" / "MODEL_CARD.md").read_text()
+    assert "Not for clinical use" in card and "Supervised" in card
+    assert shipped.config_hash in card
+    assert np.allclose(shipped.encode(vol).vector, e.vector, atol=0.02)
+    with pytest.raises(ConfigError, match="lesion segmenter"):
+        VolumeEncoder.load(out, attention=tmp_path / "x")
+
+
+def test_cli_trains_on_the_named_splits(data, tmp_path, capsys):
+    from ui.cli import main
+
+    args = ["train", "lesion-seg", "--data", str(data.root), "--width", "4", "--epochs", "1",
+            "--batch-size", "2", "--crop", "16"]
+    assert main([*args, "--out", str(tmp_path / "r"), "--splits", "train"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last[last.index("{"):])["steps"] == 100
+    assert ls.load_lesionseg(tmp_path / "r").cfg.width == 4
+    assert main([*args, "--out", str(tmp_path / "r2"), "--splits", "val"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--splits" in err[0]
