@@ -426,12 +426,12 @@ def train_lesionseg_cmd(
                                             "lesion masks.")],
     out: Annotated[Path, typer.Option(help="Run folder (best/, last/, train_state.pt).")],
     width: Annotated[int, typer.Option(help="Channels of the first block.")] = 16,
-    epochs: Annotated[int, typer.Option(help="Epochs of 100 steps.")] = 36,
+    epochs: Annotated[int, typer.Option(help="Epochs of 100 steps.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 4,
     crop: Annotated[int, typer.Option(help="Side of the training crops (voxels).")] = 48,
     lr: Annotated[float, typer.Option()] = 2e-3,
     max_minutes: Annotated[float | None, typer.Option()] = None,
-    val_every: Annotated[int, typer.Option(help="Steps between validations.")] = 600,
+    val_every: Annotated[int, typer.Option(help="Steps between validations.")] = 500,
     seed: Annotated[int, typer.Option()] = 0,
     splits: Annotated[str, typer.Option(
         help="Comma-separated manifest splits whose volumes and masks train the model; 'val' "
@@ -522,7 +522,8 @@ def export_model(
 @app.command("export-volume-model")
 def export_volume_model_cmd(
     run: Annotated[Path, typer.Option(help="LeCL run or checkpoint folder (with clear_mil.pt "
-                                           "from 'radlens train clear', if any).")],
+                                           "from 'radlens train clear', if any), or a "
+                                           "'radlens train lesion-seg' run.")],
     out: Annotated[Path, typer.Option(help="Where the shipped volume model goes.")],
     benchmark: Annotated[Path | None, typer.Option(
         help="volume_benchmark.json of 'radlens eval-volumes' for the model card.")] = None,
@@ -534,11 +535,19 @@ def export_volume_model_cmd(
         "--with-head/--without-head", help="Ship the run's CLEAR ABMIL (clear_mil.pt).")
                          ] = True,
 ) -> None:
-    """Package a LeCL slice encoder (+ CLEAR ABMIL) for shipping (float16, model card)."""
+    """Package a LeCL slice encoder (+ CLEAR ABMIL) or a lesion-seg run for shipping (float16,
+    model card; for a lesion-seg run, --benchmark takes a volume_retrieval.json)."""
+    from vlm.train.lesionseg import CHECKPOINT as LESION_FILE
+    from vlm.train.lesionseg import export_lesionseg
     from vlm.volume_encoder import export_volume_model
 
-    path = export_volume_model(run, out, benchmark=benchmark, commands=command,
-                               with_head=with_head, notes=note)
+    if any((run / sub / LESION_FILE).is_file() for sub in ("", "best", "last")):
+        evaluation = json.loads(benchmark.read_text()) if benchmark is not None else None
+        path = export_lesionseg(run, out, evaluation=evaluation, commands=command, notes=note)
+        path = path.parent
+    else:
+        path = export_volume_model(run, out, benchmark=benchmark, commands=command,
+                                   with_head=with_head, notes=note)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(json_line({"checkpoint": str(path), "bytes": size}))
 

@@ -100,6 +100,10 @@ class LesionSeg3D(nn.Module):
                                   _block(4 * c, 4 * c, 4))
         self.dec2 = _block(6 * c, 2 * c)
         self.head = nn.Conv3d(2 * c, cfg.n_classes, 1)
+        # start every location at a 1% lesion prior (RetinaNet): the rare positives are not
+        # swamped by the background's loss in the first steps
+        assert self.head.bias is not None
+        nn.init.constant_(self.head.bias, -math.log(99.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or x.shape[1] != self.cfg.in_channels:

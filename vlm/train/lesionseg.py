@@ -5,9 +5,11 @@ resume exactly: with probability ``p_lesion`` it contains a lesion (a location c
 uniformly, then one of that class's lesions, the block centre jittered by up to a third of the
 crop), otherwise it is anywhere in the volume. Targets: per location, whether any voxel of the
 2x2x2 cell under each half-resolution output belongs to a lesion of that location. Loss: binary
-cross-entropy with ``pos_weight`` plus a soft Dice term per location (the same balance the
-one-off feasibility run used). Augmentation: a global HU shift of up to +-``hu_jitter``. No
-mirror flips: left and right organs differ (liver vs spleen).
+focal loss normalised by the number of positive cells (:func:`focal_loss`, with the output bias
+initialised to a 1% prior as in RetinaNet) plus soft Dice over the locations present in the
+batch (:func:`soft_dice_loss`). Augmentation: a
+global HU shift of up to +-``hu_jitter``. No mirror flips: left and right organs differ (liver
+vs spleen).
 
 Validation: the whole val-split volumes go through :func:`~vlm.models.lesionseg.predict`; the
 monitored number is the macro volume-level AUC of the per-location scores over the locations
@@ -46,9 +48,9 @@ TRAIN_SPLITS = ("train",)
 
 
 def default_train_config(**changes: Any) -> TrainConfig:
-    """AdamW 2e-3, weight decay 1e-4, batch 4 crops, 100 steps an epoch (400 crops), 36
-    epochs = 3,600 steps (about 30 minutes on 2 CPU cores at crop 48), validation every 600."""
-    base = {"epochs": 36, "batch_size": 4, "warmup_steps": 50, "val_every": 600,
+    """AdamW 2e-3, weight decay 1e-4, batch 4 crops, 100 steps an epoch (400 crops), 30
+    epochs = 3,000 steps (about 30 minutes on 2 CPU cores at crop 48), validation every 500."""
+    base = {"epochs": 30, "batch_size": 4, "warmup_steps": 50, "val_every": 500,
             "save_every": 200, "clip_grad": 5.0}
     return recipe_train_config(2e-3, 1e-4, **{**base, **changes})
 
@@ -75,6 +77,34 @@ def location_masks(ds: CTDataset, i: int, classes: Sequence[str]) -> np.ndarray:
     return out
 
 
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25,
+               gamma: float = 2.0) -> torch.Tensor:
+    """Sigmoid focal loss (Lin et al., RetinaNet) summed over every cell and class and divided
+    by the number of positive cells (at least 1), so a handful of lesion cells among ~10^5
+    background cells per crop still carries the loss: a plain or ``pos_weight``-ed mean let
+    the first versions of this recipe settle on "no lesion anywhere" (every probability below
+    0.01 after 500 steps)."""
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * target + (1.0 - p) * (1.0 - target)
+    a_t = alpha * target + (1.0 - alpha) * (1.0 - target)
+    return (a_t * (1.0 - p_t) ** gamma * ce).sum() / target.sum().clamp(min=1.0)
+
+
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice per class over the whole batch, averaged over the classes that have a
+    positive voxel in the batch (0 when none has). Absent classes are left to the
+    cross-entropy: counting them rewards predicting nothing anywhere, which is where a first
+    version of this recipe collapsed (every probability 0 after 600 steps)."""
+    dims = (0, *range(2, prob.ndim))
+    present = target.sum(dims) > 0
+    if not bool(present.any()):
+        return prob.sum() * 0.0
+    inter = (prob * target).sum(dims)
+    dice = (2.0 * inter + eps) / (prob.sum(dims) + target.sum(dims) + eps)
+    return 1.0 - dice[present].mean()
+
+
 def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
     if y.min() == y.max():
         return None
@@ -88,8 +118,8 @@ class LesionSegTask:
 
     def __init__(self, model: LesionSeg3D, data: CTDataset, cfg: TrainConfig,
                  train_volumes: Sequence[int], val_volumes: Sequence[int], *, crop: int = 48,
-                 samples_per_epoch: int = 400, p_lesion: float = 0.6, hu_jitter: float = 15.0,
-                 pos_weight: float = 10.0) -> None:
+                 samples_per_epoch: int = 400, p_lesion: float = 0.6, hu_jitter: float = 15.0
+                 ) -> None:
         mc = model.cfg
         self.model, self.data, self.cfg = model, data, cfg
         self.train_volumes, self.val_volumes = list(train_volumes), list(val_volumes)
@@ -100,7 +130,6 @@ class LesionSegTask:
             raise ConfigError(f"volumes of side {smallest} are too small for lesion crops")
         self.samples_per_epoch = int(samples_per_epoch)
         self.p_lesion, self.hu_jitter = float(p_lesion), float(hu_jitter)
-        self.pos_weight = torch.tensor(float(pos_weight))
         self.classes = list(mc.classes)
         self.vols = {v: data.volume(v) for v in self.train_volumes}
         self.masks = {v: location_masks(data, v, self.classes) for v in self.train_volumes}
@@ -161,13 +190,9 @@ class LesionSegTask:
         dev = self.cfg.device
         x, target = batch["x"].to(dev), batch["target"].to(dev)
         logits = self.model(x).float()
-        bce = F.binary_cross_entropy_with_logits(logits, target,
-                                                 pos_weight=self.pos_weight.to(dev))
-        p = torch.sigmoid(logits)
-        dims = (0, 2, 3, 4)
-        inter = (p * target).sum(dims)
-        dice = 1.0 - ((2.0 * inter + 1.0) / (p.sum(dims) + target.sum(dims) + 1.0)).mean()
-        return {"loss": bce + dice, "bce": bce.detach(), "dice": dice.detach()}
+        focal = focal_loss(logits, target)
+        dice = soft_dice_loss(torch.sigmoid(logits), target)
+        return {"loss": focal + dice, "focal": focal.detach(), "dice": dice.detach()}
 
     def validate(self) -> dict[str, float]:
         if not self.val_volumes:

@@ -184,3 +184,57 @@ def test_cli_trains_on_the_named_splits(data, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "r2"), "--splits", "val"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--splits" in err[0]
+
+
+def test_soft_dice_counts_only_the_classes_present_in_the_batch():
+    target = torch.zeros(2, 3, 4, 4, 4)
+    target[0, 1, :2, :2, :2] = 1.0  # class 1 present, classes 0 and 2 absent
+    nothing = torch.zeros_like(target)
+    assert float(ls.soft_dice_loss(nothing, target)) == pytest.approx(1 - 1 / 9)
+    assert float(ls.soft_dice_loss(target.clone(), target)) == pytest.approx(0.0)
+    # predicting an absent class costs nothing here (the cross-entropy handles it) ...
+    noisy = target.clone()
+    noisy[:, 2] = 0.5
+    assert float(ls.soft_dice_loss(noisy, target)) == pytest.approx(0.0)
+    # ... and no class present gives a zero that still has a gradient path
+    empty = torch.zeros_like(target)
+    prob = torch.full_like(target, 0.3, requires_grad=True)
+    loss = ls.soft_dice_loss(prob, empty)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and prob.grad is not None
+
+
+def test_focal_loss_is_the_retinanet_formula_normalised_by_positives():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, 4, generator=g)
+    target = (torch.rand(2, 3, 4, 4, 4, generator=g) > 0.9).float()
+    p = torch.sigmoid(logits)
+    direct = 0.0
+    for z, t in zip(p.flatten().tolist(), target.flatten().tolist(), strict=True):
+        pt, at = (z, 0.25) if t else (1 - z, 0.75)
+        direct += -at * (1 - pt) ** 2 * np.log(pt)
+    assert float(ls.focal_loss(logits, target)) == pytest.approx(direct / target.sum().item(),
+                                                                 rel=1e-4)
+    # no positive cell: the sum is divided by 1, not by 0
+    none = torch.zeros_like(target)
+    assert np.isfinite(float(ls.focal_loss(logits, none)))
+    # the output bias starts every location at a 1% prior
+    model = LesionSeg3D(TINY).eval()
+    assert torch.allclose(torch.sigmoid(model.head.bias), torch.full((8,), 0.01))
+
+
+def test_export_volume_model_cli_packages_a_lesion_run(run, tmp_path, capsys):
+    from ui.cli import main
+
+    out, _ = run
+    bench = tmp_path / "volume_retrieval.json"
+    bench.write_text(json.dumps({"benchmark": "volume_retrieval", "models": {}}))
+    assert main(["export-volume-model", "--run", str(out), "--out", str(tmp_path / "ship"),
+                 "--benchmark", str(bench), "--command", "radlens train lesion-seg ...",
+                 "--note", "a note"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["checkpoint"] == str(tmp_path / "ship") and printed["bytes"] > 0
+    card = (tmp_path / "ship" / "MODEL_CARD.md").read_text()
+    assert "radlens train lesion-seg ..." in card and "a note" in card
+    assert "volume_retrieval" in card
+    assert VolumeEncoder.load(tmp_path / "ship").kind == "lesionseg"
