@@ -49,6 +49,9 @@ bench: $(STAMP)
 	test -f data/phantom_ct/manifest.jsonl || $(BIN)/radlens data phantom-ct --out data/phantom_ct --n 300
 	$(BIN)/python benchmarks/volume_retrieval.py --data data/phantom_ct \
 		--model lecl-small=checkpoints/lecl-small --model random=random:lecl-small@0
+	$(BIN)/python benchmarks/volume_retrieval.py --data data/phantom_ct --splits test \
+		--model lesion-seg=checkpoints/lesion-seg --model lecl-small=checkpoints/lecl-small \
+		--out benchmarks/out/test_split
 
 clean:
 	rm -rf $(VENV) build data/demo .pytest_cache .mypy_cache .ruff_cache

@@ -6,7 +6,8 @@ lesion location, or an emphysema class), every volume with the label queries the
 (itself left out, cosine similarity). Reported per label: mean precision@k over those queries
 against the base rate (the share of the other volumes with the label, the expected precision
 of a random ranking), and a one-sided permutation p-value (labels shuffled over volumes, same
-statistic).
+statistic). For a lesion model (``radlens train lesion-seg``), whose encodings carry
+per-location findings, the volume-level ROC AUC of each location's score is reported too.
 
 Usage::
 
@@ -64,6 +65,22 @@ def retrieval_table(vectors: np.ndarray, locations: np.ndarray, names: list[str]
     return out
 
 
+def finding_aucs(findings: list[dict[str, float]], locations: np.ndarray, names: list[str]
+                 ) -> dict[str, float]:
+    """Volume-level ROC AUC of a lesion model's per-location score against the labels (only
+    locations with positives and negatives), and their macro mean."""
+    from sklearn.metrics import roc_auc_score
+
+    out: dict[str, float] = {}
+    for j, name in enumerate(names):
+        y = locations[:, j].astype(int)
+        if 0 < y.sum() < len(y):
+            out[name] = round(float(roc_auc_score(y, [f.get(name, 0.0) for f in findings])), 4)
+    if out:
+        out["macro"] = round(float(np.mean(list(out.values()))), 4)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,13 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         name, _, source = spec.partition("=")
         enc = VolumeEncoder.load(source or name)
         t = time.perf_counter()
-        vectors = np.stack([enc.encode(ds.volume_tensor(i).numpy()).vector
-                            for i in range(len(ds))])
+        encodings = [enc.encode(ds.volume_tensor(i).numpy()) for i in range(len(ds))]
+        vectors = np.stack([e.vector for e in encodings])
         seconds = time.perf_counter() - t
         table = retrieval_table(vectors, labels, names, args.k, args.permutations)
         result["models"][name] = {"source": source or name, "encoder": repr(enc),
                                   "seconds_per_volume": round(seconds / len(ds), 3),
                                   "labels": table}
+        if all(e.findings for e in encodings):  # a lesion model: its scores as detectors too
+            result["models"][name]["finding_auc"] = finding_aucs(
+                [e.findings or {} for e in encodings], ep.locations, list(LOCATION_CLASSES))
         print(f"{name}: liver {table.get('liver')}", file=sys.stderr, flush=True)
     write_result(args.out, "volume_retrieval", result)
     return 0

@@ -153,12 +153,39 @@ def build_demo_volumes(data_dir: Path, index: Path, model: str | Path = SHIPPED_
     ct = data_dir / "ct" / "phantom_ct"
     if not (ct / "manifest.jsonl").is_file():
         generate_phantom_ct(ct, n=n, shape=shape, seed=DEMO_VOLUME_SEED)
+    if (index / REPORT_FILE).is_file() and not _volume_model_matches(index, model):
+        print(f"demo: the volume collection of {index} was built with another volume model; "
+              f"rebuilding the index with {Path(str(model)).name}")
+        shutil.rmtree(index)
+        raise _Rebuild
     if not (index / REPORT_FILE).is_file():
         report = ingest_volumes(VolumeEncoder.load(model), ct, index, progress=progress,
                                 keep_paths=True)
         print(f"demo: indexed {report.added} PhantomCT volumes with {Path(str(model)).name}, "
               f"{len(report.failed)} unreadable")
     return ct
+
+
+class _Rebuild(Exception):
+    """The demo index was removed (another volume model): build it again."""
+
+
+def _volume_model_matches(index: Path, model: str | Path) -> bool:
+    """Whether the index's volume collection was filled by ``model`` (config and weights)."""
+    from index.folder import IndexFolder
+    from index.volumes import VOLUME
+    from vlm.errors import RadLensError
+    from vlm.volume_encoder import VolumeEncoder
+
+    try:
+        ix = IndexFolder.open(index)
+        try:
+            have = ix.collection_model(VOLUME)
+        finally:
+            ix.close()
+    except (RadLensError, OSError, KeyError):
+        return False
+    return have.config_hash == VolumeEncoder.load(model).config_hash
 
 
 def _index_config_hash(index: Path) -> str | None:
@@ -198,8 +225,18 @@ def build_demo_index(data_dir: Path, model: Path = SHIPPED_MODEL, limit: int | N
                         model_path=str(model.resolve()), keep_paths=True)
         print(f"demo: indexed {report.added} images ({report.regions} regions), "
               f"{len(report.failed)} unreadable, {report.images_per_s:.1f} images/s")
-    chosen = volume_model or (SHIPPED_VOLUME_MODEL if (SHIPPED_VOLUME_MODEL / "lecl.pt").is_file()
-                              else None)
+    chosen = volume_model or default_volume_model()
     if volumes > 0 and chosen is not None:
-        build_demo_volumes(data_dir, index, chosen, volumes, volume_shape, progress)
+        try:
+            build_demo_volumes(data_dir, index, chosen, volumes, volume_shape, progress)
+        except _Rebuild:
+            return build_demo_index(data_dir, model, limit, progress, chosen, volumes,
+                                    volume_shape)
     return index
+
+
+def default_volume_model() -> Path | None:
+    """The shipped LeCL slice encoder (self-supervised), else None (no volumes). The shipped
+    supervised lesion model (``checkpoints/lesion-seg``) is one ``--volume-model`` away; it is
+    not the default because it does not find liver lesions either (README, CT volumes)."""
+    return SHIPPED_VOLUME_MODEL if (SHIPPED_VOLUME_MODEL / "lecl.pt").is_file() else None

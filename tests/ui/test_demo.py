@@ -39,6 +39,17 @@ def test_demo_index_is_built_once_and_reused(tmp_path, capsys):
     assert ix.catalog.count("volume") == 2  # the Volumes tab has PhantomCT volumes to show
     ix.close()
 
+    # a checkout that ships another volume model rebuilds the index too (the old volume
+    # collection would refuse the new model's vectors)
+    capsys.readouterr()
+    build_demo_index(tmp_path / "demo", model, limit=6, progress=False,
+                     volume_model="random:drasclr-tiny", volumes=2, volume_shape=(32, 32, 32))
+    assert "another volume model" in capsys.readouterr().out
+    ix = IndexFolder.open(index)
+    assert ix.collection_model("volume").model_name == "drasclr-tiny-random@0"
+    assert ix.catalog.count("volume") == 2 and ix.catalog.count("image") == 6 + real
+    ix.close()
+
     # a checkout that ships another default model rebuilds the demo index instead of serving
     # one that the new model would be refused on; a retrained model with the same config
     # (new weights only, as a re-trained shipped checkpoint) counts as another model
