@@ -78,6 +78,31 @@ def model_card(config: ModelConfig, training: dict[str, Any] | None = None,
     return "\n".join(lines)
 
 
+def _use_and_data(intended_use: str, training_data: str) -> list[str]:
+    """The "Intended use" and "Training data" sections of a card."""
+    return ["", "## Intended use", "", intended_use, "", "## Training data", "", training_data,
+            ""]
+
+
+def _commands_and_notes(commands: list[str] | None, notes: list[str] | None) -> list[str]:
+    """The "How it was made" and "Notes" sections of a card (empty parts left out)."""
+    lines: list[str] = []
+    if commands:
+        lines += ["## How it was made", "", "```bash", *commands, "```", ""]
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    return lines
+
+
+def _json_section(title: str, data: dict[str, Any] | None, limit: int) -> list[str]:
+    """A card section holding ``data`` as indented JSON (``history`` left out), or nothing."""
+    if not data:
+        return []
+    body = json.dumps({k: v for k, v in data.items() if k != "history"}, indent=1,
+                      default=str)[:limit]
+    return [f"## {title}", "", "```json", body, "```", ""]
+
+
 def volume_model_card(kind: str, config: dict[str, Any], training: dict[str, Any] | None,
                       head: dict[str, Any] | None = None,
                       benchmark: dict[str, Any] | None = None,
@@ -109,27 +134,17 @@ def volume_model_card(kind: str, config: dict[str, Any], training: dict[str, Any
              "no clinical claim is made or implied.", "", "## Model details", "", *details]
     if fingerprint:
         lines.append(f"- Fingerprint (config + weights, what an index records): `{fingerprint}`.")
-    lines += [
-        "", "## Intended use", "",
+    lines += _use_and_data(
         "Research and engineering inside RadLens: volume vectors for similar-case search, "
         "slice saliency for the app, slice embeddings for CLEAR endpoint models. Out of scope: "
         "diagnosis, triage, any clinical decision, real CT without re-training and validation.",
-        "", "## Training data", "",
         "PhantomCT (`data_cards/phantom_ct.md`): **fully synthetic** chest-abdomen CT, pixels "
         "and labels alike. Self-supervised pre-training sees every volume of the generated set "
-        "(no labels); only the ABMIL head sees labels, of the train split.", "",
-    ]
-    if commands:
-        lines += ["## How it was made", "", "```bash", *commands, "```", ""]
-    if notes:
-        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
-    if training:
-        lines += ["## Pre-training summary", "", "```json",
-                  json.dumps({k: v for k, v in training.items() if k != "history"}, indent=1,
-                             default=str)[:2000], "```", ""]
-    if benchmark:
-        lines += ["## Evaluation (5-fold CV on PhantomCT, `radlens eval-volumes`)", "", "```json",
-                  json.dumps(benchmark, indent=1, default=str)[:4000], "```", ""]
+        "(no labels); only the ABMIL head sees labels, of the train split.")
+    lines += _commands_and_notes(commands, notes)
+    lines += _json_section("Pre-training summary", training, 2000)
+    lines += _json_section("Evaluation (5-fold CV on PhantomCT, `radlens eval-volumes`)",
+                           benchmark, 4000)
     lines += [
         "## Limitations", "",
         "- Synthetic CT: simple organ shapes and lesions; behaviour on real CT is untested "
@@ -164,27 +179,16 @@ def lesionseg_model_card(config: dict[str, Any], training: dict[str, Any] | None
     ]
     if fingerprint:
         lines.append(f"- Fingerprint (config + weights, what an index records): `{fingerprint}`.")
-    lines += [
-        "", "## Intended use", "",
+    lines += _use_and_data(
         "Research and engineering inside RadLens: similar-case search by lesion location and "
         "the app's salient-slice strip on PhantomCT. Out of scope: diagnosis, triage, lesion "
         "measurement, any clinical decision, real CT without re-training and validation.",
-        "", "## Training data", "",
         "PhantomCT (`data_cards/phantom_ct.md`): **fully synthetic** chest-abdomen CT, pixels "
         "and lesion masks alike. Trained on the masks of the train split only; the val split "
-        "picked the checkpoint; the test split was never seen.", "",
-    ]
-    if commands:
-        lines += ["## How it was made", "", "```bash", *commands, "```", ""]
-    if evaluation:
-        lines += ["## Evaluation", "", "```json",
-                  json.dumps(evaluation, indent=1, default=str)[:4000], "```", ""]
-    if notes:
-        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
-    if training:
-        lines += ["## Training summary", "", "```json",
-                  json.dumps({k: v for k, v in training.items() if k != "history"}, indent=1,
-                             default=str)[:2000], "```", ""]
+        "picked the checkpoint; the test split was never seen.")
+    lines += _commands_and_notes(commands, notes)
+    lines += _json_section("Evaluation", evaluation, 4000)
+    lines += _json_section("Training summary", training, 2000)
     lines += [
         "## Limitations", "",
         "- Synthetic CT with simple organ shapes and ellipsoidal lesions; on real CT it is "
