@@ -537,17 +537,10 @@ def export_volume_model_cmd(
 ) -> None:
     """Package a LeCL slice encoder (+ CLEAR ABMIL) or a lesion-seg run for shipping (float16,
     model card; for a lesion-seg run, --benchmark takes a volume_retrieval.json)."""
-    from vlm.train.lesionseg import CHECKPOINT as LESION_FILE
-    from vlm.train.lesionseg import export_lesionseg
     from vlm.volume_encoder import export_volume_model
 
-    if any((run / sub / LESION_FILE).is_file() for sub in ("", "best", "last")):
-        evaluation = json.loads(benchmark.read_text()) if benchmark is not None else None
-        path = export_lesionseg(run, out, evaluation=evaluation, commands=command, notes=note)
-        path = path.parent
-    else:
-        path = export_volume_model(run, out, benchmark=benchmark, commands=command,
-                                   with_head=with_head, notes=note)
+    path = export_volume_model(run, out, benchmark=benchmark, commands=command,
+                               with_head=with_head, notes=note)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(json_line({"checkpoint": str(path), "bytes": size}))
 

@@ -153,21 +153,12 @@ def build_demo_volumes(data_dir: Path, index: Path, model: str | Path = SHIPPED_
     ct = data_dir / "ct" / "phantom_ct"
     if not (ct / "manifest.jsonl").is_file():
         generate_phantom_ct(ct, n=n, shape=shape, seed=DEMO_VOLUME_SEED)
-    if (index / REPORT_FILE).is_file() and not _volume_model_matches(index, model):
-        print(f"demo: the volume collection of {index} was built with another volume model; "
-              f"rebuilding the index with {Path(str(model)).name}")
-        shutil.rmtree(index)
-        raise _Rebuild
     if not (index / REPORT_FILE).is_file():
         report = ingest_volumes(VolumeEncoder.load(model), ct, index, progress=progress,
                                 keep_paths=True)
         print(f"demo: indexed {report.added} PhantomCT volumes with {Path(str(model)).name}, "
               f"{len(report.failed)} unreadable")
     return ct
-
-
-class _Rebuild(Exception):
-    """The demo index was removed (another volume model): build it again."""
 
 
 def _volume_model_matches(index: Path, model: str | Path) -> bool:
@@ -208,10 +199,12 @@ def build_demo_index(data_dir: Path, model: Path = SHIPPED_MODEL, limit: int | N
     ``volumes`` PhantomCT volumes encoded by ``volume_model`` (default: the shipped one, when
     present; ``volumes=0`` leaves them out)."""
     from index.ingest import ingest
+    from index.volumes import REPORT_FILE as VOLUME_REPORT
     from vlm.inference import Encoder, checkpoint_fingerprint
 
     index = data_dir / "index"
     archive = build_demo_archive(data_dir, limit=limit)
+    chosen = volume_model or default_volume_model()
     if (index / "CURRENT").exists():
         built, wanted = _index_config_hash(index), checkpoint_fingerprint(model)
         if built != wanted:
@@ -220,18 +213,19 @@ def build_demo_index(data_dir: Path, model: Path = SHIPPED_MODEL, limit: int | N
             print(f"demo: {index} was built with another model ({built}); rebuilding it "
                   f"with {model.name} ({wanted})")
             shutil.rmtree(index)
+        elif (volumes > 0 and chosen is not None and (index / VOLUME_REPORT).is_file()
+              and not _volume_model_matches(index, chosen)):
+            # the same for the volume collection, which would refuse the new model's vectors
+            print(f"demo: the volume collection of {index} was built with another volume "
+                  f"model; rebuilding the index with {Path(str(chosen)).name}")
+            shutil.rmtree(index)
     if not (index / "CURRENT").exists() or not (index / "ingest_report.json").exists():
         report = ingest(Encoder(str(model)), archive, index, progress=progress,
                         model_path=str(model.resolve()), keep_paths=True)
         print(f"demo: indexed {report.added} images ({report.regions} regions), "
               f"{len(report.failed)} unreadable, {report.images_per_s:.1f} images/s")
-    chosen = volume_model or default_volume_model()
     if volumes > 0 and chosen is not None:
-        try:
-            build_demo_volumes(data_dir, index, chosen, volumes, volume_shape, progress)
-        except _Rebuild:
-            return build_demo_index(data_dir, model, limit, progress, chosen, volumes,
-                                    volume_shape)
+        build_demo_volumes(data_dir, index, chosen, volumes, volume_shape, progress)
     return index
 
 

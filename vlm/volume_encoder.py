@@ -165,7 +165,8 @@ class VolumeEncoder:
                  lattice: tuple[int, int, int] = (4, 4, 4), device: str = "cpu",
                  batch_size: int = 64) -> None:
         if attention is not None and not isinstance(model, LeCL):
-            raise ConfigError("CLEAR ABMIL attention needs a LeCL slice encoder, not DrasCLR")
+            raise ConfigError("CLEAR ABMIL attention needs a LeCL slice encoder, not "
+                              f"{type(model).__name__}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.attention = attention.to(self.device).eval() if attention is not None else None
@@ -185,8 +186,6 @@ class VolumeEncoder:
                                   f"embeddings, the LeCL encoder gives {self.dim}-d: train the "
                                   "ABMIL on this encoder's embeddings")
         elif isinstance(model, LesionSeg3D):
-            if attention is not None:
-                raise ConfigError("CLEAR ABMIL attention needs a LeCL slice encoder")
             self.kind = "lesionseg"
             self.dim = int(model.cfg.n_classes) + 1
             self.config_hash = _fingerprint(
@@ -398,14 +397,22 @@ def export_volume_model(run: str | os.PathLike[str], out: str | os.PathLike[str]
                         notes: list[str] | None = None) -> Path:
     """Package a LeCL run (plus its CLEAR ABMIL, when the run has one) for shipping:
     ``lecl.pt`` with the float16 slice encoder only, ``clear_mil.pt`` / ``clear_mil.json``,
-    ``MODEL_CARD.md`` (with the ``radlens eval-volumes`` JSON when ``benchmark`` is given)."""
+    ``MODEL_CARD.md`` (with the ``radlens eval-volumes`` JSON when ``benchmark`` is given).
+    A lesion-seg run goes to :func:`vlm.train.lesionseg.export_lesionseg` (``benchmark``: a
+    ``volume_retrieval.json`` for its card)."""
     import shutil
 
     from vlm.models.card import volume_model_card
     from vlm.train.lecl import CHECKPOINT as LECL_FILE
     from vlm.train.lecl import export_lecl, read_checkpoint
+    from vlm.train.lesionseg import CHECKPOINT as LESION_FILE
+    from vlm.train.lesionseg import export_lesionseg
 
     src, dest = Path(run), Path(out)
+    if _find(src, LESION_FILE) is not None:
+        evaluation = json.loads(Path(benchmark).read_text()) if benchmark is not None else None
+        export_lesionseg(src, dest, evaluation=evaluation, commands=commands, notes=notes)
+        return dest
     if _find(src, LECL_FILE) is None:
         raise ConfigError(f"{src}: no {LECL_FILE}; only LeCL runs are packaged (a DrasCLR run "
                           "folder is used as it is)")
