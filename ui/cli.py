@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +21,19 @@ app = typer.Typer(
 )
 
 logger = logging.getLogger("radlens")
+
+
+def _number_pair(text: str, sep: str, option: str) -> tuple[float, float]:
+    """``"LO<sep>HI"`` as two floats, or a one-line error naming ``option``."""
+    from vlm.errors import RadLensError
+
+    parts = text.split(sep)
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise RadLensError(f"{option} {text!r}: expected two numbers LO{sep}HI") from None
 
 
 @app.callback()
@@ -436,6 +450,12 @@ def train_lesionseg_cmd(
     splits: Annotated[str, typer.Option(
         help="Comma-separated manifest splits whose volumes and masks train the model; 'val' "
              "is always the validation set.")] = "train",
+    window: Annotated[list[str] | None, typer.Option(
+        help="HU window LO:HI of one input channel, repeatable, e.g. --window=-160:240 "
+             "--window=-1000:400 (the default pair).")] = None,
+    location_weight: Annotated[list[str] | None, typer.Option(
+        help="LOCATION=W: draw lesion crops of that location W times as often as the others "
+             "(default 1 each), repeatable, e.g. --location-weight liver=3.")] = None,
 ) -> None:
     """Train the supervised 3-D lesion segmenter whose per-location lesion profile is a volume
     vector for finding-level similar-case search (--volume-model RUN)."""
@@ -452,8 +472,21 @@ def train_lesionseg_cmd(
     cfg = default_train_config(epochs=epochs, batch_size=batch_size, lr=lr,
                                max_minutes=max_minutes, val_every=val_every, seed=seed,
                                progress=True)
-    summary = train_lesionseg(ds, out, LesionSegConfig(width=width), cfg, volumes=volumes,
-                              crop=crop, samples_per_epoch=100 * batch_size)
+    model_cfg = LesionSegConfig(width=width)
+    if window:
+        model_cfg = dataclasses.replace(model_cfg, windows=tuple(
+            _number_pair(w, ":", "--window") for w in window))
+    weights = {}
+    for item in location_weight or []:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise RadLensError(f"--location-weight {item!r}: expected LOCATION=NUMBER")
+    summary = train_lesionseg(ds, out, model_cfg, cfg, volumes=volumes, crop=crop,
+                              samples_per_epoch=100 * batch_size, location_weights=weights)
     print(json_line({k: v for k, v in summary.items() if k != "history"}))
 
 

@@ -58,6 +58,14 @@ class LesionSegConfig:
     top_k: int = 20  # half-resolution voxels averaged per location for the volume score
     frame_threshold_hu: float = -500.0  # body = voxels above this (coordinate frame)
 
+    def __post_init__(self) -> None:
+        if not self.windows:
+            raise ConfigError("a lesion-seg model needs at least one HU window")
+        for lo, hi in self.windows:
+            if not float(lo) < float(hi):
+                raise ConfigError(f"HU window ({lo:g}, {hi:g}): the low end must be below the "
+                                  "high end")
+
     @property
     def in_channels(self) -> int:
         return len(self.windows) + (3 if self.coords else 0)

@@ -1,15 +1,15 @@
 """Supervised training of :class:`vlm.models.lesionseg.LesionSeg3D` on PhantomCT lesion masks.
 
 One sample = one ``crop``^3 block of a training volume, drawn from (seed, epoch, index) so runs
-resume exactly: with probability ``p_lesion`` it contains a lesion (a location class chosen
-uniformly, then one of that class's lesions, the block centre jittered by up to a third of the
-crop), otherwise it is anywhere in the volume. Targets: per location, whether any voxel of the
-2x2x2 cell under each half-resolution output belongs to a lesion of that location. Loss: binary
-focal loss normalised by the number of positive cells (:func:`focal_loss`, with the output bias
-initialised to a 1% prior as in RetinaNet) plus soft Dice over the locations present in the
-batch (:func:`soft_dice_loss`). Augmentation: a
-global HU shift of up to +-``hu_jitter``. No mirror flips: left and right organs differ (liver
-vs spleen).
+resume exactly: with probability ``p_lesion`` it contains a lesion (a location class drawn in
+proportion to ``location_weights``, uniform by default, then one of that class's lesions, the
+block centre jittered by up to a third of the crop), otherwise it is anywhere in the volume.
+Targets: per location, whether any voxel of the 2x2x2 cell under each half-resolution output
+belongs to a lesion of that location. Loss: binary focal loss normalised by the number of
+positive cells (:func:`focal_loss`, with the output bias initialised to a 1% prior as in
+RetinaNet) plus soft Dice over the locations present in the batch (:func:`soft_dice_loss`).
+Augmentation: a global HU shift of up to +-``hu_jitter``. No mirror flips: left and right organs
+differ (liver vs spleen).
 
 Validation: the whole val-split volumes go through :func:`~vlm.models.lesionseg.predict`; the
 monitored number is the macro volume-level AUC of the per-location scores over the locations
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +118,8 @@ class LesionSegTask:
 
     def __init__(self, model: LesionSeg3D, data: CTDataset, cfg: TrainConfig,
                  train_volumes: Sequence[int], val_volumes: Sequence[int], *, crop: int = 48,
-                 samples_per_epoch: int = 400, p_lesion: float = 0.6, hu_jitter: float = 15.0
-                 ) -> None:
+                 samples_per_epoch: int = 400, p_lesion: float = 0.6, hu_jitter: float = 15.0,
+                 location_weights: Mapping[str, float] | None = None) -> None:
         mc = model.cfg
         self.model, self.data, self.cfg = model, data, cfg
         self.train_volumes, self.val_volumes = list(train_volumes), list(val_volumes)
@@ -142,6 +142,20 @@ class LesionSegTask:
                 if les["location"] in self.classes:
                     c = self.classes.index(les["location"])
                     self.lesions.setdefault(c, []).append((v, np.asarray(les["centre_voxel"])))
+        weights = dict(location_weights or {})
+        unknown = sorted(set(weights) - set(self.classes))
+        if unknown:
+            raise ConfigError(f"location weights name unknown locations {unknown}; the model's "
+                              f"locations are {self.classes}")
+        if any(not (w >= 0.0) for w in weights.values()):
+            raise ConfigError(f"location weights must be >= 0, got {weights}")
+        self.location_weights = weights
+        # sampling probability of each location class that has training lesions
+        self.lesion_keys = sorted(c for c in self.lesions
+                                  if weights.get(self.classes[c], 1.0) > 0.0)
+        w = torch.tensor([weights.get(self.classes[c], 1.0) for c in self.lesion_keys],
+                         dtype=torch.float64)
+        self.lesion_cdf = (torch.cumsum(w, 0) / w.sum()) if len(w) else w
         logger.info("lesion-seg: %d training volumes, lesions per class %s, crop %d",
                     len(self.train_volumes),
                     {self.classes[c]: len(v) for c, v in sorted(self.lesions.items())}, self.crop)
@@ -152,9 +166,14 @@ class LesionSegTask:
     def _crop(self, g: torch.Generator) -> tuple[int, tuple[slice, slice, slice]]:
         s = self.crop
         u = float(torch.rand(1, generator=g))
-        if u < self.p_lesion and self.lesions:
-            keys = sorted(self.lesions)
-            cls = keys[int(torch.randint(len(keys), (1,), generator=g))]
+        if u < self.p_lesion and self.lesion_keys:
+            keys = self.lesion_keys
+            if self.location_weights:
+                r = torch.rand(1, generator=g, dtype=torch.float64)
+                pick = min(int(torch.searchsorted(self.lesion_cdf, r)), len(keys) - 1)
+            else:  # uniform: the draw of the runs trained before weights existed
+                pick = int(torch.randint(len(keys), (1,), generator=g))
+            cls = keys[pick]
             pool = self.lesions[cls]
             v, centre = pool[int(torch.randint(len(pool), (1,), generator=g))]
             jitter = torch.randint(-(s // 3), s // 3 + 1, (3,), generator=g).numpy()

@@ -238,3 +238,67 @@ def test_export_volume_model_cli_packages_a_lesion_run(run, tmp_path, capsys):
     assert "radlens train lesion-seg ..." in card and "a note" in card
     assert "volume_retrieval" in card
     assert VolumeEncoder.load(tmp_path / "ship").kind == "lesionseg"
+
+
+def _lesion_locations_drawn(task, n=200):
+    """Location classes of the lesion crops among ``n`` draws of the task's sampler."""
+    drawn = []
+    for i in range(n):
+        g = ls.sample_generator(0, 0, i)
+        v, sl = task._crop(g)
+        present = np.unique(task.masks[v][sl])
+        drawn.append({int(c) - 1 for c in present if c})
+    return drawn
+
+
+def test_location_weights_steer_the_lesion_crops(data):
+    train = ls.default_train_config(epochs=1)
+    vols = [i for i, r in enumerate(data.rows) if r["split"] == "train"]
+    model = LesionSeg3D(TINY)
+    uniform = ls.LesionSegTask(model, data, train, vols, [], crop=16, p_lesion=1.0)
+    classes = sorted(uniform.lesions)
+    assert len(classes) >= 2, "the tiny set needs lesions of two locations"
+    only = classes[0]
+    weights = {uniform.classes[c]: (1.0 if c == only else 0.0) for c in classes}
+    steered = ls.LesionSegTask(model, data, train, vols, [], crop=16, p_lesion=1.0,
+                               location_weights=weights)
+    assert steered.lesion_keys == [only]
+    # every crop of the steered task holds a lesion of that location (the lesion's centre voxel
+    # is jittered by a third of the crop, so it stays inside); uniform draws hold other ones
+    assert all(only in d for d in _lesion_locations_drawn(steered))
+    assert any(only not in d for d in _lesion_locations_drawn(uniform))
+    # no weights = the uniform draw of earlier runs, unchanged
+    g1, g2 = ls.sample_generator(0, 0, 3), ls.sample_generator(0, 0, 3)
+    assert uniform._crop(g1) == ls.LesionSegTask(model, data, train, vols, [], crop=16,
+                                                 p_lesion=1.0, location_weights={})._crop(g2)
+
+
+def test_location_weights_and_windows_are_checked(data, tmp_path, capsys):
+    from ui.cli import main
+
+    train = ls.default_train_config(epochs=1)
+    vols = [i for i, r in enumerate(data.rows) if r["split"] == "train"]
+    with pytest.raises(ConfigError, match="unknown locations"):
+        ls.LesionSegTask(LesionSeg3D(TINY), data, train, vols, [], crop=16,
+                         location_weights={"brain": 2.0})
+    with pytest.raises(ConfigError, match=">= 0"):
+        ls.LesionSegTask(LesionSeg3D(TINY), data, train, vols, [], crop=16,
+                         location_weights={"liver": -1.0})
+    with pytest.raises(ConfigError, match="low end"):
+        LesionSegConfig(windows=((100.0, -100.0),))
+    with pytest.raises(ConfigError, match="at least one"):
+        LesionSegConfig(windows=())
+    args = ["train", "lesion-seg", "--data", str(data.root), "--width", "4", "--epochs", "1",
+            "--batch-size", "2", "--crop", "16", "--out", str(tmp_path / "r")]
+    for bad, option in ((["--window=-20"], "--window"), (["--location-weight", "liver"],
+                                                          "--location-weight"),
+                        (["--location-weight", "brain=2"], "unknown locations")):
+        assert main([*args, *bad]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and option in err[0], err
+    assert not (tmp_path / "r" / "last").exists()
+    good = ["--window=-160:240", "--window=-20:140", "--location-weight", "liver=3"]
+    assert main([*args, *good]) == 0
+    capsys.readouterr()
+    cfg = ls.load_lesionseg(tmp_path / "r").cfg
+    assert cfg.windows == ((-160.0, 240.0), (-20.0, 140.0)) and cfg.in_channels == 5
