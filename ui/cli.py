@@ -478,13 +478,11 @@ def train_lesionseg_cmd(
             _number_pair(w, ":", "--window") for w in window))
     weights = {}
     for item in location_weight or []:
-        name, sep, value = item.partition("=")
-        try:
+        name, _, value = item.partition("=")
+        try:  # no '=' leaves value empty, which float() refuses too
             weights[name.strip()] = float(value)
         except ValueError:
-            sep = ""
-        if not sep:
-            raise RadLensError(f"--location-weight {item!r}: expected LOCATION=NUMBER")
+            raise RadLensError(f"--location-weight {item!r}: expected LOCATION=NUMBER") from None
     summary = train_lesionseg(ds, out, model_cfg, cfg, volumes=volumes, crop=crop,
                               samples_per_epoch=100 * batch_size, location_weights=weights)
     print(json_line({k: v for k, v in summary.items() if k != "history"}))
