@@ -463,6 +463,16 @@ class IndexFolder:
         self.close()
 
 
+def read_collection_model(path: str | os.PathLike[str], name: str) -> CollectionModel | None:
+    """The model that filled collection ``name`` of the index folder at ``path``, read from the
+    live generation's manifest alone (no vectors, faiss indexes or catalog are opened); None
+    when the folder has no such collection."""
+    folder = Path(path)
+    manifest = persist.read_manifest(folder / persist.read_current(folder))
+    meta = manifest["collections"].get(name)
+    return None if meta is None else _model_from_meta(meta, manifest)
+
+
 def _model_from_meta(meta: Mapping[str, Any], manifest: Mapping[str, Any]) -> CollectionModel:
     """A collection's model from its manifest entry; missing fields inherit the folder's."""
     source = meta.get("model_source")

@@ -163,20 +163,16 @@ def build_demo_volumes(data_dir: Path, index: Path, model: str | Path = SHIPPED_
 
 def _volume_model_matches(index: Path, model: str | Path) -> bool:
     """Whether the index's volume collection was filled by ``model`` (config and weights)."""
-    from index.folder import IndexFolder
+    from index.folder import read_collection_model
     from index.volumes import VOLUME
     from vlm.errors import RadLensError
     from vlm.volume_encoder import VolumeEncoder
 
     try:
-        ix = IndexFolder.open(index)
-        try:
-            have = ix.collection_model(VOLUME)
-        finally:
-            ix.close()
-    except (RadLensError, OSError, KeyError):
+        have = read_collection_model(index, VOLUME)
+    except (RadLensError, OSError, KeyError):  # unreadable: rebuilt like another model's
         return False
-    return have.config_hash == VolumeEncoder.load(model).config_hash
+    return have is not None and have.config_hash == VolumeEncoder.load(model).config_hash
 
 
 def _index_config_hash(index: Path) -> str | None:

@@ -140,3 +140,15 @@ def test_k_larger_than_the_collection_pads_with_missing_hits(factory):
     assert ((res.ids >= 0).sum(axis=1) == n - 1).all() and 1 not in res.ids
     assert np.isneginf(res.scores[:, n - 1:]).all() and (res.ids[:, n - 1:] == -1).all()
     assert res.ids[0, 0] == 0
+
+
+def test_collection_model_from_the_manifest_alone(tmp_path):
+    from index.folder import read_collection_model
+
+    _mixed(tmp_path / "ix").close()
+    assert read_collection_model(tmp_path / "ix", "volume") == VOL
+    assert read_collection_model(tmp_path / "ix", "image") == CollectionModel("lrclr", "abc123",
+                                                                              DIM)
+    assert read_collection_model(tmp_path / "ix", "region") is None
+    with pytest.raises(RadLensError):
+        read_collection_model(tmp_path / "nothing", "volume")
