@@ -434,6 +434,20 @@ def train_drasclr_cmd(
     print(json_line({k: v for k, v in summary.items() if k != "history"}))
 
 
+def _location_numbers(items: list[str] | None, option: str) -> dict[str, float]:
+    """``LOCATION=NUMBER`` option values as a dict (the task checks names and ranges)."""
+    from vlm.errors import RadLensError
+
+    out = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        try:  # no '=' leaves value empty, which float() refuses too
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise RadLensError(f"{option} {item!r}: expected LOCATION=NUMBER") from None
+    return out
+
+
 @train_app.command("lesion-seg")
 def train_lesionseg_cmd(
     data: Annotated[Path, typer.Option(help="PhantomCT-style folder with manifest.jsonl and "
@@ -456,6 +470,11 @@ def train_lesionseg_cmd(
     location_weight: Annotated[list[str] | None, typer.Option(
         help="LOCATION=W: draw lesion crops of that location W times as often as the others "
              "(default 1 each), repeatable, e.g. --location-weight liver=3.")] = None,
+    copy_paste: Annotated[list[str] | None, typer.Option(
+        help="LOCATION=P: a lesion crop of that location is, with probability P, one of its "
+             "training lesions pasted into matching tissue of another training volume at "
+             "another lesion's body-frame position (default off), repeatable, e.g. "
+             "--copy-paste liver=0.5.")] = None,
 ) -> None:
     """Train the supervised 3-D lesion segmenter whose per-location lesion profile is a volume
     vector for finding-level similar-case search (--volume-model RUN)."""
@@ -476,15 +495,11 @@ def train_lesionseg_cmd(
     if window:
         model_cfg = dataclasses.replace(model_cfg, windows=tuple(
             _number_pair(w, ":", "--window") for w in window))
-    weights = {}
-    for item in location_weight or []:
-        name, _, value = item.partition("=")
-        try:  # no '=' leaves value empty, which float() refuses too
-            weights[name.strip()] = float(value)
-        except ValueError:
-            raise RadLensError(f"--location-weight {item!r}: expected LOCATION=NUMBER") from None
     summary = train_lesionseg(ds, out, model_cfg, cfg, volumes=volumes, crop=crop,
-                              samples_per_epoch=100 * batch_size, location_weights=weights)
+                              samples_per_epoch=100 * batch_size,
+                              location_weights=_location_numbers(location_weight,
+                                                                 "--location-weight"),
+                              paste=_location_numbers(copy_paste, "--copy-paste"))
     print(json_line({k: v for k, v in summary.items() if k != "history"}))
 
 

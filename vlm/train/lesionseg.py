@@ -11,6 +11,19 @@ RetinaNet) plus soft Dice over the locations present in the batch (:func:`soft_d
 Augmentation: a global HU shift of up to +-``hu_jitter``. No mirror flips: left and right organs
 differ (liver vs spleen).
 
+Copy-paste (``paste``, per location, off by default): a lesion draw of such a location is, with
+that probability, a training lesion of the location moved into another training volume
+(:class:`LesionSprite`, :meth:`LesionSegTask._paste`): its voxels, taken relative to the mean of
+a 2-voxel shell around it, replace a footprint of the target volume, re-based on the target's
+own shell mean there. The destination is another training lesion's position of the same
+location, carried over through the body-box frames and jittered, and it is kept only where the
+target tissue matches the source lesion's surroundings (shell mean within ``tol`` HU, the
+footprint as homogeneous as the source shell) and holds no lesion. Few lesions of a location
+otherwise teach the network *where* they were (its input carries body-frame coordinates) more
+than what they look like; the pasted copies put the same appearance at many positions and in
+many bodies. Nothing about the phantom generator is used: only masks, HU values and frames, as
+on real CT.
+
 Validation: the whole val-split volumes go through :func:`~vlm.models.lesionseg.predict`; the
 monitored number is the macro volume-level AUC of the per-location scores over the locations
 with positives and negatives in the split (``val_macro_auc``); ``best/`` keeps its maximum.
@@ -21,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,26 +69,113 @@ def default_train_config(**changes: Any) -> TrainConfig:
     return recipe_train_config(2e-3, 1e-4, **{**base, **changes})
 
 
-def location_masks(ds: CTDataset, i: int, classes: Sequence[str]) -> np.ndarray:
-    """(Z, Y, X) uint8: 0 = no lesion, c + 1 = a lesion of location ``classes[c]``."""
+def lesion_labels(ds: CTDataset, i: int) -> np.ndarray | None:
+    """(Z, Y, X) int32 lesion label volume of volume ``i`` (0 = none, else the manifest's
+    ``label`` of each lesion), or None when the volume has no lesion."""
     from vlm.io import read_volume
 
     row = ds.rows[i]
-    rel = (row.get("masks") or {}).get("lesions")
-    shape = tuple(int(s) for s in row["shape"])
-    out = np.zeros(shape, np.uint8)
     if not row.get("lesions"):
-        return out
+        return None
+    rel = (row.get("masks") or {}).get("lesions")
     if not rel:
         raise ConfigError(f"{row['volume_id']}: the manifest names no lesion mask")
     labels = np.rint(read_volume(ds.root / rel).array).astype(np.int32)
+    shape = tuple(int(s) for s in row["shape"])
     if labels.shape != shape:
         raise ConfigError(f"{row['volume_id']}: lesion mask shape {labels.shape} != volume "
                           f"shape {shape}")
+    return labels
+
+
+def location_masks(ds: CTDataset, i: int, classes: Sequence[str]) -> np.ndarray:
+    """(Z, Y, X) uint8: 0 = no lesion, c + 1 = a lesion of location ``classes[c]``."""
+    row = ds.rows[i]
+    out = np.zeros(tuple(int(s) for s in row["shape"]), np.uint8)
+    labels = lesion_labels(ds, i)
+    if labels is None:
+        return out
     for lesion in row["lesions"]:
         if lesion["location"] in classes:
             out[labels == int(lesion["label"])] = classes.index(lesion["location"]) + 1
     return out
+
+
+SHELL = 2  # voxels of surrounding tissue that a lesion's contrast is measured against
+
+
+@dataclass(frozen=True)
+class LesionSprite:
+    """One training lesion, cut out for copy-paste: ``values`` (HU minus the mean of its
+    ``SHELL``-voxel shell) on the ``mask`` voxels of a box padded by ``SHELL``; ``anchor`` is
+    the box voxel nearest the lesion's centroid."""
+
+    cls: int
+    mask: np.ndarray  # (dz, dy, dx) bool
+    values: np.ndarray  # (dz, dy, dx) float32, 0 off the mask
+    shell: np.ndarray  # (dz, dy, dx) bool: the shell voxels
+    anchor: np.ndarray  # (3,) int
+    shell_mean: float
+    shell_sd: float
+
+
+def cut_sprite(hu: np.ndarray, labels: np.ndarray, label: int, cls: int) -> LesionSprite | None:
+    """The :class:`LesionSprite` of lesion ``label`` (None when it touches the volume edge,
+    where its shell is incomplete)."""
+    from scipy.ndimage import binary_dilation
+
+    idx = np.argwhere(labels == label)
+    if not len(idx):
+        return None
+    lo, hi = idx.min(0) - SHELL, idx.max(0) + SHELL + 1
+    if (lo < 0).any() or (hi > np.asarray(labels.shape)).any():
+        return None
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    mask = labels[box] == label
+    shell = binary_dilation(mask, iterations=SHELL) & (labels[box] == 0)
+    if shell.sum() < 4:
+        return None
+    region = np.asarray(hu[box], dtype=np.float32)
+    mean, sd = float(region[shell].mean()), float(region[shell].std())
+    values = np.where(mask, region - mean, 0.0).astype(np.float32)
+    anchor = np.rint(np.argwhere(mask).mean(0)).astype(int)
+    return LesionSprite(cls, mask, values, shell, anchor, mean, sd)
+
+
+def frame_voxel(point: np.ndarray, source: Mapping[str, Any],
+                target: Mapping[str, Any]) -> np.ndarray:
+    """A voxel of the volume with body frame ``source`` carried to the same normalised
+    body-frame position in the volume with frame ``target``."""
+    slo, shi = np.asarray(source["lo"], float), np.asarray(source["hi"], float)
+    tlo, thi = np.asarray(target["lo"], float), np.asarray(target["hi"], float)
+    unit = (np.asarray(point, float) - slo) / np.maximum(shi - slo, 1.0)
+    return np.rint(tlo + unit * np.maximum(thi - tlo, 1.0)).astype(int)
+
+
+@dataclass(frozen=True)
+class Paste:
+    """A sprite placed with its box origin at voxel ``origin`` of training volume ``volume``,
+    on top of the target's shell mean ``base`` there."""
+
+    sprite: LesionSprite
+    volume: int
+    origin: tuple[int, int, int]
+    base: float
+
+    def apply(self, hu: np.ndarray, classes: np.ndarray, start: Sequence[int]) -> None:
+        """Write the lesion into a crop (HU block and class block, in place) that starts at
+        voxel ``start`` of the volume; the part outside the crop is dropped."""
+        size = self.sprite.mask.shape
+        lo = [max(o, int(a)) for o, a in zip(self.origin, start, strict=True)]
+        hi = [min(o + d, int(a) + b) for o, d, a, b in
+              zip(self.origin, size, start, hu.shape, strict=True)]
+        if any(a >= b for a, b in zip(lo, hi, strict=True)):
+            return
+        src = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, self.origin, strict=True))
+        dst = tuple(slice(a - int(s), b - int(s)) for a, b, s in zip(lo, hi, start, strict=True))
+        mask = self.sprite.mask[src]
+        hu[dst][mask] = self.sprite.values[src][mask] + self.base
+        classes[dst][mask] = self.sprite.cls + 1
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25,
@@ -119,7 +220,10 @@ class LesionSegTask:
     def __init__(self, model: LesionSeg3D, data: CTDataset, cfg: TrainConfig,
                  train_volumes: Sequence[int], val_volumes: Sequence[int], *, crop: int = 48,
                  samples_per_epoch: int = 400, p_lesion: float = 0.6, hu_jitter: float = 15.0,
-                 location_weights: Mapping[str, float] | None = None) -> None:
+                 location_weights: Mapping[str, float] | None = None,
+                 paste: Mapping[str, float] | None = None, paste_tries: int = 10,
+                 paste_jitter: tuple[int, int, int] = (6, 12, 12), paste_tol: float = 20.0
+                 ) -> None:
         mc = model.cfg
         self.model, self.data, self.cfg = model, data, cfg
         self.train_volumes, self.val_volumes = list(train_volumes), list(val_volumes)
@@ -137,11 +241,14 @@ class LesionSegTask:
                        for v in self.train_volumes}
         # (volume, centre voxel k, j, i) of each training lesion, grouped by location class
         self.lesions: dict[int, list[tuple[int, np.ndarray]]] = {}
+        self._lesion_labels: dict[int, list[tuple[int, np.ndarray, int]]] = {}
         for v in self.train_volumes:
             for les in data.rows[v].get("lesions", []):
                 if les["location"] in self.classes:
                     c = self.classes.index(les["location"])
                     self.lesions.setdefault(c, []).append((v, np.asarray(les["centre_voxel"])))
+                    self._lesion_labels.setdefault(c, []).append(
+                        (v, np.asarray(les["centre_voxel"]), int(les["label"])))
         weights = dict(location_weights or {})
         unknown = sorted(set(weights) - set(self.classes))
         if unknown:
@@ -156,6 +263,24 @@ class LesionSegTask:
         w = torch.tensor([weights.get(self.classes[c], 1.0) for c in self.lesion_keys],
                          dtype=torch.float64)
         self.lesion_cdf = (torch.cumsum(w, 0) / w.sum()) if len(w) else w
+        paste = dict(paste or {})
+        unknown = sorted(set(paste) - set(self.classes))
+        if unknown:
+            raise ConfigError(f"copy-paste names unknown locations {unknown}; the model's "
+                              f"locations are {self.classes}")
+        if any(not (0.0 <= p <= 1.0) for p in paste.values()):
+            raise ConfigError(f"copy-paste probabilities must be in [0, 1], got {paste}")
+        self.paste = {self.classes.index(k): float(p) for k, p in paste.items() if p > 0.0}
+        self.paste_tries, self.paste_tol = int(paste_tries), float(paste_tol)
+        self.paste_jitter = np.asarray(paste_jitter, int)
+        # sprites[c][n] belongs to self.lesions[c][n] (None: that lesion cannot be cut out)
+        self.sprites: dict[int, list[LesionSprite | None]] = {}
+        for c in self.paste:
+            self.sprites[c] = []
+            for v, _centre, label in self._lesion_labels.get(c, []):
+                labels = lesion_labels(data, v)
+                self.sprites[c].append(None if labels is None else
+                                       cut_sprite(np.asarray(self.vols[v]), labels, label, c))
         logger.info("lesion-seg: %d training volumes, lesions per class %s, crop %d",
                     len(self.train_volumes),
                     {self.classes[c]: len(v) for c, v in sorted(self.lesions.items())}, self.crop)
@@ -163,8 +288,10 @@ class LesionSegTask:
     def train_size(self) -> int:
         return self.samples_per_epoch
 
-    def _crop(self, g: torch.Generator) -> tuple[int, tuple[slice, slice, slice]]:
+    def _crop(self, g: torch.Generator
+              ) -> tuple[int, tuple[slice, slice, slice], Paste | None]:
         s = self.crop
+        paste = None
         u = float(torch.rand(1, generator=g))
         if u < self.p_lesion and self.lesion_keys:
             keys = self.lesion_keys
@@ -175,7 +302,14 @@ class LesionSegTask:
                 pick = int(torch.randint(len(keys), (1,), generator=g))
             cls = keys[pick]
             pool = self.lesions[cls]
-            v, centre = pool[int(torch.randint(len(pool), (1,), generator=g))]
+            n = int(torch.randint(len(pool), (1,), generator=g))
+            v, centre = pool[n]
+            # extra draws only for copy-paste locations: other runs keep their exact crops
+            if cls in self.paste and float(torch.rand(1, generator=g)) < self.paste[cls]:
+                paste = self._paste(g, cls, n)
+                if paste is not None:
+                    v = paste.volume
+                    centre = np.asarray(paste.origin) + paste.sprite.anchor
             jitter = torch.randint(-(s // 3), s // 3 + 1, (3,), generator=g).numpy()
             centre = centre + jitter
         else:
@@ -186,15 +320,49 @@ class LesionSegTask:
                                for a in range(3)])
         shape = self.vols[v].shape
         lo = [int(np.clip(int(c) - s // 2, 0, shape[a] - s)) for a, c in enumerate(centre)]
-        return v, (slice(lo[0], lo[0] + s), slice(lo[1], lo[1] + s), slice(lo[2], lo[2] + s))
+        return v, (slice(lo[0], lo[0] + s), slice(lo[1], lo[1] + s),
+                   slice(lo[2], lo[2] + s)), paste
+
+    def _paste(self, g: torch.Generator, cls: int, n: int) -> Paste | None:
+        """Place the ``n``-th training lesion of class ``cls`` in a training volume (see the
+        module docstring); None when it cannot be cut out or no try found matching tissue."""
+        sprite = self.sprites[cls][n]
+        if sprite is None:
+            return None
+        pool = self.lesions[cls]
+        size = np.asarray(sprite.mask.shape)
+        both = sprite.mask | sprite.shell
+        for _ in range(self.paste_tries):
+            t = self.train_volumes[int(torch.randint(len(self.train_volumes), (1,),
+                                                     generator=g))]
+            src, point = pool[int(torch.randint(len(pool), (1,), generator=g))]
+            shift = np.array([int(torch.randint(-int(a), int(a) + 1, (1,), generator=g))
+                              for a in self.paste_jitter])
+            origin = frame_voxel(point, self.frames[src], self.frames[t]) + shift - sprite.anchor
+            if (origin < 0).any() or (origin + size > np.asarray(self.vols[t].shape)).any():
+                continue
+            box = tuple(slice(int(o), int(o + d)) for o, d in zip(origin, size, strict=True))
+            if self.masks[t][box].any():
+                continue
+            region = np.asarray(self.vols[t][box], dtype=np.float32)
+            base = float(region[sprite.shell].mean())
+            if (abs(base - sprite.shell_mean) > self.paste_tol
+                    or float(region[both].std()) > 1.5 * sprite.shell_sd + 5.0):
+                continue
+            return Paste(sprite, t, (int(origin[0]), int(origin[1]), int(origin[2])), base)
+        return None
 
     def _sample(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        v, sl = self._crop(g)
+        v, sl, paste = self._crop(g)
         shift = (float(torch.rand(1, generator=g)) * 2.0 - 1.0) * self.hu_jitter
-        hu = torch.from_numpy(np.asarray(self.vols[v][sl], dtype=np.float32)) + shift
-        x = model_input(hu, self.model.cfg, self.frames[v], [s.start for s in sl])
-        m = torch.from_numpy(np.asarray(self.masks[v][sl], dtype=np.int64))
-        target = F.one_hot(m, len(self.classes) + 1)[..., 1:].permute(3, 0, 1, 2).float()
+        block = np.array(self.vols[v][sl], dtype=np.float32)  # a copy: pastes write into it
+        m = np.array(self.masks[v][sl], dtype=np.int64)
+        if paste is not None:
+            paste.apply(block, m, [x.start for x in sl])
+        hu = torch.from_numpy(block) + shift
+        x = model_input(hu, self.model.cfg, self.frames[v], [x.start for x in sl])
+        target = F.one_hot(torch.from_numpy(m), len(self.classes) + 1)[..., 1:]
+        target = target.permute(3, 0, 1, 2).float()
         return x, F.max_pool3d(target[None], 2)[0]
 
     def batch(self, indices: Sequence[int], epoch: int) -> dict[str, torch.Tensor]:

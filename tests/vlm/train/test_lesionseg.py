@@ -245,7 +245,7 @@ def _lesion_locations_drawn(task, n=200):
     drawn = []
     for i in range(n):
         g = ls.sample_generator(0, 0, i)
-        v, sl = task._crop(g)
+        v, sl, _ = task._crop(g)
         present = np.unique(task.masks[v][sl])
         drawn.append({int(c) - 1 for c in present if c})
     return drawn
@@ -292,13 +292,98 @@ def test_location_weights_and_windows_are_checked(data, tmp_path, capsys):
             "--batch-size", "2", "--crop", "16", "--out", str(tmp_path / "r")]
     for bad, option in ((["--window=-20"], "--window"), (["--location-weight", "liver"],
                                                           "--location-weight"),
-                        (["--location-weight", "brain=2"], "unknown locations")):
+                        (["--location-weight", "brain=2"], "unknown locations"),
+                        (["--copy-paste", "liver"], "--copy-paste"),
+                        (["--copy-paste", "liver=2"], "[0, 1]")):
         assert main([*args, *bad]) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and option in err[0], err
     assert not (tmp_path / "r" / "last").exists()
-    good = ["--window=-160:240", "--window=-20:140", "--location-weight", "liver=3"]
+    good = ["--window=-160:240", "--window=-20:140", "--location-weight", "liver=3",
+            "--copy-paste", "liver=0.5"]
     assert main([*args, *good]) == 0
     capsys.readouterr()
     cfg = ls.load_lesionseg(tmp_path / "r").cfg
     assert cfg.windows == ((-160.0, 240.0), (-20.0, 140.0)) and cfg.in_channels == 5
+
+
+def _lesion_block(value=40.0, contrast=-30.0, seed=0):
+    """A noisy tissue block with one spherical lesion (label 1) of ``contrast`` HU at its centre."""
+    rng = np.random.default_rng(seed)
+    hu = (value + rng.normal(0.0, 5.0, (32, 32, 32))).astype(np.float32)
+    z, y, x = np.mgrid[:32, :32, :32]
+    lesion = (z - 16) ** 2 + (y - 15) ** 2 + (x - 17) ** 2 <= 9
+    hu[lesion] += contrast
+    return hu, lesion.astype(np.int32)
+
+
+def test_cut_sprite_and_paste_move_a_lesion_with_its_contrast():
+    hu, labels = _lesion_block()
+    sprite = ls.cut_sprite(hu, labels, 1, cls=2)
+    assert sprite is not None and sprite.mask.sum() == labels.sum()
+    assert abs(sprite.shell_mean - 40.0) < 2.0 and 3.0 < sprite.shell_sd < 7.0
+    assert abs(sprite.values[sprite.mask].mean() + 30.0) < 3.0
+    assert not sprite.values[~sprite.mask].any() and not (sprite.shell & sprite.mask).any()
+    edge = np.zeros_like(labels)
+    edge[0:3, 10:13, 10:13] = 1  # touches the volume edge: no complete shell
+    assert ls.cut_sprite(hu, edge, 1, cls=2) is None
+    assert ls.cut_sprite(hu, labels, 7, cls=2) is None  # no such label
+    # paste on 70-HU tissue: the lesion keeps its contrast against its new surroundings
+    paste = ls.Paste(sprite, 0, (4, 5, 6), base=70.0)
+    target, classes = np.full((20, 20, 20), 70.0, np.float32), np.zeros((20, 20, 20), np.int64)
+    paste.apply(target, classes, (0, 0, 0))
+    box = tuple(slice(o, o + d) for o, d in zip(paste.origin, sprite.mask.shape, strict=True))
+    np.testing.assert_allclose(target[box][sprite.mask], sprite.values[sprite.mask] + 70.0)
+    assert (classes[box][sprite.mask] == 3).all() and classes.sum() == 3 * sprite.mask.sum()
+    assert (target[classes == 0] == 70.0).all()
+    # a crop that cuts through the sprite receives only its part, at the right voxels
+    part, part_cls = np.full((8, 20, 20), 70.0, np.float32), np.zeros((8, 20, 20), np.int64)
+    paste.apply(part, part_cls, (8, 0, 0))
+    np.testing.assert_array_equal(part, target[8:16])
+    np.testing.assert_array_equal(part_cls, classes[8:16])
+    paste.apply(part, part_cls, (40, 0, 0))  # no overlap: nothing written
+    np.testing.assert_array_equal(part, target[8:16])
+    # body frames: the same normalised position in another body
+    src, dst = {"lo": [0, 0, 0], "hi": [10, 10, 10]}, {"lo": [10, 20, 30], "hi": [30, 40, 50]}
+    assert ls.frame_voxel(np.array([5, 0, 10]), src, dst).tolist() == [20, 20, 50]
+
+
+def test_copy_paste_moves_training_lesions_into_other_volumes(data):
+    train = ls.default_train_config(epochs=1)
+    vols = [i for i, r in enumerate(data.rows) if r["split"] == "train"]
+    model = LesionSeg3D(TINY)
+    plain = ls.LesionSegTask(model, data, train, vols, [], crop=16, p_lesion=1.0)
+    only = max(plain.lesions, key=lambda c: len(plain.lesions[c]))
+    name = plain.classes[only]
+    weights = {plain.classes[c]: float(c == only) for c in plain.lesions}
+    task = ls.LesionSegTask(model, data, train, vols, [], crop=16, p_lesion=1.0,
+                            location_weights=weights, paste={name: 1.0}, paste_tol=60.0)
+    assert len(task.sprites[only]) == len(task.lesions[only])
+    before = {v: np.array(task.vols[v]) for v in vols}
+    pastes = 0
+    for i in range(40):
+        v, sl, paste = task._crop(ls.sample_generator(0, 0, i))
+        if paste is None:
+            continue
+        pastes += 1
+        sprite = paste.sprite
+        assert v == paste.volume in vols and sprite.cls == only
+        box = tuple(slice(o, o + d) for o, d in zip(paste.origin, sprite.mask.shape,
+                                                     strict=True))
+        assert not task.masks[v][box].any()  # never on top of another lesion
+        assert abs(paste.base - sprite.shell_mean) <= 60.0
+        # the crop holds the pasted lesion: its centre's cell is a target of its location
+        _x, target = task._sample(ls.sample_generator(0, 0, i))
+        cell = (np.asarray(paste.origin) + sprite.anchor - [s.start for s in sl]) // 2
+        assert target[only][tuple(cell)] == 1
+    assert pastes >= 5, pastes
+    for v in vols:  # pastes write into copies, never into the cached training volumes
+        np.testing.assert_array_equal(np.asarray(task.vols[v]), before[v])
+    # a location without copy-paste keeps the exact draws of earlier runs
+    g1, g2 = ls.sample_generator(0, 0, 3), ls.sample_generator(0, 0, 3)
+    assert plain._crop(g1) == ls.LesionSegTask(model, data, train, vols, [], crop=16,
+                                               p_lesion=1.0, paste={})._crop(g2)
+    with pytest.raises(ConfigError, match="unknown locations"):
+        ls.LesionSegTask(model, data, train, vols, [], crop=16, paste={"brain": 0.5})
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        ls.LesionSegTask(model, data, train, vols, [], crop=16, paste={name: 1.5})
