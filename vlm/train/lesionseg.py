@@ -16,13 +16,15 @@ that probability, a training lesion of the location moved into another training 
 (:class:`LesionSprite`, :meth:`LesionSegTask._paste`): its voxels, taken relative to the mean of
 a 2-voxel shell around it, replace a footprint of the target volume, re-based on the target's
 own shell mean there. The destination is another training lesion's position of the same
-location, carried over through the body-box frames and jittered, and it is kept only where the
-target tissue matches the source lesion's surroundings (shell mean within ``tol`` HU, the
-footprint as homogeneous as the source shell) and holds no lesion. Few lesions of a location
-otherwise teach the network *where* they were (its input carries body-frame coordinates) more
-than what they look like; the pasted copies put the same appearance at many positions and in
-many bodies. Nothing about the phantom generator is used: only masks, HU values and frames, as
-on real CT.
+location, carried over through the body-box frames and jittered by up to ``paste_jitter``
+voxels (default 10, 24, 24: about 4 cm in z and 6.5 cm in-plane at 3.75 x 2.73 mm, so the
+copies spread over the organ instead of piling up where the few real lesions sit). It is kept
+only where the target tissue matches the source lesion's surroundings (shell mean within
+``paste_tol`` HU, the footprint about as homogeneous as the source shell) and holds no lesion.
+A few dozen lesions of a location otherwise teach the network the places and surroundings they
+happened to sit in more than what they look like; the copies put the same appearance in many
+places and bodies. Nothing about the phantom generator is used: only masks, HU values and body
+frames, as on real CT.
 
 Validation: the whole val-split volumes go through :func:`~vlm.models.lesionseg.predict`; the
 monitored number is the macro volume-level AUC of the per-location scores over the locations
@@ -222,7 +224,7 @@ class LesionSegTask:
                  samples_per_epoch: int = 400, p_lesion: float = 0.6, hu_jitter: float = 15.0,
                  location_weights: Mapping[str, float] | None = None,
                  paste: Mapping[str, float] | None = None, paste_tries: int = 10,
-                 paste_jitter: tuple[int, int, int] = (6, 12, 12), paste_tol: float = 20.0
+                 paste_jitter: tuple[int, int, int] = (10, 24, 24), paste_tol: float = 20.0
                  ) -> None:
         mc = model.cfg
         self.model, self.data, self.cfg = model, data, cfg
