@@ -357,7 +357,8 @@ def test_copy_paste_moves_training_lesions_into_other_volumes(data):
     name = plain.classes[only]
     weights = {plain.classes[c]: float(c == only) for c in plain.lesions}
     task = ls.LesionSegTask(model, data, train, vols, [], crop=16, p_lesion=1.0,
-                            location_weights=weights, paste={name: 1.0}, paste_tol=60.0)
+                            location_weights=weights, paste={name: 1.0}, paste_tol=60.0,
+                            paste_jitter=(2, 4, 4))  # shifts for 32^3 volumes
     assert len(task.sprites[only]) == len(task.lesions[only])
     before = {v: np.array(task.vols[v]) for v in vols}
     pastes = 0
