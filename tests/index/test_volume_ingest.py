@@ -222,7 +222,7 @@ def test_shipped_lesion_model_search_through_the_cli(lesion_ct, tmp_path, capsys
     the model's per-location findings. Lung-lesion queries are asserted above the base rate
     (test-split lung AUC 0.87); liver-lesion queries are measured and recorded only: the model
     does not find liver lesions reliably (test-split liver AUC 0.72, yet liver search above the
-    base rate at one training seed of two, and 0 of 12 hits on these volumes; README)."""
+    base rate at one training seed of three, and 0 of 12 hits on these volumes; README)."""
     from tests.conftest import SHIPPED_LESION_MODEL
 
     rows = list(read_jsonl(lesion_ct / "manifest.jsonl"))
