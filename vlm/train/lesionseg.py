@@ -243,14 +243,13 @@ class LesionSegTask:
                        for v in self.train_volumes}
         # (volume, centre voxel k, j, i) of each training lesion, grouped by location class
         self.lesions: dict[int, list[tuple[int, np.ndarray]]] = {}
-        self._lesion_labels: dict[int, list[tuple[int, np.ndarray, int]]] = {}
+        label_ids: dict[int, list[int]] = {}  # the mask label of each, parallel to lesions
         for v in self.train_volumes:
             for les in data.rows[v].get("lesions", []):
                 if les["location"] in self.classes:
                     c = self.classes.index(les["location"])
                     self.lesions.setdefault(c, []).append((v, np.asarray(les["centre_voxel"])))
-                    self._lesion_labels.setdefault(c, []).append(
-                        (v, np.asarray(les["centre_voxel"]), int(les["label"])))
+                    label_ids.setdefault(c, []).append(int(les["label"]))
         weights = dict(location_weights or {})
         unknown = sorted(set(weights) - set(self.classes))
         if unknown:
@@ -277,10 +276,14 @@ class LesionSegTask:
         self.paste_jitter = np.asarray(paste_jitter, int)
         # sprites[c][n] belongs to self.lesions[c][n] (None: that lesion cannot be cut out)
         self.sprites: dict[int, list[LesionSprite | None]] = {}
+        read: dict[int, np.ndarray | None] = {}  # each label volume read once
         for c in self.paste:
             self.sprites[c] = []
-            for v, _centre, label in self._lesion_labels.get(c, []):
-                labels = lesion_labels(data, v)
+            for (v, _centre), label in zip(self.lesions.get(c, []), label_ids.get(c, []),
+                                           strict=True):
+                if v not in read:
+                    read[v] = lesion_labels(data, v)
+                labels = read[v]
                 self.sprites[c].append(None if labels is None else
                                        cut_sprite(np.asarray(self.vols[v]), labels, label, c))
         logger.info("lesion-seg: %d training volumes, lesions per class %s, crop %d",
@@ -359,10 +362,11 @@ class LesionSegTask:
         shift = (float(torch.rand(1, generator=g)) * 2.0 - 1.0) * self.hu_jitter
         block = np.array(self.vols[v][sl], dtype=np.float32)  # a copy: pastes write into it
         m = np.array(self.masks[v][sl], dtype=np.int64)
+        start = [a.start for a in sl]
         if paste is not None:
-            paste.apply(block, m, [x.start for x in sl])
+            paste.apply(block, m, start)
         hu = torch.from_numpy(block) + shift
-        x = model_input(hu, self.model.cfg, self.frames[v], [x.start for x in sl])
+        x = model_input(hu, self.model.cfg, self.frames[v], start)
         target = F.one_hot(torch.from_numpy(m), len(self.classes) + 1)[..., 1:]
         target = target.permute(3, 0, 1, 2).float()
         return x, F.max_pool3d(target[None], 2)[0]
