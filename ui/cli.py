@@ -580,13 +580,16 @@ def export_volume_model_cmd(
     with_head: Annotated[bool, typer.Option(
         "--with-head/--without-head", help="Ship the run's CLEAR ABMIL (clear_mil.pt).")
                          ] = True,
+    top_k: Annotated[int | None, typer.Option(
+        help="Lesion-seg runs: per-location volume score = mean of the K highest lesion "
+             "probabilities (default: the run's, 20; 1 = the largest).")] = None,
 ) -> None:
     """Package a LeCL slice encoder (+ CLEAR ABMIL) or a lesion-seg run for shipping (float16,
     model card; for a lesion-seg run, --benchmark takes a volume_retrieval.json)."""
     from vlm.volume_encoder import export_volume_model
 
     path = export_volume_model(run, out, benchmark=benchmark, commands=command,
-                               with_head=with_head, notes=note)
+                               with_head=with_head, notes=note, top_k=top_k)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(json_line({"checkpoint": str(path), "bytes": size}))
 

@@ -394,12 +394,12 @@ def _unit(v: torch.Tensor) -> np.ndarray:
 def export_volume_model(run: str | os.PathLike[str], out: str | os.PathLike[str], *,
                         benchmark: str | os.PathLike[str] | None = None,
                         commands: list[str] | None = None, with_head: bool = True,
-                        notes: list[str] | None = None) -> Path:
+                        notes: list[str] | None = None, top_k: int | None = None) -> Path:
     """Package a LeCL run (plus its CLEAR ABMIL, when the run has one) for shipping:
     ``lecl.pt`` with the float16 slice encoder only, ``clear_mil.pt`` / ``clear_mil.json``,
     ``MODEL_CARD.md`` (with the ``radlens eval-volumes`` JSON when ``benchmark`` is given).
     A lesion-seg run goes to :func:`vlm.train.lesionseg.export_lesionseg` (``benchmark``: a
-    ``volume_retrieval.json`` for its card)."""
+    ``volume_retrieval.json`` for its card; ``top_k``: its volume read-out, see there)."""
     import shutil
 
     from vlm.models.card import volume_model_card
@@ -411,8 +411,12 @@ def export_volume_model(run: str | os.PathLike[str], out: str | os.PathLike[str]
     src, dest = Path(run), Path(out)
     if _find(src, LESION_FILE) is not None:
         evaluation = json.loads(Path(benchmark).read_text()) if benchmark is not None else None
-        export_lesionseg(src, dest, evaluation=evaluation, commands=commands, notes=notes)
+        export_lesionseg(src, dest, evaluation=evaluation, commands=commands, notes=notes,
+                         top_k=top_k)
         return dest
+    if top_k is not None:
+        raise ConfigError(f"{src}: --top-k is the read-out of a lesion-seg run, and this is "
+                          "not one")
     if _find(src, LECL_FILE) is None:
         raise ConfigError(f"{src}: no {LECL_FILE}; only LeCL runs are packaged (a DrasCLR run "
                           "folder is used as it is)")

@@ -171,9 +171,11 @@ def lesionseg_model_card(config: dict[str, Any], training: dict[str, Any] | None
         f"sigmoid lesion map per location ({classes}) at half resolution.",
         f"- Model grid: {config.get('spacing_mm')} mm (z, y, x); other volumes are resampled "
         "to it before segmentation.",
-        f"- Volume vector (what an index stores): per location the mean of the "
-        f"{config.get('top_k')} highest lesion probabilities, plus a \"no lesion\" component "
-        "1 - max, L2-normalised. Slice saliency: the largest lesion probability on the slice.",
+        "- Volume vector (what an index stores): per location "
+        + ("the largest lesion probability" if config.get("top_k") == 1 else
+           f"the mean of the {config.get('top_k')} highest lesion probabilities")
+        + ", plus a \"no lesion\" component 1 - max, L2-normalised. Slice saliency: the "
+        "largest lesion probability on the slice.",
         "- **Supervised**, unlike the CLEAR / DrasCLR encoders: it learned from lesion masks, so "
         "its similarity is \"same kind of lesion in the same organ\", not a task-agnostic one.",
     ]

@@ -21,8 +21,11 @@ half resolution, one sigmoid channel per location class (multi-label: a voxel ma
 none). Input sides must be multiples of 4 (:func:`predict` pads).
 
 Volume profile (:func:`volume_scores`): per location, the mean of the ``top_k`` highest
-half-resolution probabilities -- about the volume of a small lesion, so one lesion is enough
-and single noisy voxels are not.
+half-resolution probabilities. Training validates with the default 20; the shipped model
+reads out ``top_k = 1`` (the location's largest probability), set at export
+(``radlens export-volume-model --top-k``) because on the validation split every smaller k
+searched better: a 10-15 mm lesion covers only a few half-resolution cells, which a mean over
+20 dilutes (README, "CT volumes").
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class LesionSegConfig:
     def __post_init__(self) -> None:
         if not self.windows:
             raise ConfigError("a lesion-seg model needs at least one HU window")
+        if int(self.top_k) < 1:
+            raise ConfigError(f"top_k must be at least 1 (the voxels averaged per location), "
+                              f"got {self.top_k}")
         for lo, hi in self.windows:
             if not float(lo) < float(hi):
                 raise ConfigError(f"HU window ({lo:g}, {hi:g}): the low end must be below the "

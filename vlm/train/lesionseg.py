@@ -33,6 +33,7 @@ with positives and negatives in the split (``val_macro_auc``); ``best/`` keeps i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -429,10 +430,12 @@ def load_lesionseg(model_dir: str | os.PathLike[str]) -> LesionSeg3D:
 
 def export_lesionseg(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
                      evaluation: dict[str, Any] | None = None,
-                     commands: list[str] | None = None, notes: list[str] | None = None
-                     ) -> Path:
+                     commands: list[str] | None = None, notes: list[str] | None = None,
+                     top_k: int | None = None) -> Path:
     """Package a run for shipping: ``lesionseg.pt`` with float16 weights (half the float32
-    size; training cannot resume from it) and ``MODEL_CARD.md``."""
+    size; training cannot resume from it) and ``MODEL_CARD.md``. ``top_k`` replaces the run's
+    volume read-out (the probabilities averaged per location, :func:`volume_scores`); it is
+    part of the config, so the fingerprint changes with it."""
     from vlm.models.card import lesionseg_model_card
     from vlm.volume_encoder import VolumeEncoder
 
@@ -440,10 +443,13 @@ def export_lesionseg(model_dir: str | os.PathLike[str], out: str | os.PathLike[s
     weights = {k: (v.half() if v.is_floating_point() else v).contiguous()
                for k, v in state["state_dict"].items()}
     meta = {k: v for k, v in state.items() if k not in ("state_dict", "summary")}
+    if top_k is not None:
+        cfg = dataclasses.replace(LesionSegConfig.from_dict(meta["config"]), top_k=int(top_k))
+        meta["config"] = cfg.to_dict()
     path = write_checkpoint(out, CHECKPOINT, {**meta, "dtype": "float16"}, weights,
                             state.get("summary"))
     enc = VolumeEncoder.load(out)
-    card = lesionseg_model_card(state["config"], state.get("summary"), evaluation, commands,
+    card = lesionseg_model_card(meta["config"], state.get("summary"), evaluation, commands,
                                 enc.config_hash, notes)
     (Path(out) / "MODEL_CARD.md").write_text(card)
     return path

@@ -24,7 +24,7 @@ from vlm.models.lesionseg import (
     volume_scores,
 )
 from vlm.train import lesionseg as ls
-from vlm.volume_encoder import SCORE_LESION, VolumeEncoder
+from vlm.volume_encoder import SCORE_LESION, VolumeEncoder, export_volume_model
 
 N, SHAPE = 12, (32, 32, 32)
 TINY = LesionSegConfig(width=4)
@@ -237,7 +237,34 @@ def test_export_volume_model_cli_packages_a_lesion_run(run, tmp_path, capsys):
     card = (tmp_path / "ship" / "MODEL_CARD.md").read_text()
     assert "radlens train lesion-seg ..." in card and "a note" in card
     assert "volume_retrieval" in card
-    assert VolumeEncoder.load(tmp_path / "ship").kind == "lesionseg"
+    shipped = VolumeEncoder.load(tmp_path / "ship")
+    assert shipped.kind == "lesionseg" and shipped.model.cfg.top_k == LesionSegConfig.top_k
+    assert "the mean of the 20 highest lesion probabilities" in card
+
+    # --top-k 1: the per-location score becomes the largest probability, the card says so,
+    # and the fingerprint changes (an index built with the other read-out refuses it)
+    assert main(["export-volume-model", "--run", str(out), "--out", str(tmp_path / "max"),
+                 "--top-k", "1"]) == 0
+    top1 = VolumeEncoder.load(tmp_path / "max")
+    assert top1.model.cfg.top_k == 1 and top1.config_hash != shipped.config_hash
+    assert "per location the largest lesion probability" in (
+        tmp_path / "max" / "MODEL_CARD.md").read_text()
+    hu = np.full((16, 32, 32), -1000, np.int16)
+    hu[4:12, 8:24, 8:24] = 40
+    prob = predict(top1.model, hu)
+    assert np.allclose(list(top1.encode(hu).findings.values()),
+                       prob.flatten(1).max(1).values.numpy(), atol=1e-4)
+    mean20 = np.array(list(shipped.encode(hu).findings.values()))
+    assert np.all(mean20 <= np.array(list(top1.encode(hu).findings.values())) + 1e-3)
+    # refused in one line: k below 1, and --top-k for a model without that read-out
+    capsys.readouterr()
+    assert main(["export-volume-model", "--run", str(out), "--out", str(tmp_path / "zero"),
+                 "--top-k", "0"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "top_k must be at least 1" in err[0]
+    (tmp_path / "lecl_run").mkdir()
+    with pytest.raises(ConfigError, match="--top-k is the read-out of a lesion-seg run"):
+        export_volume_model(tmp_path / "lecl_run", tmp_path / "x", top_k=1)
 
 
 def _lesion_locations_drawn(task, n=200):
