@@ -219,10 +219,12 @@ def test_shipped_lesion_model_search_through_the_cli(lesion_ct, tmp_path, capsys
     """The shipped supervised lesion model (``checkpoints/lesion-seg``) through the CLI on the
     demo's full-size PhantomCT volumes (seed 1, never trained on): every liver- and every
     lung-lesion volume's DICOM series queries the index, its own row left out. Its hits carry
-    the model's per-location findings. Lung-lesion queries are asserted above the base rate
-    (test-split lung AUC 0.87); liver-lesion queries are measured and recorded only: the model
-    does not find liver lesions reliably (test-split liver AUC 0.72, yet liver search above the
-    base rate at one training seed of three, and 0 of 12 hits on these volumes; README)."""
+    the model's per-location findings. Lung- and liver-lesion queries are asserted above the
+    base rate. The liver margin here is thin (2 of 12 hits at k = 3, base rate 0.13; these
+    volumes' four liver lesions are 12-19 mm across, where detection falls off); the
+    measurement that carries the claim is the 219-volume test split of
+    ``benchmarks/volume_retrieval.py`` (liver precision@5 0.465 vs 0.138, p 0.001; README,
+    "CT volumes")."""
     from tests.conftest import SHIPPED_LESION_MODEL
 
     rows = list(read_jsonl(lesion_ct / "manifest.jsonl"))
@@ -255,6 +257,7 @@ def test_shipped_lesion_model_search_through_the_cli(lesion_ct, tmp_path, capsys
                                                                + "\n")
     print(json.dumps(result))
     assert result["lung"]["precision_at_k"] > result["lung"]["base_rate"], result
+    assert result["liver"]["precision_at_k"] > result["liver"]["base_rate"], result
 
 
 def test_ingest_saves_generations_as_it_goes_and_refuses_another_model(archive, tmp_path):
