@@ -227,6 +227,8 @@ def build_demo_index(data_dir: Path, model: Path = SHIPPED_MODEL, limit: int | N
 
 def default_volume_model() -> Path | None:
     """The shipped LeCL slice encoder (self-supervised), else None (no volumes). The shipped
-    supervised lesion model (``checkpoints/lesion-seg``) is one ``--volume-model`` away; it is
-    not the default because it does not find liver lesions either (README, CT volumes)."""
+    supervised lesion model (``checkpoints/lesion-seg``) is one ``--volume-model`` away. It
+    finds the demo's lung and liver lesions above the base rate, narrowly for the liver (2 of
+    12 hits; README, CT volumes). It is not the default yet: switching needs the demo's own
+    tests updated with it."""
     return SHIPPED_VOLUME_MODEL if (SHIPPED_VOLUME_MODEL / "lecl.pt").is_file() else None
