@@ -30,6 +30,7 @@ def served(tiny_model, tiny_archive, lesion_ct, tmp_path_factory):
     """Images + PhantomCT volumes -> index -> app on 127.0.0.1:<free port> in a thread."""
     from index.engine import Engine
     from index.volumes import ingest_volumes
+    from tests.conftest import SHIPPED_LESION_MODEL
     from tests.ui.conftest import build_index
     from ui.app import build_app
     from ui.serve import launch
@@ -37,8 +38,6 @@ def served(tiny_model, tiny_archive, lesion_ct, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("browser_volumes")
     out = build_index(tiny_model, tiny_archive, root / "idx")
-    from tests.conftest import SHIPPED_LESION_MODEL
-
     model = os.environ.get("RADLENS_VOLUME_MODEL") or str(SHIPPED_LESION_MODEL)
     ingest_volumes(VolumeEncoder.load(model), lesion_ct, out, progress=False)
     engine = Engine.open(out)
