@@ -78,12 +78,13 @@ app.add_typer(index_app, name="index")
 
 
 def _ingest(model: str, source: Path, out: Path, batch_size: int, workers: int | None,
-            progress: bool, keep_paths: bool = False, save_every: int = 512) -> bool:
+            progress: bool, keep_paths: bool = False, save_every: int = 512,
+            device: str = "cpu") -> bool:
     """Index the 2-D images; prints the summary line. Returns True if some files failed."""
     from index.ingest import ingest
-    from vlm.inference import Encoder
+    from vlm.inference import Encoder, check_device
 
-    encoder = Encoder(model)
+    encoder = Encoder(model, device=check_device(device))
     report = ingest(encoder, source, out, batch_size=batch_size, workers=workers,
                     progress=progress, keep_paths=keep_paths, save_every=save_every,
                     model_path=str(Path(model).resolve()) if Path(model).exists() else model)
@@ -112,6 +113,9 @@ def _ingest_volumes(volume_model: str, source: Path, out: Path, progress: bool,
     return bool(report.failed)
 
 
+DEVICE_HELP = ("Where the image encoder runs: cpu, cuda or cuda:N (decoding stays in CPU "
+               "worker processes). The vectors do not depend on it beyond float rounding, so "
+               "one index can be filled from either.")
 VOLUME_MODEL_HELP = ("Volume encoder: a 'radlens train lecl', 'drasclr' or 'lesion-seg' run "
                      "folder, or random:lecl-tiny|lecl-small|drasclr-tiny|drasclr-small, "
                      "optionally with @SEED (a seeded random tower, the baseline).")
@@ -138,6 +142,7 @@ def index_build(
                              "only keyed pseudonyms of them, as paths can hold names.")] = False,
     save_every: Annotated[int, typer.Option(help="Images between saved generations (a kill "
                                                  "loses at most this many).")] = 512,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Index SOURCE into OUT; reruns add only what is missing.
 
@@ -157,7 +162,7 @@ def index_build(
     failed = False
     if model is not None:
         failed |= _ingest(model, source, out, batch_size, workers, progress, keep_paths,
-                          save_every)
+                          save_every, device)
     if volume_model is not None:
         failed |= _ingest_volumes(volume_model, source, out, progress, keep_paths)
     if failed:
@@ -176,6 +181,7 @@ def index_add(
     batch_size: Annotated[int, typer.Option()] = 32,
     workers: Annotated[int | None, typer.Option()] = None,
     progress: Annotated[bool, typer.Option()] = True,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Add the images (and, with a volume collection, the volumes) under SOURCE to an existing
     index (same models required). Exit 3 if some could not be read."""
@@ -193,7 +199,8 @@ def index_add(
         raise RadLensError(f"index {index} records no model path: pass --model")
     failed = False
     if chosen:
-        failed |= _ingest(chosen, source, index, batch_size, workers, progress)
+        failed |= _ingest(chosen, source, index, batch_size, workers, progress,
+                          device=device)
     if chosen_volume:
         failed |= _ingest_volumes(chosen_volume, source, index, progress)
     if failed:
@@ -362,18 +369,20 @@ def train_lrclr_cmd(
     val_every: Annotated[int, typer.Option(help="Steps between validations (0: per epoch).")
                          ] = 0,
     amp: Annotated[str | None, typer.Option(help="bf16 or fp16 mixed precision.")] = None,
-    device: Annotated[str, typer.Option()] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     seed: Annotated[int, typer.Option()] = 0,
     workers: Annotated[int | None, typer.Option(help="Decode workers.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train LRCLR (or the plain-CLIP baseline config); resumes if OUT has a saved state."""
+    from vlm.inference import check_device
     from vlm.train.loop import TrainConfig
     from vlm.train.lrclr import train_lrclr
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       warmup_steps=warmup_steps, max_steps=max_steps, max_minutes=max_minutes,
-                      save_every=save_every, val_every=val_every, amp=amp, device=device,
+                      save_every=save_every, val_every=val_every, amp=amp,
+                      device=check_device(device),
                       seed=seed, progress=progress)
     summary = train_lrclr(data, model, out, cfg, pretrained=pretrained, workers=workers)
     print(json_line({k: v for k, v in summary.items() if k != "history"}))

@@ -27,6 +27,25 @@ from vlm.models.outputs import ImageEmbedding
 from vlm.zeroshot import PromptSet, ZeroShotClassifier, load_calibration
 
 
+def check_device(device: str) -> str:
+    """``device`` if torch can run on it here, else a one-line :class:`ConfigError` (a typo, or
+    ``cuda`` on a machine without a CUDA GPU or with a CPU-only torch)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: no CUDA GPU visible to this torch "
+                              f"({torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA "
+                              f"device(s) here")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {device!r}: RadLens runs on cpu or cuda")
+    return device
+
+
 @dataclass
 class EncodedImage:
     vector: np.ndarray  # (E,) float32, unit length

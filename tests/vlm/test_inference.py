@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import vlm  # noqa: F401
 from tests.vlm.io.conftest import sample_file
@@ -45,3 +46,22 @@ def test_encoder_text_classify_ground(encoder):
     assert all(q.grad is None for q in encoder.model.parameters())
     with pytest.raises(ConfigError, match="grounding method"):
         encoder.ground(image, ["left lung"], method="gradcam")
+
+
+def test_check_device_refuses_what_torch_cannot_run_here(capsys, tmp_path):
+    from ui.cli import main
+    from vlm.inference import check_device
+
+    assert check_device("cpu") == "cpu"
+    for bad in ("gpu", "mps", "cuda:99"):
+        with pytest.raises(ConfigError, match=bad.split(":")[0]):
+            check_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            check_device("cuda")
+    # the CLI says so in one line, before reading the source or touching the output
+    code = main(["index", "build", "--model", "nowhere", "--source", str(tmp_path), "--out",
+                 str(tmp_path / "never-created"), "--device", "cuda:99"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cuda:99" in err[0]
+    assert not (tmp_path / "never-created").exists()

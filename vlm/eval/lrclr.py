@@ -36,10 +36,11 @@ MIN_POSITIVES = 20
 
 def encode_images(model: LRCLR, ds: CXRDataset, batch: int = 64) -> ImageEmbedding:
     parts: list[ImageEmbedding] = []
+    param = next(model.parameters())
     with torch.no_grad():
         for i in range(0, len(ds), batch):
             x = torch.stack([ds.image_tensor(j) for j in range(i, min(i + batch, len(ds)))])
-            parts.append(model.encode_image(x))
+            parts.append(model.encode_image(x.to(param.device, param.dtype)))
 
     def cat(name: str) -> torch.Tensor | None:
         vals = [getattr(p, name) for p in parts]

@@ -93,6 +93,7 @@ class TextTower(nn.Module):
     def pool(self, tokens: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encoder states pooled per report (B, H) and per sentence (B, S, H), before the
         projection. With a frozen encoder these are constant, so training can cache them."""
+        tokens = tokens.to(self.pool_mean.device)  # tokenizers make CPU tensors
         out = self.transformer(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         h = out.last_hidden_state  # (B, L, H)
         mask = tokens.attention_mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1)

@@ -132,11 +132,13 @@ class LRCLRTask:
         for i in range(0, n, 128):
             idx = list(range(i, min(i + 128, n)))
             images.append(self.model.encode_image(
-                torch.stack([self.val_ds.image_tensor(j) for j in idx])).global_embedding)
+                torch.stack([self.val_ds.image_tensor(j) for j in idx]).to(self.cfg.device)
+            ).global_embedding)
             texts.append(self._text(idx, "val").global_embedding)
         sim = torch.cat(images) @ torch.cat(texts).T
         top5 = sim.topk(min(5, n), dim=1).indices
-        recall5 = (top5 == torch.arange(n)[:, None]).any(1).float().mean().item()
+        hits = top5 == torch.arange(n, device=top5.device)[:, None]
+        recall5 = hits.any(1).float().mean().item()
         metrics: dict[str, float] = {"val_loss": sum(losses) / max(1, len(losses)),
                                      "val_i2t_recall@5": recall5}
         if self.zero_shot_scorable():
