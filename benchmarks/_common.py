@@ -25,3 +25,8 @@ def write_result(out: Path, name: str, result: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     sys.stdout.write(json.dumps(result) + "\n")
+
+
+def device_suffix(device: str) -> str:
+    """File-name suffix that keeps a GPU run's results beside the CPU ones: '' or '_cuda0'."""
+    return "" if device == "cpu" else "_" + device.replace(":", "")

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import have_phantom_cxr, write_result
+from _common import device_suffix, have_phantom_cxr, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out"
@@ -81,11 +81,13 @@ def encoder_only(encoder: Any, paths: list[Path], batch: int, n: int) -> dict[st
     pre = Preprocess(encoder.model.config.preprocess)
     x = torch.stack([pre(read_image(p))[0] for p in paths[:n]]).to(torch.float16)
     best = float("inf")
-    for _ in range(2):
+    for _ in range(2):  # on a GPU the first pass also warms cuDNN up
         t = time.perf_counter()
         with torch.inference_mode():
             for s in range(0, len(x), batch):
-                encoder.model.encode_image(x[s:s + batch].to(encoder.dtype))
+                # as ingestion does: host tensors in, vectors back on the host (a GPU sync)
+                emb = encoder.model.encode_image(x[s:s + batch].to(encoder.device, encoder.dtype))
+                emb.global_embedding.float().cpu()
         best = min(best, time.perf_counter() - t)
     return {"images": len(x), "seconds": round(best, 3), "images_per_s": round(len(x) / best, 2)}
 
@@ -95,6 +97,7 @@ def one_core_costs(encoder: Any, paths: list[Path], batch: int, n: int) -> dict[
     pipeline when decoding and encoding share the same CPU cores."""
     from dataclasses import asdict
 
+    import numpy as np
     import torch
 
     from index import ingest as stages
@@ -106,16 +109,22 @@ def one_core_costs(encoder: Any, paths: list[Path], batch: int, n: int) -> dict[
         t = time.perf_counter()
         decoded = [stages.decode_one(str(p)) for p in paths[:n]]
         decode_s = time.perf_counter() - t
-        x = torch.stack([d["tensor"] for d in decoded if "tensor" in d])
-        t = time.perf_counter()
-        with torch.inference_mode():
-            for s in range(0, len(x), batch):
-                encoder.model.encode_image(x[s:s + batch].to(encoder.dtype))
-        encode_s = time.perf_counter() - t
+        x = torch.from_numpy(np.stack([d["pixels"] for d in decoded if "pixels" in d]))
+        encode_s = float("nan")
+        if encoder.device.type == "cpu":
+            t = time.perf_counter()
+            with torch.inference_mode():
+                for s in range(0, len(x), batch):
+                    encoder.model.encode_image(x[s:s + batch].to(encoder.dtype))
+            encode_s = time.perf_counter() - t
     finally:
         torch.set_num_threads(threads)
     dec, enc = 1000 * decode_s / len(decoded), 1000 * encode_s / len(x)
     cores = os.cpu_count() or 1
+    if encoder.device.type != "cpu":
+        # the encoder has its own hardware; decoding can use every core but the one feeding it
+        return {"images": len(x), "decode_ms_per_image": round(dec, 2),
+                "best_decode_images_per_s": round(1000 * max(1, cores - 1) / dec, 2)}
     return {"images": len(x), "decode_ms_per_image": round(dec, 2),
             "encode_ms_per_image": round(enc, 2),
             # all cores busy, perfect overlap, no overhead: cores / (decode + encode) per image
@@ -131,15 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference-images", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="where the encoder runs: cpu, cuda, cuda:N")
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "bench_ingest")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--keep-index", type=Path, default=None,
                     help="move the built index here (e.g. for search_precision.py)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    import torch
+
     import vlm  # noqa: F401  (torchvision CPU shim)
     from index.ingest import ingest
-    from vlm.inference import Encoder
+    from vlm.inference import Encoder, check_device
 
     if not have_phantom_cxr(args.data):
         return 2
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     n_images = link_tree(args.data, archive / "phantom_cxr", args.limit)
     good = sorted((archive / "phantom_cxr").rglob("*.dcm"))
     broken = salt(archive / "incoming", good[0])
-    encoder = Encoder(args.model)
+    encoder = Encoder(args.model, device=check_device(args.device))
     ref = encoder_only(encoder, good, args.batch_size, min(args.reference_images, len(good)))
     print(f"encoder only: {ref}", file=sys.stderr, flush=True)
     costs = one_core_costs(encoder, good, args.batch_size,
@@ -168,18 +180,25 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = report.added / wall
     result: dict[str, Any] = {
         "benchmark": "ingest_throughput", "model": encoder.name, "cpu_count": os.cpu_count(),
+        "device": str(encoder.device),
+        "gpu": torch.cuda.get_device_name(encoder.device) if encoder.device.type == "cuda"
+        else None,
         "images": n_images, "batch_size": args.batch_size,
         "decode_processes_and_encoder_threads": report.plan,
         "plan_probe": report.probe,
         "end_to_end": {"added": report.added, "regions": report.regions,
                        "seconds": round(wall, 2), "images_per_s": round(pipeline, 2),
-                       "encode_seconds_inside": round(report.encode_seconds, 2)},
+                       "encode_seconds_inside": round(report.encode_seconds, 2),
+                       "first_result_seconds": report.first_result_s},
         "encoder_only": ref,
         "ratio": round(pipeline / ref["images_per_s"], 3), "target_ratio": TARGET_RATIO,
         # the ratio no scheduling can beat on this machine (stages share the cores)
         "one_core_costs": costs,
-        "ratio_bound_shared_cores": round(costs["best_pipeline_images_per_s"]
-                                          / costs["best_encoder_only_images_per_s"], 3),
+        "ratio_bound": round(min(1.0, costs["best_decode_images_per_s"]
+                                 / ref["images_per_s"]), 3)
+        if "best_decode_images_per_s" in costs
+        else round(costs["best_pipeline_images_per_s"]
+                   / costs["best_encoder_only_images_per_s"], 3),
         "failures": {"salted": len(broken), "reported": len(failed),
                      "each_broken_file_once": failed == broken,
                      "reasons": {Path(f["path"]).name: f["reason"] for f in report.failed}},
@@ -187,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                   "failed": len(again.failed), "seconds": round(rerun_s, 2)},
     }
     result["target_met"] = result["ratio"] >= TARGET_RATIO
-    write_result(args.out, "ingest_throughput", result)
-    plot(result, args.out / "ingest_throughput.png")
+    name = "ingest_throughput" + device_suffix(args.device)
+    write_result(args.out, name, result)
+    plot(result, args.out / f"{name}.png")
     if args.keep_index:
         shutil.rmtree(args.keep_index, ignore_errors=True)
         args.keep_index.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +229,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.barh(names, values, color=["#888", "#2a7"])
     ax.axvline(values[0] * TARGET_RATIO, color="r", ls="--", lw=1, label="target (0.85x)")
     ax.set_xlabel("images / s")
-    ax.set_title(f"Ingest {result['images']} PhantomCXR images, ratio {result['ratio']}")
+    ax.set_title(f"Ingest {result['images']} PhantomCXR images on {result['device']}, "
+                 f"ratio {result['ratio']}", fontsize=9)
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

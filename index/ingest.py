@@ -16,7 +16,7 @@ import json
 import logging
 import multiprocessing
 import os
-import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -58,6 +58,8 @@ class IngestReport:
     #: what the plan was chosen from: seconds per image to decode (one core) and to encode
     #: (all cores), measured on the first files; empty when not probed
     probe: dict[str, float] = field(default_factory=dict)
+    #: seconds from the start to the first decoded file: listing, probing, worker start-up
+    first_result_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,27 +125,43 @@ _KNOWN: set[str] = set()
 _PRE: PreprocessConfig | None = None
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel kill this worker when the ingesting process dies (a killed
-    build must not leave decode workers behind holding its pipes and files)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` still runs; a zombie (killed, not yet reaped) does not."""
+    if os.path.isdir("/proc/self"):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            return False
+        return stat.rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent died before the call
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _exit_with(owner: int, every: float = 0.5) -> None:
+    """End this decode worker when the ingesting process ``owner`` is gone: a killed build
+    must not leave workers behind holding its pipes and files. The kernel's parent-death
+    signal cannot do this for a forkserver worker, whose parent is the fork server (which in
+    turn waits for its workers), so a daemon thread checks on the owner instead."""
+
+    def watch() -> None:
+        while _running(owner):
+            time.sleep(every)
         os._exit(1)
 
+    threading.Thread(target=watch, name="radlens-owner-watch", daemon=True).start()
 
-def _init_worker(known: set[str], pre: dict[str, Any], worker: bool = False) -> None:
+
+def _init_worker(known: set[str], pre: dict[str, Any], owner: int = 0) -> None:
+    """Per decode process (``owner``: the ingesting process's pid) or, with ``owner`` 0,
+    for in-process decoding, which keeps the encoder's thread count."""
     global _KNOWN, _PRE
-    if worker:  # in-process decoding (workers=0) keeps the encoder's thread count
-        _die_with_parent()
+    if owner:
+        _exit_with(owner)
         torch.set_num_threads(1)
     _KNOWN, _PRE = known, PreprocessConfig(**pre)
 
@@ -184,7 +202,11 @@ def decode_one(path: str) -> dict[str, Any]:
     except Exception as exc:  # a decoder bug must not stop the archive
         return {"path": path, "error": f"unexpected {type(exc).__name__}: {exc}"[:300]}
     meta = image.meta
-    return {"path": path, "hash": digest, "tensor": x.to(torch.float16), "letterbox": box,
+    # a NumPy array, not a tensor: a tensor crosses the process boundary as a shared-memory
+    # file descriptor, which cost the receiving process about 2 ms per image (the ceiling of a
+    # GPU pipeline); an array is pickled inline in microseconds
+    return {"path": path, "hash": digest, "pixels": x.to(torch.float16).numpy(),
+            "letterbox": box,
             "thumb": buf.getvalue(), "meta": {
                 "study": meta.study_pseudonym, "series": meta.series_pseudonym,
                 "instance": meta.instance_pseudonym, "modality": meta.modality,
@@ -238,15 +260,15 @@ def probe_costs(encoder: Encoder, paths: list[str], pre: PreprocessConfig
         decode = (time.perf_counter() - t0) / max(1, len(paths))
     finally:
         torch.set_num_threads(threads)
-    tensors = [r["tensor"] for r in results if "tensor" in r]
-    if len(tensors) < 2:
+    arrays = [r["pixels"] for r in results if "pixels" in r]
+    if len(arrays) < 2:
         return None
-    x = torch.stack(tensors).to(encoder.dtype).to(encoder.device)
+    x = torch.from_numpy(np.stack(arrays)).to(encoder.dtype).to(encoder.device)
     with torch.inference_mode():
         encoder.model.encode_image(x[:1])  # first call: allocator and kernel selection
         t0 = time.perf_counter()
         encoder.model.encode_image(x)
-    return decode, (time.perf_counter() - t0) / len(tensors)
+    return decode, (time.perf_counter() - t0) / len(arrays)
 
 
 def _results(paths: list[str], workers: int, known: set[str], pre: PreprocessConfig
@@ -255,10 +277,25 @@ def _results(paths: list[str], workers: int, known: set[str], pre: PreprocessCon
         _init_worker(known, asdict(pre))
         yield from map(decode_one, paths)
         return
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(known, asdict(pre), True)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=_init_worker,
+                             initargs=(known, asdict(pre), os.getpid())) as pool:
         yield from pool.map(decode_one, paths, chunksize=8)
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How decode processes start: ``forkserver`` where the platform has it, else ``spawn``.
+
+    A spawned worker imports torch and the decode stack itself: seconds per worker, and far
+    more where the installed packages have no byte-code cache, all of it before its first
+    image. A forkserver imports this module once and forks each worker from it, so workers
+    start warm; unlike a plain fork of this process they inherit no CUDA context, encoder
+    threads or open index files.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return multiprocessing.get_context("spawn")
 
 
 def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathLike[str], *,
@@ -339,35 +376,39 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
         if not pending:
             return
         t0 = time.time()
-        x = torch.stack([p["tensor"] for p in pending]).to(encoder.dtype)
+        x = torch.from_numpy(np.stack([p["pixels"] for p in pending]))
         with torch.inference_mode():
-            emb = encoder.model.encode_image(x.to(encoder.device))
+            emb = encoder.model.encode_image(x.to(encoder.device).to(encoder.dtype))
         report.encode_seconds += time.time() - t0
+        # one device-to-host copy per output (not one per image or region: on a GPU each copy
+        # is a synchronisation), one pseudonym per file
         vectors = emb.global_embedding.float().cpu().numpy()
+        uris = [uri(p["path"]) for p in pending]
         rows = []
-        for p in pending:
+        for p, source_uri in zip(pending, uris, strict=True):
             thumb = thumbs / f"{p['hash'][:2]}" / f"{p['hash']}.jpg"
             thumb.parent.mkdir(exist_ok=True)
             if not thumb.exists():
                 thumb.write_bytes(p["thumb"])
-            rows.append({"source_uri": uri(p["path"]), "content_hash": p["hash"],
+            rows.append({"source_uri": source_uri, "content_hash": p["hash"],
                          "thumbnail": str(thumb.relative_to(ix.path)), **p["meta"],
                          "extra": listed.get(p["path"], {})})
         ids = ix.add(IMAGE, vectors, rows)
         report.added += len(ids)
         if regions and emb.region_embeddings is not None and emb.region_boxes is not None:
-            rv, rrows = [], []
+            region_vectors = emb.region_embeddings.float().cpu().numpy()  # (B, K, E)
+            region_boxes = emb.region_boxes.float().cpu().numpy()  # (B, K, 4)
+            region_scores = (emb.region_scores.float().cpu().tolist()
+                             if emb.region_scores is not None else None)
+            rrows = []
             for j, (p, parent) in enumerate(zip(pending, ids.tolist(), strict=True)):
-                boxes = p["letterbox"].to_original(emb.region_boxes[j].float().cpu().numpy())
-                scores = emb.region_scores[j].tolist() if emb.region_scores is not None else []
+                boxes = p["letterbox"].to_original(region_boxes[j])
                 for r, box in enumerate(boxes):
-                    rv.append(emb.region_embeddings[j, r].float().cpu().numpy())
-                    rrows.append({"source_uri": uri(p["path"]),
-                                  "content_hash": f"{p['hash']}#{r}",
+                    rrows.append({"source_uri": uris[j], "content_hash": f"{p['hash']}#{r}",
                                   "box": [float(v) for v in box], **p["meta"],
-                                  "extra": {"parent": parent, "score": scores[r]
-                                            if r < len(scores) else None}})
-            ix.add(REGION, np.stack(rv), rrows)
+                                  "extra": {"parent": parent, "score": region_scores[j][r]
+                                            if region_scores is not None else None}})
+            ix.add(REGION, region_vectors.reshape(-1, region_vectors.shape[-1]), rrows)
             report.regions += len(rrows)
         since_save += len(pending)
         pending.clear()
@@ -379,6 +420,8 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
                 os.kill(os.getpid(), 9)
 
     for result in _results(paths, workers, known, pre):
+        if not report.first_result_s:
+            report.first_result_s = round(time.time() - start, 3)
         bar.update(1)
         if "error" in result:
             report.failed.append({"path": result["path"], "reason": result["error"]})
