@@ -106,3 +106,19 @@ def test_index_build_on_cuda_matches_cpu_and_reopens_on_cpu(model_dir, tiny_cxr,
     assert len(a) == len(b) == 5
     assert a[0].id == b[0].id and a[0].score > 0.999
     assert np.allclose([r.score for r in a], [r.score for r in b], atol=2e-3)
+
+
+def test_eval_on_cuda_matches_cpu(model_dir, tmp_path):
+    from vlm.eval.lrclr import evaluate
+
+    data = make_tiny_cxr(tmp_path / "data", n=30)
+    cpu = evaluate(model_dir, data)
+    gpu = evaluate(model_dir, data, device="cuda")
+    assert gpu["studies"] == cpu["studies"] == 6
+    for name, v in cpu["zero_shot"]["per_finding"].items():
+        if v["auc"] is not None:
+            assert gpu["zero_shot"]["per_finding"][name]["auc"] == pytest.approx(v["auc"],
+                                                                                abs=0.05)
+    assert gpu["retrieval"]["label_matched"]["queries"] == \
+        cpu["retrieval"]["label_matched"]["queries"]
+    assert gpu["grounding"]["instances"] == cpu["grounding"]["instances"]

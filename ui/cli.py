@@ -614,13 +614,16 @@ def eval_cmd(
                        ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
                        ] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
     """Zero-shot AUC, retrieval recall@K (exact and label-matched) and grounding scores."""
     from vlm.eval.lrclr import evaluate, markdown_table
+    from vlm.inference import check_device
     from vlm.zeroshot import PromptSet
 
     result = evaluate(model, data, split=split, out_dir=out,
-                      prompts=PromptSet.load(prompts) if prompts else None)
+                      prompts=PromptSet.load(prompts) if prompts else None,
+                      device=check_device(device))
     print(json_line(result) if as_json else markdown_table(result))
 
 

@@ -178,7 +178,8 @@ def ground_gradient(model: LRCLR, image: torch.Tensor, phrase: TextEmbedding,
             target = phrase.global_embedding[0].detach().clone()
             if reference is not None:
                 target = target - reference.detach().clone().to(target)
-            x = image.detach().clone().requires_grad_(True)
+            param = next(model.parameters())  # a dataset's image arrives on the host
+            x = image.detach().to(param.device, param.dtype).clone().requires_grad_(True)
             emb = model.encode_image(x)
             score = (emb.global_embedding[0] * target.to(emb.global_embedding)).sum()
             if stage is None:

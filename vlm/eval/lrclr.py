@@ -65,9 +65,9 @@ def _similarity(model: LRCLR, image: ImageEmbedding, texts: list[str], tokenizer
 
 def evaluate(model_path: str | os.PathLike[str], data: str | os.PathLike[str],
              split: str = "test", out_dir: str | os.PathLike[str] | None = None,
-             prompts: PromptSet | None = None, max_grounding: int | None = None
-             ) -> dict[str, Any]:
-    model = create_model(model_path)
+             prompts: PromptSet | None = None, max_grounding: int | None = None,
+             device: str = "cpu") -> dict[str, Any]:
+    model = create_model(model_path, device=device)
     assert not model.training
     tokenizer = get_tokenizer(model_path)
     pre = model.config.preprocess
