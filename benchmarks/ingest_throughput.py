@@ -105,7 +105,7 @@ def one_core_costs(encoder: Any, paths: list[Path], batch: int, n: int) -> dict[
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        stages._init_worker(set(), asdict(encoder.model.config.preprocess))
+        stages._init_worker(stages.KnownHashes(), asdict(encoder.model.config.preprocess))
         t = time.perf_counter()
         decoded = [stages.decode_one(str(p)) for p in paths[:n]]
         decode_s = time.perf_counter() - t

@@ -181,3 +181,24 @@ def test_probe_costs_measures_decode_and_encode(archive, model_dir):
     assert 0 < decode < 5 and 0 < encode < 5
     bad = [str(archive / "dicom" / "notes.dcm")] * 3
     assert ig.probe_costs(enc, bad, enc.model.config.preprocess) is None
+
+
+def test_known_hashes_travel_as_prefixes_and_a_collision_is_decoded(archive, model_dir,
+                                                                      tmp_path, monkeypatch):
+    import hashlib
+
+    from index.ingest import KnownHashes, ingest
+    from vlm.inference import Encoder
+
+    digests = [hashlib.sha256(bytes([i])).hexdigest() for i in range(100)]
+    known = KnownHashes(digests[:50])
+    assert all(d in known for d in digests[:50]) and not any(d in known for d in digests[50:])
+    assert len(known) == 50 and known.prefixes.nbytes == 8 * 50
+    assert "a non-hex id" in KnownHashes(["a non-hex id"]) and "other" not in known
+    # every file looks known to the decoder, as a prefix collision would make a new file look:
+    # the ingesting process checks the full digests and decodes the new files itself
+    monkeypatch.setattr(KnownHashes, "__contains__", lambda self, digest: True)
+    report = ingest(Encoder(str(model_dir)), archive, tmp_path / "idx", workers=0,
+                    progress=False, batch_size=4)
+    assert report.added == 24 and report.already_indexed == 0
+    assert sorted(Path(f["path"]).name for f in report.failed) == ["notes.dcm", "truncated.dcm"]
