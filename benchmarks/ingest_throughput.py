@@ -109,9 +109,10 @@ def one_core_costs(encoder: Any, paths: list[Path], batch: int, n: int) -> dict[
         t = time.perf_counter()
         decoded = [stages.decode_one(str(p)) for p in paths[:n]]
         decode_s = time.perf_counter() - t
-        x = torch.from_numpy(np.stack([d["pixels"] for d in decoded if "pixels" in d]))
+        arrays = [d["pixels"] for d in decoded if "pixels" in d]
         encode_s = float("nan")
-        if encoder.device.type == "cpu":
+        if encoder.device.type == "cpu":  # a GPU encoder's cost is the encoder-only run's
+            x = torch.from_numpy(np.stack(arrays))
             t = time.perf_counter()
             with torch.inference_mode():
                 for s in range(0, len(x), batch):
@@ -119,13 +120,13 @@ def one_core_costs(encoder: Any, paths: list[Path], batch: int, n: int) -> dict[
             encode_s = time.perf_counter() - t
     finally:
         torch.set_num_threads(threads)
-    dec, enc = 1000 * decode_s / len(decoded), 1000 * encode_s / len(x)
+    dec, enc = 1000 * decode_s / len(decoded), 1000 * encode_s / len(arrays)
     cores = os.cpu_count() or 1
     if encoder.device.type != "cpu":
         # the encoder has its own hardware; decoding can use every core but the one feeding it
-        return {"images": len(x), "decode_ms_per_image": round(dec, 2),
+        return {"images": len(arrays), "decode_ms_per_image": round(dec, 2),
                 "best_decode_images_per_s": round(1000 * max(1, cores - 1) / dec, 2)}
-    return {"images": len(x), "decode_ms_per_image": round(dec, 2),
+    return {"images": len(arrays), "decode_ms_per_image": round(dec, 2),
             "encode_ms_per_image": round(enc, 2),
             # all cores busy, perfect overlap, no overhead: cores / (decode + encode) per image
             "best_pipeline_images_per_s": round(1000 * cores / (dec + enc), 2),

@@ -148,7 +148,7 @@ class Encoder:
         vecs = []
         with torch.inference_mode():
             for i in range(0, len(texts), 64):
-                tokens = self.tokenizer(list(texts[i:i + 64]), split=split).to(self.device)
+                tokens = self.tokenizer(list(texts[i:i + 64]), split=split)
                 vecs.append(self.model.encode_text(tokens).global_embedding.float().cpu())
         return torch.cat(vecs).numpy()
 
@@ -172,8 +172,7 @@ class Encoder:
             raise ConfigError(f"grounding method must be one of {', '.join(GROUNDING_METHODS)}, "
                               f"not {method!r}")
         with torch.inference_mode():
-            texts = [self.model.encode_text(self.tokenizer([p], split=False).to(self.device))
-                     for p in phrases]
+            texts = [self.model.encode_text(self.tokenizer([p], split=False)) for p in phrases]
         if method == "patch":
             emb, boxes = self._embed([image])
             return [ground(emb, text, boxes[0]) for text in texts]

@@ -110,14 +110,14 @@ class ZeroShotClassifier:
         return self._reference
 
     def _encode(self, texts: list[str]) -> TextEmbedding:
-        """Prompts -> TextEmbedding in eval mode, without gradients, on the model's device:
-        the one path by which the classifier encodes its prompt bank, reference and phrases."""
-        device = next(self.model.parameters()).device
+        """Prompts -> TextEmbedding in eval mode, without gradients, on the model's device
+        (the text tower moves the tokens there): the one path by which the classifier encodes
+        its prompt bank, reference and phrases."""
         was = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                return self.model.encode_text(self.tokenizer(texts, split=False).to(device))
+                return self.model.encode_text(self.tokenizer(texts, split=False))
         finally:
             self.model.train(was)
 
