@@ -67,8 +67,8 @@ def display_unit(image: ImageData, window: str | None = None, frame: int = 0) ->
         top = float(2 ** (img.meta.bits_stored or 8) - 1)
         return np.clip(pixels / top, 0, 1).astype(np.float32)
     win = parse_window(window) if window else None
-    y = apply_voi(pixels, img.meta, window=win)
-    return (1.0 - y) if img.meta.is_monochrome1 else y
+    y = apply_voi(pixels, img.meta, window=win)  # a new array: inverted in place below
+    return np.subtract(1.0, y, out=y) if img.meta.is_monochrome1 else y
 
 
 def letterbox(x: torch.Tensor, size: int) -> tuple[torch.Tensor, Letterbox]:
