@@ -55,6 +55,9 @@ class IngestReport:
     encoder_images_per_s: float = 0.0
     #: (decode processes, encoder threads) the run used; 0 processes = decode in-process
     plan: list[int] = field(default_factory=list)
+    #: how decoding and encoding took turns: "in-process", "lockstep" (the processes decode
+    #: one batch at a time and wait while it is encoded) or "stream" (they decode ahead)
+    schedule: str = ""
     #: what the plan was chosen from: seconds per image to decode (one core) and to encode
     #: (all cores), measured on the first files; empty when not probed
     probe: dict[str, float] = field(default_factory=dict)
@@ -243,8 +246,9 @@ def decode_file(path: str, digest: str, pre_cfg: PreprocessConfig) -> dict[str, 
     meta = image.meta
     # a NumPy array, not a tensor: a tensor crosses the process boundary as a shared-memory
     # file descriptor, which cost the receiving process about 2 ms per image (the ceiling of a
-    # GPU pipeline); an array is pickled inline in microseconds
-    return {"path": path, "hash": digest, "pixels": x.to(torch.float16).numpy(),
+    # GPU pipeline); an array is pickled inline in microseconds. One channel: the model's
+    # channels repeat it (model_input), so a third of the bytes cross the process boundary.
+    return {"path": path, "hash": digest, "pixels": x[:1].to(torch.float16).numpy(),
             "letterbox": box,
             "thumb": buf.getvalue(), "meta": {
                 "study": meta.study_pseudonym, "series": meta.series_pseudonym,
@@ -253,33 +257,71 @@ def decode_file(path: str, digest: str, pre_cfg: PreprocessConfig) -> dict[str, 
                 "year": meta.study_year, "rows": meta.rows, "cols": meta.columns}}
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How ingestion uses the machine: ``workers`` decode processes (0: decode in the ingesting
+    process), ``threads`` encoder threads, and whether the processes work in ``lockstep`` with
+    the encoder (decode one batch with every core, then wait while it is encoded) or stream
+    (decode ahead, beside the encoder)."""
+
+    workers: int
+    threads: int
+    lockstep: bool = False
+
+    @property
+    def schedule(self) -> str:
+        return "in-process" if self.workers == 0 else "lockstep" if self.lockstep else "stream"
+
+
 def plan_workers(workers: int | None, device: torch.device,
-                 costs: tuple[float, float] | None = None) -> tuple[int, int]:
-    """(decode processes, encoder threads). ``workers=0`` decodes in this process.
+                 costs: tuple[float, float] | None = None, batch_size: int = 32) -> Plan:
+    """Decode processes, encoder threads and schedule. ``workers=0`` decodes in this process.
 
     With the encoder on the CPU, decoding and encoding share the cores. Given ``costs`` (seconds
     per image to decode on one core, to encode with every core), the plan with the highest
-    predicted rate wins: decoding in-process then encoding on all cores, 1 / (d + e), or W
-    decode processes beside an encoder on the other cores, min(W / d, (C - W) / (C e)). On 2
-    cores that picks in-process decoding for a ResNet-18 encoder (d 6.3 ms, e 12.8 ms:
-    measured 42.7 images/s against 31.1 for the split) and one process + one thread for the
-    small ViT (d 4.9 ms, e 3.6 ms: the split ran 1.4x faster than oversubscribing). Without
+    predicted rate wins:
+
+    - decode in-process, then encode on every core: 1 / (d + e) (one core idles while decoding);
+    - lockstep: C processes decode a batch of B on every core, then wait while every core
+      encodes it: B / (B d / C + d + B e), nothing oversubscribed; the lone d is the wait for
+      the last process of each batch;
+    - stream: W processes decode ahead beside an encoder on the other cores:
+      min(W / d, (C - W) / (C e)).
+
+    On 2 cores that is lockstep for a ResNet-18 encoder (d 5.1 ms, e 12.8 ms) and for the small
+    ViT (d 4.9 ms, e 3.6 ms); streaming wins where encoding is cheap beside decoding (16 cores,
+    d 6.3 ms, e 1.2 ms: 4 processes beside 12 encoder threads). Without
     costs half the cores decode and the encoder gets the rest. With a GPU encoder every core
-    but one decodes and the encoder's thread count is left alone.
+    but one decodes, streaming, and the encoder's thread count is left alone.
     """
     cores = os.cpu_count() or 1
+    lockstep = False
     if workers is None and device.type == "cpu" and costs is not None and cores > 1:
         decode, encode = (max(float(c), 1e-9) for c in costs)
-        rates = {0: 1.0 / (decode + encode)}
+        b = max(1, batch_size)
+        rates: dict[tuple[int, bool], float] = {
+            (0, False): 1.0 / (decode + encode),
+            (cores, True): b / (b * decode / cores + decode + b * encode)}
         for w in range(1, cores):
-            rates[w] = min(w / decode, (cores - w) / (cores * encode))
-        workers = max(rates, key=lambda w: (rates[w], -w))
+            rates[(w, False)] = min(w / decode, (cores - w) / (cores * encode))
+        workers, lockstep = max(rates, key=lambda k: (rates[k], -k[0]))
     if workers is None:
         workers = max(1, cores // 2) if device.type == "cpu" else max(1, cores - 1)
     workers = max(0, int(workers))
     if device.type != "cpu":
-        return workers, torch.get_num_threads()
-    return workers, cores if workers == 0 else max(1, cores - workers)
+        return Plan(workers, torch.get_num_threads())
+    if lockstep:
+        return Plan(workers, cores, True)
+    return Plan(workers, cores if workers == 0 else max(1, cores - workers))
+
+
+def model_input(arrays: list[np.ndarray], encoder: Encoder) -> torch.Tensor:
+    """Decoded one-channel float16 arrays -> the encoder's input batch on its device."""
+    x = torch.from_numpy(np.stack(arrays))
+    channels = encoder.model.config.preprocess.channels
+    if x.shape[1] != channels:
+        x = x.expand(-1, channels, -1, -1)
+    return x.to(encoder.device).to(encoder.dtype)
 
 
 #: files decoded (and encoded) up front to choose the CPU plan; decoded again in the run
@@ -294,6 +336,7 @@ def probe_costs(encoder: Encoder, paths: list[str], pre: PreprocessConfig
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a decode process has one thread
     try:
+        decode_one(paths[0])  # first call: lazy imports, decoder and resampler set-up
         t0 = time.perf_counter()
         results = [decode_one(p) for p in paths]
         decode = (time.perf_counter() - t0) / max(1, len(paths))
@@ -302,7 +345,7 @@ def probe_costs(encoder: Encoder, paths: list[str], pre: PreprocessConfig
     arrays = [r["pixels"] for r in results if "pixels" in r]
     if len(arrays) < 2:
         return None
-    x = torch.from_numpy(np.stack(arrays)).to(encoder.dtype).to(encoder.device)
+    x = model_input(arrays, encoder)
     with torch.inference_mode():
         encoder.model.encode_image(x[:1])  # first call: allocator and kernel selection
         t0 = time.perf_counter()
@@ -310,15 +353,38 @@ def probe_costs(encoder: Encoder, paths: list[str], pre: PreprocessConfig
     return decode, (time.perf_counter() - t0) / len(arrays)
 
 
-def _results(paths: list[str], workers: int, known: KnownHashes, pre: PreprocessConfig
-             ) -> Iterator[dict[str, Any]]:
-    if workers == 0:
+#: yielded by a lockstep decode stream when the processes have just started on a batch: the
+#: moment for the ingesting process to do its own bookkeeping for the previous one
+STARTED = {"started": True}
+
+
+def decode_many(paths: list[str]) -> list[dict[str, Any]]:
+    """Worker: :func:`decode_one` over a share of a lockstep batch."""
+    return [decode_one(p) for p in paths]
+
+
+def _results(paths: list[str], plan: Plan, known: KnownHashes, pre: PreprocessConfig,
+             batch_size: int) -> Iterator[dict[str, Any]]:
+    if plan.workers == 0:
         _init_worker(known, asdict(pre))
         yield from map(decode_one, paths)
         return
-    with ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=_init_worker,
+    with ProcessPoolExecutor(plan.workers, mp_context=worker_context(), initializer=_init_worker,
                              initargs=(known, asdict(pre), os.getpid())) as pool:
-        yield from pool.map(decode_one, paths, chunksize=8)
+        if not plan.lockstep:
+            yield from pool.map(decode_one, paths, chunksize=8)
+            return
+        share = -(-batch_size // plan.workers)
+        for start in range(0, len(paths), batch_size):
+            batch = paths[start:start + batch_size]
+            futures = [pool.submit(decode_many, batch[i:i + share])
+                       for i in range(0, len(batch), share)]
+            yield STARTED
+            # the whole batch before any of it: the caller encodes as soon as it has a batch,
+            # and no process may still be decoding then (it would take a core from the encoder)
+            done = [f.result() for f in futures]
+            for results in done:
+                yield from results
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -398,10 +464,11 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
         costs = probe_costs(encoder, paths[:PROBE_FILES], pre)
         if costs is not None:
             report.probe = {"decode_s": round(costs[0], 5), "encode_s": round(costs[1], 5)}
-    workers, threads = plan_workers(workers, encoder.device, costs)
-    torch.set_num_threads(threads)
-    report.plan = [workers, threads]
-    logger.info("ingest plan: %d decode processes, %d encoder threads", workers, threads)
+    plan = plan_workers(workers, encoder.device, costs, batch_size)
+    torch.set_num_threads(plan.threads)
+    report.plan, report.schedule = [plan.workers, plan.threads], plan.schedule
+    logger.info("ingest plan: %d decode processes, %d encoder threads, %s", plan.workers,
+                plan.threads, plan.schedule)
     thumbs = ix.path / "thumbs"
     thumbs.mkdir(exist_ok=True)
     bar = _bar(len(paths), progress)
@@ -410,21 +477,43 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
     saves = [0]
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
 
+    encoded: list[tuple[list[dict[str, Any]], Any]] = []
+
     def flush() -> None:
-        nonlocal since_save
+        """Encode the pending batch; its vectors and rows are recorded at once, or (lockstep)
+        when the decode processes have started on the next batch."""
         if not pending:
             return
         t0 = time.time()
-        x = torch.from_numpy(np.stack([p["pixels"] for p in pending]))
         with torch.inference_mode():
-            emb = encoder.model.encode_image(x.to(encoder.device).to(encoder.dtype))
+            emb = encoder.model.encode_image(model_input([p["pixels"] for p in pending],
+                                                         encoder))
         report.encode_seconds += time.time() - t0
+        encoded.append((pending[:], emb))
+        pending.clear()
+        if not plan.lockstep:
+            record()
+
+    def record() -> None:
+        nonlocal since_save
+        while encoded:
+            batch, emb = encoded.pop(0)
+            _record(batch, emb)
+            since_save += len(batch)
+            if since_save >= save_every:
+                ix.save()
+                since_save = 0
+                saves[0] += 1
+                if kill_after and saves[0] >= kill_after:  # tests: die like a killed process
+                    os.kill(os.getpid(), 9)
+
+    def _record(batch: list[dict[str, Any]], emb: Any) -> None:
         # one device-to-host copy per output (not one per image or region: on a GPU each copy
         # is a synchronisation), one pseudonym per file
         vectors = emb.global_embedding.float().cpu().numpy()
-        uris = [uri(p["path"]) for p in pending]
+        uris = [uri(p["path"]) for p in batch]
         rows = []
-        for p, source_uri in zip(pending, uris, strict=True):
+        for p, source_uri in zip(batch, uris, strict=True):
             thumb = thumbs / f"{p['hash'][:2]}" / f"{p['hash']}.jpg"
             thumb.parent.mkdir(exist_ok=True)
             if not thumb.exists():
@@ -440,7 +529,7 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
             region_scores = (emb.region_scores.float().cpu().tolist()
                              if emb.region_scores is not None else None)
             rrows = []
-            for j, (p, parent) in enumerate(zip(pending, ids.tolist(), strict=True)):
+            for j, (p, parent) in enumerate(zip(batch, ids.tolist(), strict=True)):
                 boxes = p["letterbox"].to_original(region_boxes[j])
                 for r, box in enumerate(boxes):
                     rrows.append({"source_uri": uris[j], "content_hash": f"{p['hash']}#{r}",
@@ -449,16 +538,11 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
                                             if region_scores is not None else None}})
             ix.add(REGION, region_vectors.reshape(-1, region_vectors.shape[-1]), rrows)
             report.regions += len(rrows)
-        since_save += len(pending)
-        pending.clear()
-        if since_save >= save_every:
-            ix.save()
-            since_save = 0
-            saves[0] += 1
-            if kill_after and saves[0] >= kill_after:  # tests: die like a killed process
-                os.kill(os.getpid(), 9)
 
-    for result in _results(paths, workers, KnownHashes(known), pre):
+    for result in _results(paths, plan, KnownHashes(known), pre, batch_size):
+        if result is STARTED:  # the processes decode the next batch: record the last one now
+            record()
+            continue
         if not report.first_result_s:
             report.first_result_s = round(time.time() - start, 3)
         bar.update(1)
@@ -476,6 +560,7 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
             if len(pending) >= batch_size:
                 flush()
     flush()
+    record()
     ix.save()
     bar.close()
     report.seconds = round(time.time() - start, 3)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.tiny_cxr import make_tiny_cxr
@@ -140,35 +141,40 @@ def test_plan_workers_splits_cpu_cores_and_leaves_gpu_threads(monkeypatch):
     import torch
 
     from index import ingest as ig
+    from index.ingest import Plan
 
     monkeypatch.setattr(ig.os, "cpu_count", lambda: 8)
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert ig.plan_workers(None, cpu) == (4, 4)  # half decode, the encoder gets the rest
-    assert ig.plan_workers(0, cpu) == (0, 8)  # decode in this process: all threads encode
-    assert ig.plan_workers(6, cpu) == (6, 2)
-    assert ig.plan_workers(20, cpu) == (20, 1)  # never fewer than one encoder thread
-    workers, threads = ig.plan_workers(None, gpu)
-    assert workers == 7 and threads == torch.get_num_threads()
+    assert ig.plan_workers(None, cpu) == Plan(4, 4)  # half decode, the encoder gets the rest
+    assert ig.plan_workers(0, cpu) == Plan(0, 8)  # decode in this process: all threads encode
+    assert ig.plan_workers(0, cpu).schedule == "in-process"
+    assert ig.plan_workers(6, cpu) == Plan(6, 2)
+    assert ig.plan_workers(20, cpu) == Plan(20, 1)  # never fewer than one encoder thread
+    plan = ig.plan_workers(None, gpu)
+    assert plan == Plan(7, torch.get_num_threads()) and plan.schedule == "stream"
     monkeypatch.setattr(ig.os, "cpu_count", lambda: 1)
-    assert ig.plan_workers(None, cpu) == (1, 1)
+    assert ig.plan_workers(None, cpu) == Plan(1, 1)
 
 
 def test_plan_workers_chooses_by_measured_costs(monkeypatch):
     import torch
 
     from index import ingest as ig
+    from index.ingest import Plan
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(ig.os, "cpu_count", lambda: 2)
-    # encoding costs twice the decode (ResNet-18 on 2 cores): decode in-process, encode on both
-    assert ig.plan_workers(None, cpu, (6.3e-3, 12.75e-3)) == (0, 2)
-    # comparable costs (the small ViT): one decode process beside a one-thread encoder
-    assert ig.plan_workers(None, cpu, (4.9e-3, 3.6e-3)) == (1, 1)
-    assert ig.plan_workers(1, cpu, (6.3e-3, 12.75e-3)) == (1, 1)  # an explicit count wins
+    # encoding costs more than decoding (ResNet-18 on 2 cores): lockstep, both cores decode a
+    # batch, then both encode it: 1 / (5.1 / 2 + 12.8) ms beats 1 / (5.1 + 12.8) in-process
+    plan = ig.plan_workers(None, cpu, (5.1e-3, 12.8e-3))
+    assert plan == Plan(2, 2, lockstep=True) and plan.schedule == "lockstep"
+    assert ig.plan_workers(None, cpu, (4.9e-3, 3.6e-3)) == Plan(2, 2, lockstep=True)
+    assert ig.plan_workers(1, cpu, (5.1e-3, 12.8e-3)) == Plan(1, 1)  # an explicit count wins
     monkeypatch.setattr(ig.os, "cpu_count", lambda: 16)
-    # many cores: a few decode processes keep up, the rest encode (3/6.3 ms < 13/(16 x 1.6 ms))
-    assert ig.plan_workers(None, cpu, (6.3e-3, 1.6e-3)) == (3, 13)
-    assert ig.plan_workers(None, gpu, (6.3e-3, 1.6e-3))[0] == 15  # costs are for CPU plans
+    # many cores and a cheap encoder: streaming decode processes keep up and the rest encode
+    # (4 / 6.3 ms < 12 / (16 x 1.2 ms)); lockstep would wait for the last process each batch
+    assert ig.plan_workers(None, cpu, (6.3e-3, 1.2e-3)) == Plan(4, 12)
+    assert ig.plan_workers(None, gpu, (6.3e-3, 1.2e-3)).workers == 15  # costs: CPU plans only
 
 
 def test_probe_costs_measures_decode_and_encode(archive, model_dir):
@@ -202,3 +208,59 @@ def test_known_hashes_travel_as_prefixes_and_a_collision_is_decoded(archive, mod
                     progress=False, batch_size=4)
     assert report.added == 24 and report.already_indexed == 0
     assert sorted(Path(f["path"]).name for f in report.failed) == ["notes.dcm", "truncated.dcm"]
+
+
+def test_lockstep_schedule_builds_the_same_index_as_in_process_decoding(archive, model_dir,
+                                                                        tmp_path, monkeypatch):
+    """Lockstep (decode processes take turns with the encoder, one batch at a time, and the
+    previous batch is recorded while they decode) must index exactly what in-process decoding
+    does: every good image once with the same vectors and regions, each bad file reported."""
+    from index import ingest as ig
+    from index.folder import IndexFolder
+    from vlm.inference import Encoder
+
+    enc = Encoder(str(model_dir))
+    plain = ig.ingest(enc, archive, tmp_path / "plain", workers=0, progress=False,
+                      batch_size=4)
+    assert plain.schedule == "in-process"
+    monkeypatch.setattr(ig, "plan_workers", lambda *a, **k: ig.Plan(2, 1, lockstep=True))
+    # batches of 5 against 2 processes: uneven shares, and the two bad files fall inside batches
+    turns = ig.ingest(enc, archive, tmp_path / "turns", progress=False, batch_size=5,
+                      save_every=8)
+    assert turns.schedule == "lockstep" and turns.plan == [2, 1]
+    assert turns.added == plain.added == 24 and turns.regions == plain.regions > 0
+    names = sorted(Path(f["path"]).name for f in turns.failed)
+    assert names == sorted(Path(f["path"]).name for f in plain.failed) == ["notes.dcm",
+                                                                           "truncated.dcm"]
+
+    def by_hash(folder: Path) -> dict[str, np.ndarray]:
+        ix = IndexFolder.open(folder)
+        try:
+            ids = ix.collection("image").ids()
+            items = ix.catalog.get_many(ids.tolist())
+            vectors = ix.collection("image").vectors(ids)
+            return {it.content_hash: v for it, v in zip(items, vectors, strict=True)}
+        finally:
+            ix.close()
+
+    a, b = by_hash(tmp_path / "plain"), by_hash(tmp_path / "turns")
+    assert sorted(a) == sorted(b) and len(a) == 24
+    for digest, vector in a.items():
+        np.testing.assert_allclose(b[digest], vector, atol=2e-3)
+    again = ig.ingest(enc, archive, tmp_path / "turns", progress=False, batch_size=5)
+    assert again.added == 0 and again.already_indexed == 24
+
+
+def test_decoded_pixels_are_one_channel_and_the_model_input_repeats_it(archive, model_dir):
+    from index import ingest as ig
+    from vlm.inference import Encoder
+
+    enc = Encoder(str(model_dir))
+    pre = enc.model.config.preprocess
+    path = str(sorted((archive / "dicom").glob("s*.dcm"))[0])
+    out = ig.decode_file(path, "digest", pre)
+    assert out["pixels"].shape == (1, pre.image_size, pre.image_size)
+    assert out["pixels"].dtype == np.float16
+    x = ig.model_input([out["pixels"], out["pixels"]], enc)
+    assert x.shape == (2, pre.channels, pre.image_size, pre.image_size)
+    assert x.dtype == enc.dtype and bool((x[:, 0] == x[:, -1]).all())

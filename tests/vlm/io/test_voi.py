@@ -94,6 +94,13 @@ def test_window_functions_follow_the_standard():
     sig = apply_window(x, 40, 400, "SIGMOID")
     np.testing.assert_allclose(sig[2], 0.5)
     np.testing.assert_allclose(sig[3], 1 / (1 + np.exp(-4 * 200 / 400)), rtol=1e-6)
+    # width 1 is the standard's step: x <= c - 0.5 -> 0, above -> 1
+    np.testing.assert_array_equal(apply_window(np.array([39.0, 39.5, 39.6, 41.0]), 40, 1),
+                                  [0.0, 0.0, 1.0, 1.0])
+    # float32 inputs far from zero keep the window's precision
+    big = np.array([30000.0, 30000.5, 30001.0], np.float32)
+    np.testing.assert_allclose(apply_window(big, 30000.5, 2, "LINEAR_EXACT"), [0.25, 0.5, 0.75],
+                               atol=1e-6)
     with pytest.raises(RadLensError):
         apply_window(x, 40, 0.5, "LINEAR")
     with pytest.raises(RadLensError):
