@@ -98,11 +98,17 @@ class Preprocess:
         return torch.as_tensor(np.ascontiguousarray(arr), dtype=torch.float32)
 
     def __call__(self, image: ImageData | np.ndarray) -> tuple[torch.Tensor, Letterbox]:
+        x, box = self.one_channel(image)
+        return x.expand(self.cfg.channels, -1, -1).contiguous(), box
+
+    def one_channel(self, image: ImageData | np.ndarray) -> tuple[torch.Tensor, Letterbox]:
+        """The model input before its channels repeat the image: (1, S, S), normalised (what
+        ingestion sends between processes)."""
         x, box = letterbox(self.unit(image), self.cfg.image_size)
         if self.train:
             x = self.augment(x)
-        x = (x - self.cfg.mean) / self.cfg.std
-        return x.unsqueeze(0).expand(self.cfg.channels, -1, -1).contiguous(), box
+        x = x.sub_(self.cfg.mean).div_(self.cfg.std)  # x is this call's own tensor
+        return x.unsqueeze(0), box
 
     def _rand(self, lo: float, hi: float) -> float:
         return float(lo + (hi - lo) * torch.rand((), generator=self.generator))
