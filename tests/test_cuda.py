@@ -122,3 +122,23 @@ def test_eval_on_cuda_matches_cpu(model_dir, tmp_path):
     assert gpu["retrieval"]["label_matched"]["queries"] == \
         cpu["retrieval"]["label_matched"]["queries"]
     assert gpu["grounding"]["instances"] == cpu["grounding"]["instances"]
+
+
+@pytest.mark.parametrize("name", ["random:lecl-tiny@0", "random:drasclr-tiny@0"])
+def test_volume_encoders_on_cuda_match_cpu(name):
+    """CLEAR's slice encoder (LeCL) and DrasCLR on CUDA give the CPU's vector and scores."""
+    from vlm.volume_encoder import VolumeEncoder
+
+    z, y, x = np.mgrid[:32, :64, :64].astype(np.float32)
+    body = ((y - 32) / 28) ** 2 + ((x - 32) / 30) ** 2 < 1
+    lungs = body & (((y - 30) / 14) ** 2 + ((np.abs(x - 32) - 13) / 9) ** 2 < 1)
+    hu = np.where(body, 40.0, -1000.0) + np.where(lungs, -890.0, 0.0)
+    hu += np.where(((z - 16) ** 2 + (y - 28) ** 2 + (x - 20) ** 2) < 16, 900.0, 0.0)  # a lesion
+    hu = hu.astype(np.float32)
+    cpu = VolumeEncoder.load(name, device="cpu").encode(hu)
+    gpu = VolumeEncoder.load(name, device="cuda").encode(hu)
+    assert gpu.vector.dtype == np.float32 and gpu.vector.shape == cpu.vector.shape
+    assert _cos(cpu.vector, gpu.vector) > 0.999
+    # TF32 convolutions on the GPU: scores agree to a small share of their spread
+    np.testing.assert_allclose(gpu.slice_scores, cpu.slice_scores,
+                               atol=1e-4 + 0.02 * float(np.ptp(cpu.slice_scores)))

@@ -97,12 +97,13 @@ def _ingest(model: str, source: Path, out: Path, batch_size: int, workers: int |
 
 
 def _ingest_volumes(volume_model: str, source: Path, out: Path, progress: bool,
-                    keep_paths: bool = False, save_every: int = 16) -> bool:
+                    keep_paths: bool = False, save_every: int = 16, device: str = "cpu") -> bool:
     """Index the volumes; prints the summary line. Returns True if some volumes failed."""
     from index.volumes import REPORT_FILE, VOLUME, ingest_volumes
+    from vlm.inference import check_device
     from vlm.volume_encoder import VolumeEncoder
 
-    encoder = VolumeEncoder.load(volume_model)
+    encoder = VolumeEncoder.load(volume_model, device=str(check_device(device)))
     report = ingest_volumes(encoder, source, out, progress=progress, keep_paths=keep_paths,
                             save_every=save_every)
     for failure in report.failed:
@@ -113,8 +114,8 @@ def _ingest_volumes(volume_model: str, source: Path, out: Path, progress: bool,
     return bool(report.failed)
 
 
-DEVICE_HELP = ("Where the image encoder runs: cpu, cuda or cuda:N (decoding stays in CPU "
-               "worker processes). The vectors do not depend on it beyond float rounding, so "
+DEVICE_HELP = ("Where the image and volume encoders run: cpu, cuda or cuda:N (decoding "
+               "stays on the CPU). The vectors do not depend on it beyond float rounding, so "
                "one index can be filled from either.")
 VOLUME_MODEL_HELP = ("Volume encoder: a 'radlens train lecl', 'drasclr' or 'lesion-seg' run "
                      "folder, or random:lecl-tiny|lecl-small|drasclr-tiny|drasclr-small, "
@@ -164,7 +165,8 @@ def index_build(
         failed |= _ingest(model, source, out, batch_size, workers, progress, keep_paths,
                           save_every, device)
     if volume_model is not None:
-        failed |= _ingest_volumes(volume_model, source, out, progress, keep_paths)
+        failed |= _ingest_volumes(volume_model, source, out, progress, keep_paths,
+                                  device=device)
     if failed:
         raise typer.Exit(code=3)
 
@@ -202,7 +204,7 @@ def index_add(
         failed |= _ingest(chosen, source, index, batch_size, workers, progress,
                           device=device)
     if chosen_volume:
-        failed |= _ingest_volumes(chosen_volume, source, index, progress)
+        failed |= _ingest_volumes(chosen_volume, source, index, progress, device=device)
     if failed:
         raise typer.Exit(code=3)
 

@@ -65,3 +65,9 @@ def test_check_device_refuses_what_torch_cannot_run_here(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cuda:99" in err[0]
     assert not (tmp_path / "never-created").exists()
+    # the volume encoder takes the same option and the same check
+    code = main(["index", "build", "--volume-model", "random:lecl-tiny", "--source",
+                 str(tmp_path), "--out", str(tmp_path / "never-created"), "--device", "mps"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "mps" in err[0]
+    assert not (tmp_path / "never-created").exists()
