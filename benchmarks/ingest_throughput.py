@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     n_ref = min(args.reference_images, len(good))
     before = encoder_only(encoder, good, args.batch_size, n_ref)
     print(f"encoder only: {before}", file=sys.stderr, flush=True)
-    costs = one_core_costs(encoder, good, args.batch_size,
-                           min(args.reference_images, len(good)))
+    costs = one_core_costs(encoder, good, args.batch_size, n_ref)
     print(f"one-core stage costs: {costs}", file=sys.stderr, flush=True)
 
     index = args.work / "index"

@@ -67,7 +67,9 @@ def apply_window(x: np.ndarray, center: float, width: float, function: str = "LI
     if function == "LINEAR":
         if width < 1:
             raise RadLensError(f"LINEAR VOI window width must be >= 1, got {width:g}")
-        low, scale = center - 0.5, 1.0 / (width - 1) if width > 1 else np.inf
+        if width == 1:  # the standard's step: x <= c - 0.5 -> 0, above -> 1
+            return (np.asarray(x, np.float32) > center - 0.5).astype(np.float32)
+        low, scale = center - 0.5, 1.0 / (width - 1)
     elif function == "LINEAR_EXACT":
         if width <= 0:
             raise RadLensError(f"LINEAR_EXACT VOI window width must be > 0, got {width:g}")
@@ -86,8 +88,6 @@ def apply_window(x: np.ndarray, center: float, width: float, function: str = "LI
         raise RadLensError(f"unknown VOI LUT function '{function}': use one of {VOI_FUNCTIONS}")
     y = np.array(x, dtype=np.float32)
     y -= low
-    if np.isinf(scale):  # LINEAR with width 1: a step at the centre
-        return (y > 0).astype(np.float32)
     y *= scale
     y += 0.5
     return np.clip(y, 0.0, 1.0, out=y)
