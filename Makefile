@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/index_search.py
 	$(BIN)/python benchmarks/encode_throughput.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/allocator.py
 	$(BIN)/python benchmarks/phantom_cxr_speed.py
 	$(BIN)/python benchmarks/phantom_ct_speed.py
 	$(BIN)/python benchmarks/real_ct.py

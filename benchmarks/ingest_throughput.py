@@ -14,6 +14,9 @@ DICOM, a text file named ``.dcm``, an empty file, random bytes and a DICOM witho
   at the same batch size, measured in the same run, before and after the build (the faster
   of the two counts): the ceiling ingestion can approach.
 
+Both run with the malloc settings ``radlens`` applies (``vlm.allocator``;
+``RADLENS_MALLOC=default`` measures glibc's defaults instead).
+
 Then the same build is run again over the same folder (it must add nothing) and the failures
 report is checked (each broken file listed once, no good file listed). Prints one JSON object;
 writes ``benchmarks/out/ingest_throughput.{json,png}``. Target: ratio >= 0.85.
@@ -151,10 +154,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import vlm  # noqa: F401  (torchvision CPU shim)
     from index.ingest import ingest
+    from vlm.allocator import tune_allocator
     from vlm.inference import Encoder, check_device
 
     if not have_phantom_cxr(args.data):
         return 2
+    allocator = tune_allocator()  # as `radlens index build` does; both stages get it
     shutil.rmtree(args.work, ignore_errors=True)
     archive = args.work / "archive"
     n_images = link_tree(args.data, archive / "phantom_cxr", args.limit)
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(encoder.device),
         "gpu": torch.cuda.get_device_name(encoder.device) if encoder.device.type == "cuda"
         else None,
-        "images": n_images, "batch_size": args.batch_size,
+        "images": n_images, "batch_size": args.batch_size, "malloc": allocator.reason,
         "decode_processes_and_encoder_threads": report.plan, "schedule": report.schedule,
         "plan_probe": report.probe,
         "end_to_end": {"added": report.added, "regions": report.regions,
