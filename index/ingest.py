@@ -124,6 +124,12 @@ def file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: files up to this size are read into memory once, hashed, and decoded from those bytes
+#: (a 512x512 radiograph: 0.67 -> 0.42 ms for the hash, and no second read); larger ones are
+#: hashed in blocks and read again by the decoder
+READ_ONCE_BYTES = 64 << 20
+
+
 class KnownHashes:
     """The content hashes an index already holds, as sorted 64-bit prefixes: what each decode
     process receives so that it can skip known files without decoding them.
@@ -205,25 +211,33 @@ def _init_worker(known: KnownHashes, pre: dict[str, Any], owner: int = 0) -> Non
 
 def decode_one(path: str) -> dict[str, Any]:
     """Worker: hash, skip if known, read + preprocess + thumbnail. Never raises."""
+    data: bytes | None = None
     try:
-        digest = file_hash(Path(path))
+        if os.path.getsize(path) <= READ_ONCE_BYTES:
+            with open(path, "rb") as fh:
+                data = fh.read()
+            digest = hashlib.sha256(data).hexdigest()
+        else:
+            digest = file_hash(Path(path))
     except OSError as exc:
         return {"path": path, "error": f"unreadable file ({exc.strerror or exc})"}
     if digest in _KNOWN:
         return {"path": path, "hash": digest, "known": True}
     assert _PRE is not None
-    return decode_file(path, digest, _PRE)
+    return decode_file(path, digest, _PRE, data)
 
 
-def decode_file(path: str, digest: str, pre_cfg: PreprocessConfig) -> dict[str, Any]:
-    """Read + preprocess + thumbnail one file whose content hash is ``digest``. Never raises."""
+def decode_file(path: str, digest: str, pre_cfg: PreprocessConfig, data: bytes | None = None
+                ) -> dict[str, Any]:
+    """Read + preprocess + thumbnail one file whose content hash is ``digest`` (``data``: its
+    bytes, if already read). Never raises."""
     from PIL import Image
 
     from vlm.data.transforms import Preprocess
     from vlm.io import read_image, render
 
     try:
-        image = read_image(path)
+        image = read_image(path, data=data)
         if image.meta.frames > 1:
             image = image.frame(image.meta.frames // 2)
         pre = Preprocess(pre_cfg)

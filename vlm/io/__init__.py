@@ -41,8 +41,9 @@ def is_nifti(path: PathLike) -> bool:
 
 
 def read_image(path: PathLike, *, pseudonymizer: Pseudonymizer | None = None,
-               keep_identifiers: bool = False) -> ImageData:
-    """Read a 2-D image: DICOM (any suffix or none), PNG, JPEG, TIFF.
+               keep_identifiers: bool = False, data: bytes | None = None) -> ImageData:
+    """Read a 2-D image: DICOM (any suffix or none), PNG, JPEG, TIFF. ``data``: the file's
+    bytes when the caller has already read them (a DICOM file is then not read again).
 
     Raises:
         ImageReadError: one line naming the file and what is wrong with it.
@@ -54,7 +55,8 @@ def read_image(path: PathLike, *, pseudonymizer: Pseudonymizer | None = None,
             return read_raster(path)
         if is_nifti(path):
             raise ImageReadError(path, "is a NIfTI volume: read it with read_volume")
-        return read_dicom(path, pseudonymizer=pseudonymizer, keep_identifiers=keep_identifiers)
+        return read_dicom(path, pseudonymizer=pseudonymizer, keep_identifiers=keep_identifiers,
+                          data=data)
 
 
 def read_volume(source: PathLike | Iterable[PathLike], *,

@@ -82,3 +82,53 @@ def test_survey_report_written():
     failed = [m for m in must if m in by_name and not by_name[m]["decoded"]]
     assert not failed, failed
     assert decoded >= 150
+
+
+def test_native_pixel_fast_path_equals_pydicom_wherever_it_applies():
+    """vlm.io.dicom.native_pixels reads uncompressed grayscale straight from the bytes; on
+    every sample file it accepts, it must give pydicom's pixel_array exactly (values, dtype),
+    and it must decline compressed, multi-frame, colour and narrow signed files."""
+    from vlm.io.dicom import load_dataset, native_pixels
+
+    used, declined = [], 0
+    for path in FILES:
+        try:
+            ds = load_dataset(path)
+        except ImageReadError:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # some samples carry invalid values on purpose
+            fast = native_pixels(ds)
+        if fast is None:
+            declined += 1
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference = np.asarray(ds.pixel_array)
+        assert fast.dtype == reference.dtype, path.name
+        np.testing.assert_array_equal(fast, reference, err_msg=path.name)
+        assert fast.flags.writeable and fast.flags.owndata
+        used.append(path.name)
+    assert len(used) >= 20, used  # CT_small, MR_small, the chest CR RG1_UNCI, ...
+    assert "RG1_UNCI.dcm" in used and "CT_small.dcm" in used
+    assert declined >= 50  # JPEG / RLE / colour / multi-frame samples go through pydicom
+
+
+def test_dicom_read_from_bytes_equals_read_from_path(tmp_path):
+    """Ingestion hashes a file's bytes and decodes those same bytes: same pixels and record,
+    and errors still name the file."""
+    from tests.vlm.io.conftest import sample_file
+
+    for name in ("RG1_UNCI.dcm", "CT_small.dcm", "MR_small_RLE.dcm"):
+        path = sample_file(name)
+        a, b = read_image(path), read_image(path, data=path.read_bytes())
+        np.testing.assert_array_equal(a.pixels, b.pixels)
+        assert a.meta == b.meta
+    bad = tmp_path / "cut.dcm"
+    bad.write_bytes(sample_file("CT_small.dcm").read_bytes()[:3000])
+    with pytest.raises(ImageReadError) as from_bytes:
+        read_image(bad, data=bad.read_bytes())
+    with pytest.raises(ImageReadError) as from_path:
+        read_image(bad)
+    assert str(from_bytes.value) == str(from_path.value)
+    assert str(from_bytes.value).startswith(str(bad))
