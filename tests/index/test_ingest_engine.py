@@ -156,6 +156,28 @@ def test_plan_workers_splits_cpu_cores_and_leaves_gpu_threads(monkeypatch):
     assert ig.plan_workers(None, cpu) == Plan(1, 1)
 
 
+def test_decode_processes_take_the_malloc_settings_and_the_ingesting_process_keeps_its_own(
+        monkeypatch):
+    """A fork server's worker starts without the CLI's malloc settings: its initializer applies
+    them; in-process decoding (owner 0) leaves the process (and its threads) as it is."""
+    import torch
+
+    from index import ingest as ig
+
+    calls: list[str] = []
+    monkeypatch.setattr(ig, "tune_allocator", lambda: calls.append("malloc"))
+    monkeypatch.setattr(ig, "_exit_with", lambda owner: calls.append(f"watch {owner}"))
+    threads = torch.get_num_threads()
+    pre = {"image_size": 32, "mean": 0.5, "std": 0.25, "window": None, "channels": 3}
+    try:
+        ig._init_worker(ig.KnownHashes(), pre, owner=0)
+        assert calls == [] and torch.get_num_threads() == threads
+        ig._init_worker(ig.KnownHashes(), pre, owner=4242)
+        assert calls == ["watch 4242", "malloc"] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_plan_workers_chooses_by_measured_costs(monkeypatch):
     import torch
 
