@@ -45,7 +45,7 @@ def _root(
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from vlm.allocator import tune_allocator
 
-    # every command encodes or trains on the CPU: reuse freed activation memory (about 1.2x
+    # most commands encode or train on the CPU: reuse freed activation memory (about 1.2x
     # the images/s of glibc's defaults here; RADLENS_MALLOC=default keeps those)
     logger.info("malloc: %s", tune_allocator().reason)
 
