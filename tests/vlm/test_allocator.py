@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -34,14 +35,8 @@ print(json.dumps({"applied": t.applied, "reason": t.reason, "faults": r1 - r0}))
 
 def _probe(setting: str) -> dict:
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                         check=True, env={**_env(), allocator.ENV: setting})
+                         check=True, env={**os.environ, allocator.ENV: setting})
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt settings are glibc's")
