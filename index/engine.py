@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,39 @@ from vlm.io import ImageData, read_image
 from vlm.zeroshot import PromptSet
 
 FILTER_KEYS = ("modality", "body_part", "view", "year_min", "year_max")
+
+
+def parse_filters(items: Iterable[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (``radlens search --filter``) -> search filters, checked before any
+    model is loaded. ``year=2010`` and ``year=2005-2010`` stand for ``year_min``/``year_max``;
+    ``view=PA,AP`` matches either value.
+
+    Raises:
+        RadLensError: not KEY=VALUE, an unknown key, or a year that is not a whole number.
+    """
+    def year(key: str, text: str) -> int:
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise RadLensError(f"--filter {key} needs a year such as 2010, got '{text.strip()}'"
+                               ) from None
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not value:
+            raise RadLensError(f"--filter needs KEY=VALUE, got '{item}'")
+        if key == "year":
+            lo, dash, hi = value.partition("-")
+            out["year_min"], out["year_max"] = year(key, lo), year(key, hi if dash else lo)
+        elif key in ("year_min", "year_max"):
+            out[key] = year(key, value)
+        elif key in FILTER_KEYS:
+            values = [v.strip() for v in value.split(",") if v.strip()]
+            out[key] = values[0] if len(values) == 1 else values
+        else:
+            raise RadLensError(f"unknown filter '{key}': use {', '.join(FILTER_KEYS)} or year")
+    return out
 
 #: What a text query is contrasted with by default: a normal study. Ranking by
 #: ``cos(image, query) - cos(image, reference)`` asks for images more like the query than like a

@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,14 +29,16 @@ import torch
 
 from index.folder import IndexFolder
 from vlm.allocator import tune_allocator
-from vlm.errors import RadLensError
+from vlm.errors import Interrupted, RadLensError
 from vlm.inference import Encoder
+from vlm.interrupt import StopRequest, ignore_stop_signals, interrupt_for_test, stop_on_signal
 from vlm.models.config import PreprocessConfig
 
 logger = logging.getLogger(__name__)
 
 IMAGE, REGION = "image", "region"
-KILL_ENV = "RADLENS_TEST_KILL_AFTER_SAVES"
+KILL_ENV = "RADLENS_TEST_KILL_AFTER_SAVES"  # tests: SIGKILL self after this many saves
+INTERRUPT_ENV = "RADLENS_TEST_INTERRUPT_AFTER_BATCHES"  # tests: Ctrl-C after this many batches
 THUMB_SIZE = 512  # what the app shows; originals are never served
 THUMB_QUALITY = 92
 SKIP_NAMES = {"DICOMDIR", "manifest.jsonl", "summary.json", "skipped.jsonl"}
@@ -64,6 +66,12 @@ class IngestReport:
     probe: dict[str, float] = field(default_factory=dict)
     #: seconds from the start to the first decoded file: listing, probing, worker start-up
     first_result_s: float = 0.0
+    #: stopped by Ctrl-C or SIGTERM: everything counted here was saved, ``unread`` files were
+    #: not looked at (a rerun adds them)
+    interrupted: bool = False
+    unread: int = 0
+    #: images of this run in saved generations: ``added`` unless the run died between saves
+    saved: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -206,6 +214,10 @@ def _init_worker(known: KnownHashes, pre: dict[str, Any], owner: int = 0) -> Non
     global _KNOWN, _PRE
     if owner:
         _exit_with(owner)
+        # Ctrl-C in a terminal reaches every process of the group: the ingesting process
+        # finishes its batch, saves and stops the pool; a worker that died instead would
+        # print a traceback and break the pool under it
+        ignore_stop_signals()
         torch.set_num_threads(1)
         # a fork server's worker does not inherit the ingesting process's malloc settings;
         # with them one decode costs 3.7-3.8 instead of 4.2-5.0 ms here (freed pixel buffers
@@ -385,27 +397,33 @@ def decode_many(paths: list[str]) -> list[dict[str, Any]]:
 
 
 def _results(paths: list[str], plan: Plan, known: KnownHashes, pre: PreprocessConfig,
-             batch_size: int) -> Iterator[dict[str, Any]]:
+             batch_size: int) -> Generator[dict[str, Any], None, None]:
     if plan.workers == 0:
         _init_worker(known, asdict(pre))
         yield from map(decode_one, paths)
         return
     with ProcessPoolExecutor(plan.workers, mp_context=worker_context(), initializer=_init_worker,
                              initargs=(known, asdict(pre), os.getpid())) as pool:
-        if not plan.lockstep:
-            yield from pool.map(decode_one, paths, chunksize=8)
-            return
-        share = -(-batch_size // plan.workers)
-        for start in range(0, len(paths), batch_size):
-            batch = paths[start:start + batch_size]
-            futures = [pool.submit(decode_many, batch[i:i + share])
-                       for i in range(0, len(batch), share)]
-            yield STARTED
-            # the whole batch before any of it: the caller encodes as soon as it has a batch,
-            # and no process may still be decoding then (it would take a core from the encoder)
-            done = [f.result() for f in futures]
-            for results in done:
-                yield from results
+        try:
+            if not plan.lockstep:
+                yield from pool.map(decode_one, paths, chunksize=8)
+                return
+            share = -(-batch_size // plan.workers)
+            for start in range(0, len(paths), batch_size):
+                batch = paths[start:start + batch_size]
+                futures = [pool.submit(decode_many, batch[i:i + share])
+                           for i in range(0, len(batch), share)]
+                yield STARTED
+                # the whole batch before any of it: the caller encodes as soon as it has a
+                # batch, and no process may still be decoding then (it would take a core from
+                # the encoder)
+                done = [f.result() for f in futures]
+                for results in done:
+                    yield from results
+        finally:
+            # closed early (a stop, an error): drop the queued files instead of decoding the
+            # rest of the archive before the pool can exit
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -448,20 +466,24 @@ def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathL
     report = IngestReport(source=str(src))
     before = torch.get_num_threads()
     try:
-        _run(encoder, ix, src, report, batch_size, workers, save_every, regions, progress,
-             keep_paths)
+        stop = _run(encoder, ix, src, report, batch_size, workers, save_every, regions,
+                    progress, keep_paths)
     finally:
         torch.set_num_threads(before)
         report_file = dest / "ingest_report.json"
         report_file.write_text(json.dumps(report.to_dict(), indent=1))
         report_file.chmod(0o600)
         ix.close()
+    if stop:
+        raise Interrupted(
+            f"interrupted: {report.added} new images saved in {dest}, {report.unread} files "
+            "not read yet; run the same command again to add them", stop.exit_code, report)
     return report
 
 
 def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, batch_size: int,
          workers: int | None, save_every: int, regions: bool, progress: bool, keep_paths: bool
-         ) -> None:
+         ) -> StopRequest:
     from vlm.io.deid import default_pseudonymizer
 
     pseudo = default_pseudonymizer()
@@ -497,6 +519,8 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
     since_save = 0
     saves = [0]
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+    interrupt_after = int(os.environ.get(INTERRUPT_ENV, "0") or 0)
+    batches = [0]
 
     encoded: list[tuple[list[dict[str, Any]], Any]] = []
 
@@ -515,14 +539,21 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
         if not plan.lockstep:
             record()
 
+    def save() -> None:
+        ix.save()
+        report.saved = report.added
+
     def record() -> None:
         nonlocal since_save
         while encoded:
             batch, emb = encoded.pop(0)
             _record(batch, emb)
             since_save += len(batch)
+            batches[0] += 1
+            if batches[0] == interrupt_after:
+                interrupt_for_test()
             if since_save >= save_every:
-                ix.save()
+                save()
                 since_save = 0
                 saves[0] += 1
                 if kill_after and saves[0] >= kill_after:  # tests: die like a killed process
@@ -560,35 +591,48 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
             ix.add(REGION, region_vectors.reshape(-1, region_vectors.shape[-1]), rrows)
             report.regions += len(rrows)
 
-    for result in _results(paths, plan, KnownHashes(known), pre, batch_size):
-        if result is STARTED:  # the processes decode the next batch: record the last one now
-            record()
-            continue
-        if not report.first_result_s:
-            report.first_result_s = round(time.time() - start, 3)
-        bar.update(1)
-        if "error" not in result and result["hash"] in known:
-            report.already_indexed += 1
-            continue
-        if result.get("known"):  # a prefix collision: a new file that only looked known
-            result = decode_file(result["path"], result["hash"], pre)
-        if "error" in result:
-            report.failed.append({"path": result["path"], "reason": result["error"]})
-            logger.warning("skipped a file: %s", result["error"])
-        else:
-            known.add(result["hash"])
-            pending.append(result)
-            if len(pending) >= batch_size:
-                flush()
-    flush()
-    record()
-    ix.save()
+    seen = 0
+    with stop_on_signal("saving the index after this batch") as stop:
+        results = _results(paths, plan, KnownHashes(known), pre, batch_size)
+        try:
+            for result in results:
+                if stop:
+                    break
+                if result is STARTED:  # the processes decode the next batch: record the last
+                    record()
+                    continue
+                seen += 1
+                if not report.first_result_s:
+                    report.first_result_s = round(time.time() - start, 3)
+                bar.update(1)
+                if "error" not in result and result["hash"] in known:
+                    report.already_indexed += 1
+                    continue
+                if result.get("known"):  # a prefix collision: a new file that only looked known
+                    result = decode_file(result["path"], result["hash"], pre)
+                if "error" in result:
+                    report.failed.append({"path": result["path"], "reason": result["error"]})
+                    logger.warning("skipped a file: %s", result["error"])
+                else:
+                    known.add(result["hash"])
+                    pending.append(result)
+                    if len(pending) >= batch_size:
+                        flush()
+        finally:
+            results.close()  # stops the decode processes now, not when collected
+        # what was decoded is encoded and saved, also after a stop (a second signal stops at
+        # once, with the last saved generation intact)
+        flush()
+        record()
+        save()
     bar.close()
+    report.interrupted, report.unread = bool(stop), len(paths) - seen
     report.seconds = round(time.time() - start, 3)
     n = report.added
     report.images_per_s = round(n / report.seconds, 3) if n and report.seconds else 0.0
     report.encoder_images_per_s = (round(n / report.encode_seconds, 3)
                                    if n and report.encode_seconds else 0.0)
+    return stop
 
 
 class _bar:

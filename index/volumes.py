@@ -41,7 +41,8 @@ from index import persist
 from index.catalog import CatalogItem
 from index.folder import CollectionModel, IndexFolder
 from index.ingest import SKIP_NAMES, file_hash
-from vlm.errors import RadLensError
+from vlm.errors import Interrupted, RadLensError
+from vlm.interrupt import StopRequest, stop_on_signal
 from vlm.io import Volume, is_nifti, read_nifti, read_series, render
 from vlm.volume_encoder import VolumeEncoder, VolumeEncoding
 
@@ -80,6 +81,9 @@ class VolumeIngestReport:
     seconds: float = 0.0
     encode_seconds: float = 0.0
     volumes_per_s: float = 0.0
+    #: stopped by Ctrl-C or SIGTERM after saving; ``unread`` volumes were not looked at
+    interrupted: bool = False
+    unread: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -295,12 +299,16 @@ def ingest_volumes(encoder: VolumeEncoder, source: str | os.PathLike[str],
         raise
     report = VolumeIngestReport(source=str(src))
     try:
-        _run(encoder, model, ix, src, report, save_every, progress, keep_paths)
+        stop = _run(encoder, model, ix, src, report, save_every, progress, keep_paths)
     finally:
         report_file = dest / REPORT_FILE
         report_file.write_text(json.dumps(report.to_dict(), indent=1))
         report_file.chmod(0o600)
         ix.close()
+    if stop:
+        raise Interrupted(
+            f"interrupted: {report.added} new volumes saved in {dest}, {report.unread} not "
+            "read yet; run the same command again to add them", stop.exit_code, report)
     return report
 
 
@@ -318,7 +326,7 @@ def _failure(src: VolumeSource, exc: BaseException) -> dict[str, str]:
 
 def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: Path,
          report: VolumeIngestReport, save_every: int, progress: bool, keep_paths: bool
-         ) -> None:
+         ) -> StopRequest:
     from tqdm import tqdm
 
     from vlm.io.deid import default_pseudonymizer
@@ -329,38 +337,45 @@ def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: P
     sources = find_volumes(src)
     known = ix.catalog.content_hashes(VOLUME)
     since_save = 0
-    for vs in tqdm(sources, unit="volume", dynamic_ncols=True, disable=not progress):
-        try:
-            digest = content_hash(vs)
-            if digest in known:
-                report.already_indexed += 1
+    seen = 0
+    with stop_on_signal("saving the index after this volume") as stop:
+        for vs in tqdm(sources, unit="volume", dynamic_ncols=True, disable=not progress):
+            if stop:
+                break
+            seen += 1
+            try:
+                digest = content_hash(vs)
+                if digest in known:
+                    report.already_indexed += 1
+                    continue
+                volume = read_source(vs)
+                t0 = time.time()
+                enc = encoder.encode(volume)
+                report.encode_seconds += time.time() - t0
+                if not (np.isfinite(enc.vector).all() and np.abs(enc.vector).sum() > 0):
+                    raise RadLensError("the volume encodes to a zero or non-finite vector "
+                                       "(empty or constant volume?)")
+                uri = (os.path.relpath(vs.path, root) if keep_paths
+                       else pseudo("src", os.path.abspath(vs.path)))
+                ix.add(VOLUME, enc.vector[None], [_row(ix.path, vs, volume, enc, digest, uri)],
+                       model=model)
+            except Exception as exc:
+                report.failed.append(_failure(vs, exc))
+                logger.warning("skipped a volume: %s", report.failed[-1]["reason"])
                 continue
-            volume = read_source(vs)
-            t0 = time.time()
-            enc = encoder.encode(volume)
-            report.encode_seconds += time.time() - t0
-            if not (np.isfinite(enc.vector).all() and np.abs(enc.vector).sum() > 0):
-                raise RadLensError("the volume encodes to a zero or non-finite vector "
-                                   "(empty or constant volume?)")
-            uri = (os.path.relpath(vs.path, root) if keep_paths
-                   else pseudo("src", os.path.abspath(vs.path)))
-            ix.add(VOLUME, enc.vector[None], [_row(ix.path, vs, volume, enc, digest, uri)],
-                   model=model)
-        except Exception as exc:
-            report.failed.append(_failure(vs, exc))
-            logger.warning("skipped a volume: %s", report.failed[-1]["reason"])
-            continue
-        known.add(digest)
-        report.added += 1
-        since_save += 1
-        if since_save >= save_every:
-            ix.save()
-            since_save = 0
-    ix.save()
+            known.add(digest)
+            report.added += 1
+            since_save += 1
+            if since_save >= save_every:
+                ix.save()
+                since_save = 0
+        ix.save()
+    report.interrupted, report.unread = bool(stop), len(sources) - seen
     report.seconds = round(time.time() - start, 3)
     report.encode_seconds = round(report.encode_seconds, 3)
     report.volumes_per_s = (round(report.added / report.seconds, 3)
                             if report.added and report.seconds else 0.0)
+    return stop
 
 
 def _row(ix_path: Path, vs: VolumeSource, volume: Volume, enc: VolumeEncoding, digest: str,

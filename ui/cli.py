@@ -8,9 +8,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from index.ingest import IngestReport
+    from index.volumes import VolumeIngestReport
 
 app = typer.Typer(
     name="radlens",
@@ -87,17 +91,27 @@ def _ingest(model: str, source: Path, out: Path, batch_size: int, workers: int |
             device: str = "cpu") -> bool:
     """Index the 2-D images; prints the summary line. Returns True if some files failed."""
     from index.ingest import ingest
+    from vlm.errors import Interrupted
     from vlm.inference import Encoder, check_device
 
     encoder = Encoder(model, device=check_device(device))
-    report = ingest(encoder, source, out, batch_size=batch_size, workers=workers,
-                    progress=progress, keep_paths=keep_paths, save_every=save_every,
-                    model_path=str(Path(model).resolve()) if Path(model).exists() else model)
+    try:
+        report = ingest(encoder, source, out, batch_size=batch_size, workers=workers,
+                        progress=progress, keep_paths=keep_paths, save_every=save_every,
+                        model_path=str(Path(model).resolve()) if Path(model).exists() else model)
+    except Interrupted as stopped:  # what was saved, then the one-line message
+        _ingest_summary(stopped.report, out / "ingest_report.json")
+        raise
+    return _ingest_summary(report, out / "ingest_report.json")
+
+
+def _ingest_summary(report: IngestReport | VolumeIngestReport, report_file: Path,
+                    **extra: str) -> bool:
+    """The failures on stderr and the summary line on stdout; True if some files failed."""
     for failure in report.failed:
         print(f"radlens: skipped: {failure['path']}: {failure['reason']}", file=sys.stderr)
     print(json_line({k: v for k, v in report.to_dict().items() if k != "failed"}
-                    | {"failed": len(report.failed),
-                       "failures_report": str(out / "ingest_report.json")}))
+                    | extra | {"failed": len(report.failed), "failures_report": str(report_file)}))
     return bool(report.failed)
 
 
@@ -105,18 +119,19 @@ def _ingest_volumes(volume_model: str, source: Path, out: Path, progress: bool,
                     keep_paths: bool = False, save_every: int = 16, device: str = "cpu") -> bool:
     """Index the volumes; prints the summary line. Returns True if some volumes failed."""
     from index.volumes import REPORT_FILE, VOLUME, ingest_volumes
+    from vlm.errors import Interrupted
     from vlm.inference import check_device
     from vlm.volume_encoder import VolumeEncoder
 
     encoder = VolumeEncoder.load(volume_model, device=str(check_device(device)))
-    report = ingest_volumes(encoder, source, out, progress=progress, keep_paths=keep_paths,
-                            save_every=save_every)
-    for failure in report.failed:
-        print(f"radlens: skipped: {failure['path']}: {failure['reason']}", file=sys.stderr)
-    print(json_line({k: v for k, v in report.to_dict().items() if k != "failed"}
-                    | {"collection": VOLUME, "model": encoder.name, "failed": len(report.failed),
-                       "failures_report": str(out / REPORT_FILE)}))
-    return bool(report.failed)
+    names = {"collection": VOLUME, "model": encoder.name}
+    try:
+        report = ingest_volumes(encoder, source, out, progress=progress, keep_paths=keep_paths,
+                                save_every=save_every)
+    except Interrupted as stopped:
+        _ingest_summary(stopped.report, out / REPORT_FILE, **names)
+        raise
+    return _ingest_summary(report, out / REPORT_FILE, **names)
 
 
 DEVICE_HELP = ("Where the image and volume encoders run: cpu, cuda or cuda:N (decoding "
@@ -235,9 +250,10 @@ def search(
         help="Query volume: a NIfTI file or a folder with one DICOM series; returns similar "
              "volumes of the index's 'volume' collection (the query's own row left out).")
     ] = None,
-    k: Annotated[int, typer.Option("-k", "--k", help="Number of results.")] = 10,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results.")] = 10,
     filter_: Annotated[list[str] | None, typer.Option(
-        "--filter", help="modality=CR, view=PA, body_part=CHEST, year_min=2010, ...")] = None,
+        "--filter", help="KEY=VALUE, repeatable: modality=CR, view=PA,AP, body_part=CHEST, "
+                         "year=2010, year=2005-2010, year_min=2010, year_max=2015.")] = None,
     model: Annotated[str | None, typer.Option(help="Model (default: the index's).")] = None,
     volume_model: Annotated[str | None, typer.Option(
         help="Volume model (default: the one recorded with the volume collection).")] = None,
@@ -250,17 +266,12 @@ def search(
         "--raw", help="Rank a --text query by plain cosine, without the contrast.")] = False,
 ) -> None:
     """Search an index by text, by image, or by volume."""
-    from index.engine import Engine
+    from index.engine import Engine, parse_filters
     from vlm.errors import RadLensError
 
     if sum(q is not None for q in (text, image, volume)) != 1:
         raise RadLensError("give exactly one of --text, --image or --volume")
-    filters: dict[str, object] = {}
-    for f in filter_ or []:
-        key, sep, value = f.partition("=")
-        if not sep:
-            raise RadLensError(f"--filter needs KEY=VALUE, got '{f}'")
-        filters[key.strip()] = int(value) if key.startswith("year") else value.strip()
+    filters = parse_filters(filter_ or [])
     if volume is not None:
         _search_volume(index, volume, k, filters, volume_model, as_json)
         return
@@ -284,13 +295,8 @@ def search(
 
 def _search_volume(index: Path, volume: Path, k: int, filters: dict[str, object],
                    volume_model: str | None, as_json: bool) -> None:
-    from index.engine import FILTER_KEYS
     from index.volume_search import VolumeSearch
-    from vlm.errors import RadLensError
 
-    unknown = set(filters) - set(FILTER_KEYS)
-    if unknown:
-        raise RadLensError(f"unknown filter(s) {sorted(unknown)}: use {', '.join(FILTER_KEYS)}")
     vs = VolumeSearch.open(index, model=volume_model)
     try:
         hits = vs.search(vs.query_path(volume), k=k, **filters)
@@ -691,15 +697,22 @@ def demo(
         run_server(index, host="127.0.0.1", port=port, model=str(checkpoint))
 
 
+#: 128 + SIGINT: what typer returns for a KeyboardInterrupt
+INTERRUPTED_EXIT = 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one line per user error, exit codes 0 ok / 1 internal / 2 user error."""
     from typer.exceptions import Abort, Exit, TyperException
 
-    from vlm.errors import RadLensError
+    from vlm.errors import Interrupted, RadLensError
 
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="radlens", standalone_mode=False)
+        if result == INTERRUPTED_EXIT and not isinstance(result, bool):
+            # typer turns a KeyboardInterrupt into this exit code without a word
+            print("radlens: interrupted", file=sys.stderr)
         if isinstance(result, int) and not isinstance(result, bool):
             return result
     except Exit as exc:
@@ -714,6 +727,9 @@ def main(argv: list[str] | None = None) -> int:
     except Abort:
         print("radlens: aborted", file=sys.stderr)
         return 130
+    except Interrupted as exc:  # "interrupted: what was saved, how to continue"
+        print(f"radlens: {exc}", file=sys.stderr)
+        return exc.exit_code
     except RadLensError as exc:
         print(f"radlens: error: {exc}", file=sys.stderr)
         return exc.exit_code

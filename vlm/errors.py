@@ -6,6 +6,7 @@ The CLI prints ``str(error)`` and exits non-zero; it never shows a traceback for
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class RadLensError(Exception):
@@ -40,3 +41,14 @@ class MissingDependencyError(RadLensError):
     def __init__(self, package: str, feature: str, extra: str | None = None) -> None:
         fix = f"pip install 'radlens[{extra}]'" if extra else f"pip install {package}"
         super().__init__(f"{feature} needs the package '{package}': {fix}")
+
+
+class Interrupted(RadLensError):
+    """A long run was stopped by Ctrl-C or SIGTERM after saving its work; rerunning the same
+    command continues it. ``exit_code`` is 128 + the signal (130 for Ctrl-C); ``report`` is the
+    run's report (what was saved) where it has one."""
+
+    def __init__(self, message: str, exit_code: int = 130, report: Any = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.report = report

@@ -33,12 +33,14 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def _build(model: Path, source: Path, out: Path, env: dict[str, str] | None = None,
-           *extra: str) -> subprocess.CompletedProcess[str]:
+           *extra: str, session: bool = False) -> subprocess.CompletedProcess[str]:
+    """``session``: in its own session and process group, as a terminal's foreground job."""
     return subprocess.run(
         [sys.executable, "-c", "import sys; from ui.cli import main; sys.exit(main())",
          "index", "build", "--model", str(model), "--source", str(source), "--out", str(out),
          "--no-progress", "--workers", "1", "--batch-size", "4", *extra],
-        capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+        capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
+        start_new_session=session)
 
 
 def test_build_reports_bad_files_once_and_rerun_adds_nothing(archive, model_dir, tmp_path):
@@ -79,6 +81,40 @@ def test_killed_build_resumes_with_one_row_per_image(archive, model_dir, tmp_pat
     assert 0 < partial < 24
     done = _build(model_dir, archive, out)
     assert done.returncode == 3
+    ix = IndexFolder.open(out)
+    hashes = [it.content_hash for it in ix.catalog.get_many(range(ix.catalog.next_id()))
+              if it is not None and it.collection == "image"]
+    assert len(hashes) == 24 and len(set(hashes)) == 24
+    ix.close()
+
+
+def test_ctrl_c_saves_what_was_encoded_and_a_rerun_completes(archive, model_dir, tmp_path):
+    """Ctrl-C reaches the whole process group (the build and its decode process); the build
+    stops after its batch, saves, and says so in one line; nothing decoded is lost."""
+    from index.folder import IndexFolder
+
+    out = tmp_path / "idx"
+    # no periodic save in 24 images: whatever the index holds afterwards, the stop saved
+    stopped = _build(model_dir, archive, out, {"RADLENS_TEST_INTERRUPT_AFTER_BATCHES": "2"},
+                     session=True)
+    assert stopped.returncode == 130, stopped.stderr[-1500:]
+    assert "Traceback" not in stopped.stderr
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith("radlens: interrupted: ") and "run the same command again" in last
+    summary = json.loads(stopped.stdout.strip().splitlines()[-1])
+    assert summary["interrupted"] is True
+    assert 8 <= summary["added"] < 24 and summary["saved"] == summary["added"]
+    assert summary["unread"] > 0
+    ix = IndexFolder.open(out)
+    assert ix.catalog.count("image") == summary["added"]
+    ix.close()
+    report = json.loads((out / "ingest_report.json").read_text())
+    assert report["interrupted"] is True and report["added"] == summary["added"]
+
+    done = _build(model_dir, archive, out)
+    assert done.returncode == 3, done.stderr[-1500:]
+    rest = json.loads(done.stdout.strip().splitlines()[-1])
+    assert rest["interrupted"] is False and rest["added"] == 24 - summary["added"]
     ix = IndexFolder.open(out)
     hashes = [it.content_hash for it in ix.catalog.get_many(range(ix.catalog.next_id()))
               if it is not None and it.collection == "image"]
@@ -159,7 +195,8 @@ def test_plan_workers_splits_cpu_cores_and_leaves_gpu_threads(monkeypatch):
 def test_decode_processes_take_the_malloc_settings_and_the_ingesting_process_keeps_its_own(
         monkeypatch):
     """A fork server's worker starts without the CLI's malloc settings: its initializer applies
-    them; in-process decoding (owner 0) leaves the process (and its threads) as it is."""
+    them, and leaves Ctrl-C and SIGTERM to the ingesting process; in-process decoding (owner 0)
+    leaves the process (its threads, its signal handlers) as it is."""
     import torch
 
     from index import ingest as ig
@@ -167,13 +204,15 @@ def test_decode_processes_take_the_malloc_settings_and_the_ingesting_process_kee
     calls: list[str] = []
     monkeypatch.setattr(ig, "tune_allocator", lambda: calls.append("malloc"))
     monkeypatch.setattr(ig, "_exit_with", lambda owner: calls.append(f"watch {owner}"))
+    monkeypatch.setattr(ig, "ignore_stop_signals", lambda: calls.append("no signals"))
     threads = torch.get_num_threads()
     pre = {"image_size": 32, "mean": 0.5, "std": 0.25, "window": None, "channels": 3}
     try:
         ig._init_worker(ig.KnownHashes(), pre, owner=0)
         assert calls == [] and torch.get_num_threads() == threads
         ig._init_worker(ig.KnownHashes(), pre, owner=4242)
-        assert calls == ["watch 4242", "malloc"] and torch.get_num_threads() == 1
+        assert calls == ["watch 4242", "no signals", "malloc"]
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
 

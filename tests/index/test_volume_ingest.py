@@ -297,3 +297,34 @@ def test_a_volume_that_encodes_to_nothing_is_a_listed_failure(archive, tmp_path)
                             progress=False)
     assert report.added == 1 and [Path(f["path"]).name for f in report.failed] == ["air.nii.gz"]
     assert "empty air" in report.failed[0]["reason"]
+
+
+def test_ctrl_c_saves_the_volumes_done_and_a_rerun_adds_the_rest(archive, tmp_path,
+                                                                  monkeypatch):
+    import signal
+
+    from vlm.errors import Interrupted
+    from vlm.volume_encoder import VolumeEncoder
+
+    enc = VolumeEncoder.load("random:lecl-tiny")
+    encode, calls = enc.encode, []
+
+    def encode_then_ctrl_c(volume):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C while the third volume is being encoded
+            os.kill(os.getpid(), signal.SIGINT)
+        return encode(volume)
+
+    monkeypatch.setattr(enc, "encode", encode_then_ctrl_c)
+    with pytest.raises(Interrupted) as stopped:
+        ingest_volumes(enc, archive["pct"], tmp_path / "idx", save_every=100, progress=False)
+    report = stopped.value.report
+    assert stopped.value.exit_code == 130 and "3 new volumes saved" in str(stopped.value)
+    assert report.interrupted and report.added == 3 and report.unread == N - 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    ix = IndexFolder.open(tmp_path / "idx")
+    assert ix.catalog.count(VOLUME) == 3  # saved by the stop, not by a periodic save
+    ix.close()
+    monkeypatch.setattr(enc, "encode", encode)
+    rest = ingest_volumes(enc, archive["pct"], tmp_path / "idx", progress=False)
+    assert rest.added == N - 3 and rest.already_indexed == 3 and not rest.interrupted

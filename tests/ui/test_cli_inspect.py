@@ -41,6 +41,7 @@ def test_bad_files_print_one_line_each_and_good_files_go_through(capsys, tmp_pat
     assert Path(row["preview"]).is_file()
     assert len(err) == 2
     assert "truncated.dcm" in err[0] and "notes.dcm" in err[1]
+    assert "truncated or incomplete pixel data" in err[0]  # the reason, not just "cannot decode"
     assert all("Traceback" not in line for line in err)
 
 

@@ -37,7 +37,12 @@ def row_text(row: dict[str, Any]) -> str:
 
 
 def _worker_init() -> None:
+    from vlm.interrupt import ignore_stop_signals
+
     torch.set_num_threads(1)
+    # Ctrl-C stops the run in the main process, which cancels the queued images; SIGTERM is
+    # left alone: nothing else would stop these workers if the main process died of it
+    ignore_stop_signals(sigterm=False)
 
 
 def _load_one(args: tuple[str, dict[str, Any]]) -> np.ndarray:

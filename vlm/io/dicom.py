@@ -346,7 +346,8 @@ def _decode(path: Path, ds: Dataset) -> np.ndarray:
         raise ImageReadError(path, "pixel data too large to decode in memory") from None
     except Exception as exc:  # decoders raise many types; all mean "cannot decode this file"
         reason = _one_line(exc)
-        if "doesn't match the expected length" in reason or "truncated" in reason.lower():
+        if ("doesn't match the expected length" in reason or "less than expected" in reason
+                or "truncated" in reason.lower()):
             reason = f"truncated or incomplete pixel data ({reason})"
         elif "missing" in reason.lower() and "plugin" in reason.lower():
             reason = f"no decoder installed for this transfer syntax ({reason})"

@@ -24,10 +24,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from vlm.errors import Interrupted
+from vlm.interrupt import interrupt_for_test, stop_on_signal
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 KILL_ENV = "RADLENS_TEST_KILL_AFTER_STEP"  # tests: SIGKILL self right after saving this step
+INTERRUPT_ENV = "RADLENS_TEST_INTERRUPT_AFTER_STEP"  # tests: Ctrl-C right after this step
 
 
 @dataclass
@@ -176,48 +180,59 @@ class Trainer:
         start, seen = time.time(), 0
         bar = _progress(self.total_steps, self.step, cfg.progress)
         kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+        interrupt_at = int(os.environ.get(INTERRUPT_ENV, "0") or 0)
         self.model.train()
-        for epoch, micro in self._batches():
-            self.optimizer.zero_grad(set_to_none=True)
-            parts: dict[str, float] = {}
-            for indices in micro:
-                batch = self.task.batch(indices, epoch)
-                with self._autocast():
-                    out = self.task.loss(batch)
-                loss = out["loss"] / len(micro)
-                self.scaler.scale(loss).backward()
-                for k, v in out.items():
-                    parts[k] = parts.get(k, 0.0) + float(v.detach()) / len(micro)
-                seen += len(indices)
-            if cfg.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.step += 1
-            rate = seen / max(time.time() - start, 1e-6)
-            parts.update(step=self.step, epoch=epoch,
-                         lr=float(self.scheduler.get_last_lr()[0]), samples_per_s=rate)
-            bar.update(parts)
-            if self.step % cfg.log_every == 0:
-                self.history.append(parts)
-                if self.on_log:
-                    self.on_log(parts)
-            end_of_epoch = self.step % self.steps_per_epoch == 0
-            due = (self.step % cfg.val_every == 0) if cfg.val_every else end_of_epoch
-            if due or self.step == self.total_steps:
-                self._validate()
-            if self.step % cfg.save_every == 0 or self.step == self.total_steps:
-                self.save_state()
-                if kill_at and self.step == kill_at:
-                    os.kill(os.getpid(), 9)
-            if cfg.max_minutes and (time.time() - start) / 60 > cfg.max_minutes:
-                logger.warning("time budget of %.1f min reached at step %d", cfg.max_minutes,
-                               self.step)
-                self._validate()
-                self.save_state()
-                break
+        with stop_on_signal("saving the training state after this step") as stop:
+            for epoch, micro in self._batches():
+                self.optimizer.zero_grad(set_to_none=True)
+                parts: dict[str, float] = {}
+                for indices in micro:
+                    batch = self.task.batch(indices, epoch)
+                    with self._autocast():
+                        out = self.task.loss(batch)
+                    loss = out["loss"] / len(micro)
+                    self.scaler.scale(loss).backward()
+                    for k, v in out.items():
+                        parts[k] = parts.get(k, 0.0) + float(v.detach()) / len(micro)
+                    seen += len(indices)
+                if cfg.clip_grad:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.step += 1
+                rate = seen / max(time.time() - start, 1e-6)
+                parts.update(step=self.step, epoch=epoch,
+                             lr=float(self.scheduler.get_last_lr()[0]), samples_per_s=rate)
+                bar.update(parts)
+                if self.step % cfg.log_every == 0:
+                    self.history.append(parts)
+                    if self.on_log:
+                        self.on_log(parts)
+                end_of_epoch = self.step % self.steps_per_epoch == 0
+                due = (self.step % cfg.val_every == 0) if cfg.val_every else end_of_epoch
+                if due or self.step == self.total_steps:
+                    self._validate()
+                if self.step % cfg.save_every == 0 or self.step == self.total_steps:
+                    self.save_state()
+                    if kill_at and self.step == kill_at:
+                        os.kill(os.getpid(), 9)
+                if self.step == interrupt_at:
+                    interrupt_for_test()
+                if stop:
+                    self.save_state()
+                    bar.close()
+                    raise Interrupted(
+                        f"interrupted at step {self.step} of {self.total_steps}: the state is "
+                        f"saved in {self.out / STATE_FILE}; run the same command again to "
+                        "resume", stop.exit_code)
+                if cfg.max_minutes and (time.time() - start) / 60 > cfg.max_minutes:
+                    logger.warning("time budget of %.1f min reached at step %d", cfg.max_minutes,
+                                   self.step)
+                    self._validate()
+                    self.save_state()
+                    break
         bar.close()
         summary = {"steps": self.step, "best": self.best, "monitor": self.monitor,
                    "seconds": round(time.time() - start, 1), "history": self.history[-50:]}

@@ -20,18 +20,19 @@ def tiny_cxr(tmp_path_factory) -> Path:
     return make_tiny_cxr(tmp_path_factory.mktemp("tiny_cxr"))
 
 
-def _train(data: Path, out: Path, *extra: str, env: dict[str, str] | None = None
-           ) -> subprocess.CompletedProcess[str]:
+def _train(data: Path, out: Path, *extra: str, env: dict[str, str] | None = None,
+           session: bool = False) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-c", "import sys; from ui.cli import main; sys.exit(main())",
            "train", "lrclr", "--data", str(data), "--out", str(out), "--model", "lrclr-tiny",
            "--epochs", "3", "--batch-size", "8", "--warmup-steps", "2", "--save-every", "1",
            "--lr", "2e-3", "--workers", "1", "--no-progress", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                          start_new_session=session)
 
 
 @pytest.mark.slow
-def test_kill_and_resume_gives_the_same_weights(tiny_cxr, tmp_path):
+def test_kill_or_ctrl_c_and_resume_give_the_same_weights(tiny_cxr, tmp_path):
     straight = _train(tiny_cxr, tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
     killed = _train(tiny_cxr, tmp_path / "resumed",
@@ -41,11 +42,24 @@ def test_kill_and_resume_gives_the_same_weights(tiny_cxr, tmp_path):
     assert not (tmp_path / "resumed" / "last").exists()
     resumed = _train(tiny_cxr, tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # Ctrl-C (to the process group, as a terminal sends it) between two saves: the run saves
+    # the step it finished and says so in one line
+    stopped = _train(tiny_cxr, tmp_path / "stopped", "--save-every", "100",
+                     env={"RADLENS_TEST_INTERRUPT_AFTER_STEP": "5"}, session=True)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1].startswith(
+        "radlens: interrupted at step 5 of 9: the state is saved in ")
+    state = torch.load(tmp_path / "stopped" / "train_state.pt", weights_only=False)
+    assert state["step"] == 5 and not (tmp_path / "stopped" / "last").exists()
+    again = _train(tiny_cxr, tmp_path / "stopped", "--save-every", "100")
+    assert again.returncode == 0, again.stderr[-2000:]
     a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "last" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for run in ("resumed", "stopped"):
+        b = load_file(str(tmp_path / run / "last" / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (run, k)
     # and training moved the weights away from initialisation
     assert (tmp_path / "straight" / "best" / "MODEL_CARD.md").is_file()
 

@@ -1,0 +1,61 @@
+"""The CLI's one-line answers to bad search options and to Ctrl-C."""
+
+from __future__ import annotations
+
+import pytest
+
+from index.engine import parse_filters
+from ui.cli import main
+from vlm.errors import RadLensError
+
+
+def _run(capsys, args: list[str]) -> tuple[int, list[str]]:
+    code = main(args)
+    return code, capsys.readouterr().err.splitlines()
+
+
+def test_filters_parse_years_ranges_and_lists():
+    assert parse_filters([]) == {}
+    assert parse_filters(["modality=CR", " view = PA,AP ", "year=2005-2010"]) == {
+        "modality": "CR", "view": ["PA", "AP"], "year_min": 2005, "year_max": 2010}
+    assert parse_filters(["year=2010"]) == {"year_min": 2010, "year_max": 2010}
+    assert parse_filters(["year_min=2001", "body_part=CHEST"]) == {
+        "year_min": 2001, "body_part": "CHEST"}
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("year=abc", "--filter year needs a year such as 2010, got 'abc'"),
+    ("year_min=20x0", "--filter year_min needs a year such as 2010, got '20x0'"),
+    ("year=2005-", "--filter year needs a year such as 2010, got ''"),
+    ("colour=red", "unknown filter 'colour': use modality, body_part, view, year_min, "
+                   "year_max or year"),
+    ("modality", "--filter needs KEY=VALUE, got 'modality'"),
+    ("view=", "--filter needs KEY=VALUE, got 'view='"),
+])
+def test_bad_filters_are_refused_in_one_line(item, message):
+    with pytest.raises(RadLensError) as info:
+        parse_filters([item])
+    assert str(info.value) == message
+
+
+def test_search_checks_its_options_before_opening_the_index(capsys, tmp_path):
+    # the index does not exist: the filter is what the user hears about first
+    code, err = _run(capsys, ["search", "--index", str(tmp_path), "--text", "effusion",
+                              "--filter", "year=abc"])
+    assert code == 2 and err == ["radlens: error: --filter year needs a year such as 2010, "
+                                 "got 'abc'"]
+    code, err = _run(capsys, ["search", "--index", str(tmp_path), "--text", "effusion",
+                              "-k", "0"])
+    assert code == 2 and any("Invalid value for '-k'" in line for line in err)
+
+
+def test_ctrl_c_in_any_command_exits_130_with_one_line(capsys, monkeypatch, tmp_path):
+    from index.folder import IndexFolder
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(IndexFolder, "open", interrupted)
+    code, err = _run(capsys, ["index", "info", str(tmp_path)])
+    assert code == 130 and err[-1] == "radlens: interrupted"
+    assert not any("Traceback" in line for line in err)
