@@ -71,3 +71,17 @@ def test_check_device_refuses_what_torch_cannot_run_here(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "mps" in err[0]
     assert not (tmp_path / "never-created").exists()
+
+
+def test_loading_the_shipped_model_draws_no_progress_bar(capfd):
+    """The pretrained MiniLM text weights load in milliseconds; transformers' "Loading
+    weights" bar would land on stderr of every command, --json ones included."""
+    from pathlib import Path
+
+    from transformers.utils import logging as hf_logging
+
+    shipped = Path(__file__).resolve().parents[2] / "checkpoints" / "lrclr-r18"
+    encoder = Encoder(shipped)
+    assert encoder.model.text.loaded_pretrained  # the weights were loaded, not a random tower
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # left as it was for the host application

@@ -45,7 +45,17 @@ class TextTower(nn.Module):
             setattr(hf_cfg, key, value)
         use_weights = load_pretrained and cfg.pretrained and not cfg.overrides
         if use_weights:
-            self.transformer = AutoModel.from_pretrained(str(source_dir), config=hf_cfg)
+            from transformers.utils import logging as hf_logging
+
+            # transformers draws a "Loading weights" bar on stderr for these 22M parameters
+            # (a few ms), on every command that loads a model, even under --json
+            shown = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                self.transformer = AutoModel.from_pretrained(str(source_dir), config=hf_cfg)
+            finally:
+                if shown:
+                    hf_logging.enable_progress_bar()
         else:
             self.transformer = AutoModel.from_config(hf_cfg)
         self.loaded_pretrained = use_weights
