@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from vlm.errors import Interrupted
+from vlm.errors import ConfigError, Interrupted
 from vlm.interrupt import interrupt_for_test, stop_on_signal
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
 KILL_ENV = "RADLENS_TEST_KILL_AFTER_STEP"  # tests: SIGKILL self right after saving this step
 INTERRUPT_ENV = "RADLENS_TEST_INTERRUPT_AFTER_STEP"  # tests: Ctrl-C right after this step
+
+
+#: settings a resumed run must share with the saved state: they decide the data order, the
+#: schedule and the updates (the time budget, devices, logging and save intervals may change)
+RESUME_MUST_MATCH = ("epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps",
+                     "min_lr_ratio", "max_steps", "amp", "clip_grad", "seed")
 
 
 @dataclass
@@ -137,6 +143,7 @@ class Trainer:
         if not path.is_file():
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
+        self._check_resumable(path, state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -148,6 +155,24 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         logger.info("resumed from step %d", self.step)
         return True
+
+    def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse a state saved by another model or with other settings: resuming it would
+        silently mix two runs (or fail deep inside ``load_state_dict``)."""
+        fix = "use the same settings, another --out, or delete that file to start over"
+        mine = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        saved = {k: tuple(v.shape) for k, v in state["model"].items()}
+        if mine != saved:
+            differ = sorted(set(mine) ^ set(saved)) or sorted(
+                k for k in mine if mine[k] != saved[k])
+            raise ConfigError(f"{path} is the state of another model ({len(differ)} "
+                              f"parameters differ, e.g. {differ[0]}): {fix}")
+        old, new = state.get("config") or {}, asdict(self.cfg)
+        changed = [f"{k} {old[k]} there, {new[k]} here" for k in RESUME_MUST_MATCH
+                   if k in old and old[k] != new[k]]
+        if changed:
+            raise ConfigError(f"{path} is the state of a run with other settings "
+                              f"({'; '.join(changed)}): {fix}")
 
     # -- loop ----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

@@ -77,3 +77,38 @@ def test_training_learns_the_tiny_task(tiny_cxr, tmp_path):
     assert sum(losses[-3:]) < 0.95 * sum(losses[:3])  # duplicates in the texts: chance ~4.2
     val = [h["val/val_loss"] for h in summary["history"] if "val/val_loss" in h]
     assert len(val) == 6 and min(val[3:]) < val[0]
+
+
+def test_a_state_from_other_settings_or_another_model_is_not_resumed(tiny_cxr, tmp_path):
+    """Reusing a run folder with a changed learning rate used to resume silently (a mix of two
+    runs); with another model it failed inside load_state_dict. Both are one-line refusals,
+    and the saved state is left as it was."""
+    import json
+
+    import vlm
+    from vlm.errors import ConfigError
+    from vlm.train.loop import STATE_FILE, TrainConfig
+    from vlm.train.lrclr import train_lrclr
+
+    def cfg(**changes):
+        base = dict(epochs=1, batch_size=8, lr=2e-3, warmup_steps=2, save_every=100,
+                    progress=False)
+        return TrainConfig(**{**base, **changes})
+
+    run = tmp_path / "run"
+    train_lrclr(tiny_cxr, "lrclr-tiny", run, cfg(), workers=1)
+    state = (run / STATE_FILE).read_bytes()
+    with pytest.raises(ConfigError) as other_lr:
+        train_lrclr(tiny_cxr, "lrclr-tiny", run, cfg(lr=1e-2), workers=1)
+    assert "other settings (lr 0.002 there, 0.01 here)" in str(other_lr.value)
+    assert "another --out" in str(other_lr.value) and "\n" not in str(other_lr.value)
+    other = json.loads((Path(vlm.__file__).parent / "model_configs" / "lrclr-tiny.json")
+                       .read_text())
+    other["embed_dim"] = 24
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match="is the state of another model"):
+        train_lrclr(tiny_cxr, str(tmp_path / "other.json"), run, cfg(), workers=1)
+    assert (run / STATE_FILE).read_bytes() == state
+    # what may change on resume: the time budget, the save and log intervals
+    train_lrclr(tiny_cxr, "lrclr-tiny", run, cfg(max_minutes=30, save_every=7, log_every=3),
+                workers=1)
