@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/encode_throughput.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/allocator.py
+	$(BIN)/python benchmarks/channels_last.py
 	$(BIN)/python benchmarks/phantom_cxr_speed.py
 	$(BIN)/python benchmarks/phantom_ct_speed.py
 	$(BIN)/python benchmarks/real_ct.py

@@ -2,7 +2,8 @@
 
 Usage: ``python benchmarks/train_step.py [--model lrclr-r18] [--threads 1] [--steps 6]``
 
-One step is what ``radlens train lrclr`` does per batch: image tower forward (under
+One step is what ``radlens train lrclr`` does per batch: image tower forward (a CNN in
+channels-last order, as training runs it on the CPU; under
 ``torch.autocast`` for bf16; weights and optimiser stay fp32), the text side from frozen
 pooled states through the trainable projection, the global + local LRCLR loss, backward,
 gradient clipping and an AdamW step. Images are random tensors at the model's size and the
@@ -47,8 +48,10 @@ def _cpu_flags() -> list[str]:
     return sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
 
 
-def measure(model_name: str, amp: str | None, batch: int, steps: int, warmup: int
-            ) -> dict[str, Any]:
+def measure(model_name: str, amp: str | None, batch: int, steps: int, warmup: int,
+            channels_last: bool = True) -> dict[str, Any]:
+    """``channels_last``: a CNN image tower in channels-last order, as ``radlens train lrclr``
+    runs it on the CPU."""
     import torch
 
     from vlm.losses import LRCLRLoss
@@ -57,6 +60,7 @@ def measure(model_name: str, amp: str | None, batch: int, steps: int, warmup: in
 
     torch.manual_seed(0)
     model = create_model(model_name)
+    model.visual.use_channels_last(channels_last)
     tokenizer = get_tokenizer(model_name)
     pooled = pool_texts(model, tokenizer, [REPORTS[i % len(REPORTS)] for i in range(batch)])
     model.train()
@@ -83,7 +87,8 @@ def measure(model_name: str, amp: str | None, batch: int, steps: int, warmup: in
             times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     return {"amp": amp or "fp32", "seconds_per_step": round(median, 4),
-            "samples_per_s": round(batch / median, 2), "final_loss": round(float(loss), 4)}
+            "samples_per_s": round(batch / median, 2),
+            "final_loss": round(float(loss.detach()), 4)}
 
 
 def main() -> None:

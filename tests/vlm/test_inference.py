@@ -85,3 +85,12 @@ def test_loading_the_shipped_model_draws_no_progress_bar(capfd):
     assert encoder.model.text.loaded_pretrained  # the weights were loaded, not a random tower
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # left as it was for the host application
+
+
+def test_the_cpu_encoder_runs_a_cnn_tower_channels_last_and_a_vit_as_it_is(encoder):
+    from pathlib import Path
+
+    shipped = Encoder(Path(__file__).resolve().parents[2] / "checkpoints" / "lrclr-r18")
+    assert shipped.model.visual.convolutional and shipped.model.visual._channels_last
+    assert not encoder.model.visual.convolutional  # the tiny ViT
+    assert not encoder.model.visual._channels_last

@@ -22,6 +22,9 @@ class VisionTower(nn.Module):
         self.cfg = cfg
         self.image_size = cfg.image_size
         self.proj: nn.Linear | None = None
+        #: a CNN trunk (4-D feature maps), which :meth:`use_channels_last` can speed up
+        self.convolutional = False
+        self._channels_last = False
         if cfg.backend == "open_clip":
             from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
@@ -66,9 +69,23 @@ class VisionTower(nn.Module):
                 if stem or (block is not None and block < cfg.freeze_layers):
                     p.requires_grad_(False)
 
+    def use_channels_last(self, enabled: bool = True) -> bool:
+        """Run a CNN trunk in channels-last memory order: the same values up to float rounding
+        (6e-8 here), faster with oneDNN on the CPU (ResNet-18 at 160 px, batch 32, two
+        threads: 89 -> 115 images/s encoding, 61 -> 74 samples/s for a bf16 training step;
+        ``benchmarks/channels_last.py``). False (nothing changed) for a ViT. Saved weights do
+        not depend on it (checkpoints and fingerprints store contiguous bytes).
+        ``enabled=False`` goes back to the default order."""
+        if not self.convolutional:
+            return False
+        self.trunk.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self._channels_last = enabled
+        return True
+
     def _timm_grid(self, x: torch.Tensor) -> int:
         feats = self.trunk.forward_features(x)
         if feats.ndim == 4:
+            self.convolutional = True
             return int(feats.shape[-1])
         prefix = int(getattr(self.trunk, "num_prefix_tokens", 1))
         return math.isqrt(feats.shape[1] - prefix)
@@ -79,6 +96,8 @@ class VisionTower(nn.Module):
             pooled, tokens = self.trunk(x)  # (B, E), (B, N, W)
             patches = tokens @ self.trunk.proj  # (B, N, E)
         else:
+            if self._channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             feats = self.trunk.forward_features(x)
             pooled = self.proj(self.trunk.forward_head(feats, pre_logits=True))
             if feats.ndim == 4:  # CNN: (B, C, H, W)

@@ -250,3 +250,43 @@ def test_text_standardizer_centres_the_projection_input(tiny_model, tiny_tokeniz
     torch.testing.assert_close(z.std(0), torch.ones(z.shape[1]), atol=1e-4, rtol=0)
     assert not torch.allclose(tower.project(report), before)
     assert "text.pool_mean" in tiny_model.state_dict()
+
+
+def _tiny_cnn_config() -> ModelConfig:
+    cfg = load_config("lrclr-tiny")
+    return cfg.replace(vision=cfg.vision.__class__(backend="timm", image_size=64,
+                                                   timm_model="resnet18"))
+
+
+def test_channels_last_cnn_gives_the_same_outputs_and_the_same_saved_weights(tiny_tokenizer,
+                                                                             tmp_path):
+    """``Encoder`` and ``radlens train lrclr`` run a CNN tower channels-last on the CPU (faster
+    with oneDNN): the outputs must stay the same up to float rounding, and what is saved or
+    fingerprinted must not depend on the memory order."""
+    from vlm.inference import model_fingerprint
+
+    torch.manual_seed(0)
+    model = build_model(_tiny_cnn_config()).eval()
+    assert model.visual.convolutional
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        ref = model.encode_image(x)
+    fingerprint = model_fingerprint(model)
+    assert model.visual.use_channels_last()
+    conv = next(m for m in model.visual.trunk.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = model.encode_image(x)
+    torch.testing.assert_close(out.global_embedding, ref.global_embedding, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.patch_embeddings, ref.patch_embeddings, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.region_boxes, ref.region_boxes)
+    assert model_fingerprint(model) == fingerprint
+    loaded = create_model(save_checkpoint(model, tmp_path / "ckpt", tiny_tokenizer, card="#"))
+    assert not loaded.visual._channels_last  # a loaded model starts in the default order
+    with torch.no_grad():
+        again = loaded.encode_image(x)
+    torch.testing.assert_close(again.global_embedding, ref.global_embedding, atol=1e-5, rtol=0)
+    assert model.visual.use_channels_last(False)  # and back
+    assert conv.weight.is_contiguous()
+    # a ViT has nothing to reorder
+    assert not build_model(load_config("lrclr-tiny")).visual.use_channels_last()
