@@ -87,7 +87,7 @@ def encoder_only(encoder: Any, paths: list[Path], batch: int, n: int) -> dict[st
     best = float("inf")
     for _ in range(2):  # on a GPU the first pass also warms cuDNN up
         t = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), encoder.autocast():
             for s in range(0, len(x), batch):
                 # as ingestion does: host tensors in, vectors back on the host (a GPU sync)
                 emb = encoder.model.encode_image(x[s:s + batch].to(encoder.device, encoder.dtype))
@@ -116,7 +116,7 @@ def one_core_costs(encoder: Any, paths: list[Path], batch: int, n: int) -> dict[
         encode_s = float("nan")
         if encoder.device.type == "cpu":  # a GPU encoder's cost is the encoder-only run's
             t = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), encoder.autocast():
                 for s in range(0, len(arrays), batch):
                     encoder.model.encode_image(stages.model_input(arrays[s:s + batch], encoder))
             encode_s = time.perf_counter() - t
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="where the encoder runs: cpu, cuda, cuda:N")
+    ap.add_argument("--amp", default=None, choices=["bf16", "fp16"],
+                    help="encode under autocast (the build and the reference alike)")
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "bench_ingest")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--keep-index", type=Path, default=None,
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     n_images = link_tree(args.data, archive / "phantom_cxr", args.limit)
     good = sorted((archive / "phantom_cxr").rglob("*.dcm"))
     broken = salt(archive / "incoming", good[0])
-    encoder = Encoder(args.model, device=check_device(args.device))
+    encoder = Encoder(args.model, device=check_device(args.device), amp=args.amp)
     n_ref = min(args.reference_images, len(good))
     before = encoder_only(encoder, good, args.batch_size, n_ref)
     print(f"encoder only: {before}", file=sys.stderr, flush=True)
@@ -195,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": torch.cuda.get_device_name(encoder.device) if encoder.device.type == "cuda"
         else None,
         "images": n_images, "batch_size": args.batch_size, "malloc": allocator.reason,
+        "amp": args.amp,
         "decode_processes_and_encoder_threads": report.plan, "schedule": report.schedule,
         "plan_probe": report.probe,
         "end_to_end": {"added": report.added, "regions": report.regions,
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                   "failed": len(again.failed), "seconds": round(rerun_s, 2)},
     }
     result["target_met"] = result["ratio"] >= TARGET_RATIO
-    name = "ingest_throughput" + device_suffix(args.device)
+    name = "ingest_throughput" + device_suffix(args.device) + (f"_{args.amp}" if args.amp else "")
     write_result(args.out, name, result)
     plot(result, args.out / f"{name}.png")
     if args.keep_index:

@@ -38,16 +38,6 @@ REPORTS = [
 ]
 
 
-def _cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
-
-
 def measure(model_name: str, amp: str | None, batch: int, steps: int, warmup: int,
             channels_last: bool = True) -> dict[str, Any]:
     """``channels_last``: a CNN image tower in channels-last order, as ``radlens train lrclr``
@@ -103,12 +93,14 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from vlm.inference import cpu_bf16_flags
+
     torch.set_num_threads(args.threads)
     runs = [measure(args.model, amp, args.batch_size, args.steps, args.warmup)
             for amp in (None, "bf16")]
     result = {"benchmark": "train_step", "model": args.model, "threads": args.threads,
               "batch_size": args.batch_size, "steps": args.steps,
-              "cpu": platform.processor() or platform.machine(), "cpu_bf16_flags": _cpu_flags(),
+              "cpu": platform.processor() or platform.machine(), "cpu_bf16_flags": cpu_bf16_flags(),
               "torch": torch.__version__, "runs": runs,
               "bf16_speedup": round(runs[1]["samples_per_s"] / runs[0]["samples_per_s"], 2)}
     write_result(args.out, "train_step", result)

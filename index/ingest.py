@@ -66,6 +66,8 @@ class IngestReport:
     probe: dict[str, float] = field(default_factory=dict)
     #: seconds from the start to the first decoded file: listing, probing, worker start-up
     first_result_s: float = 0.0
+    #: the autocast precision images were encoded in (``Encoder.amp``); None: as loaded
+    amp: str | None = None
     #: stopped by Ctrl-C or SIGTERM: everything counted here was saved, ``unread`` files were
     #: not looked at (a rerun adds them)
     interrupted: bool = False
@@ -379,7 +381,7 @@ def probe_costs(encoder: Encoder, paths: list[str], pre: PreprocessConfig
     if len(arrays) < 2:
         return None
     x = model_input(arrays, encoder)
-    with torch.inference_mode():
+    with torch.inference_mode(), encoder.autocast():
         encoder.model.encode_image(x[:1])  # first call: allocator and kernel selection
         t0 = time.perf_counter()
         encoder.model.encode_image(x)
@@ -463,7 +465,7 @@ def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathL
                                 dim=encoder.dim, preprocessing={
                                     **asdict(encoder.model.config.preprocess),
                                     "model_path": model_path})
-    report = IngestReport(source=str(src))
+    report = IngestReport(source=str(src), amp=encoder.amp)
     before = torch.get_num_threads()
     try:
         stop = _run(encoder, ix, src, report, batch_size, workers, save_every, regions,
@@ -530,7 +532,7 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
         if not pending:
             return
         t0 = time.time()
-        with torch.inference_mode():
+        with torch.inference_mode(), encoder.autocast():
             emb = encoder.model.encode_image(model_input([p["pixels"] for p in pending],
                                                          encoder))
         report.encode_seconds += time.time() - t0

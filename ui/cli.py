@@ -88,13 +88,13 @@ app.add_typer(index_app, name="index")
 
 def _ingest(model: str, source: Path, out: Path, batch_size: int, workers: int | None,
             progress: bool, keep_paths: bool = False, save_every: int = 512,
-            device: str = "cpu") -> bool:
+            device: str = "cpu", amp: str | None = None) -> bool:
     """Index the 2-D images; prints the summary line. Returns True if some files failed."""
     from index.ingest import ingest
     from vlm.errors import Interrupted
     from vlm.inference import Encoder, check_device
 
-    encoder = Encoder(model, device=check_device(device))
+    encoder = Encoder(model, device=check_device(device), amp=amp)
     try:
         report = ingest(encoder, source, out, batch_size=batch_size, workers=workers,
                         progress=progress, keep_paths=keep_paths, save_every=save_every,
@@ -134,6 +134,9 @@ def _ingest_volumes(volume_model: str, source: Path, out: Path, progress: bool,
     return _ingest_summary(report, out / REPORT_FILE, **names)
 
 
+AMP_HELP = ("Encode the images under autocast: bf16 (CPU with AVX-512 BF16 or AMX, or GPU) or "
+            "fp16 (GPU). About 2.8x faster on such a CPU, vectors within cosine 0.99999 of "
+            "fp32 (README); default: the model's own precision.")
 DEVICE_HELP = ("Where the image and volume encoders run: cpu, cuda or cuda:N (decoding "
                "stays on the CPU). The vectors do not depend on it beyond float rounding, so "
                "one index can be filled from either.")
@@ -164,6 +167,7 @@ def index_build(
     save_every: Annotated[int, typer.Option(help="Images between saved generations (a kill "
                                                  "loses at most this many).")] = 512,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
+    amp: Annotated[str | None, typer.Option(help=AMP_HELP)] = None,
 ) -> None:
     """Index SOURCE into OUT; reruns add only what is missing.
 
@@ -183,7 +187,7 @@ def index_build(
     failed = False
     if model is not None:
         failed |= _ingest(model, source, out, batch_size, workers, progress, keep_paths,
-                          save_every, device)
+                          save_every, device, amp)
     if volume_model is not None:
         failed |= _ingest_volumes(volume_model, source, out, progress, keep_paths,
                                   device=device)
@@ -204,6 +208,7 @@ def index_add(
     workers: Annotated[int | None, typer.Option()] = None,
     progress: Annotated[bool, typer.Option()] = True,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
+    amp: Annotated[str | None, typer.Option(help=AMP_HELP)] = None,
 ) -> None:
     """Add the images (and, with a volume collection, the volumes) under SOURCE to an existing
     index (same models required). Exit 3 if some could not be read."""
@@ -222,7 +227,7 @@ def index_add(
     failed = False
     if chosen:
         failed |= _ingest(chosen, source, index, batch_size, workers, progress,
-                          device=device)
+                          device=device, amp=amp)
     if chosen_volume:
         failed |= _ingest_volumes(chosen_volume, source, index, progress, device=device)
     if failed:

@@ -5,7 +5,9 @@ numpy vectors (unit length), region boxes in *original* image pixels, probabilit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +27,23 @@ from vlm.models.factory import create_model, get_tokenizer
 from vlm.models.lrclr import LRCLR
 from vlm.models.outputs import ImageEmbedding
 from vlm.zeroshot import PromptSet, ZeroShotClassifier, load_calibration
+
+logger = logging.getLogger(__name__)
+
+#: autocast precisions :class:`Encoder` can encode images in (``amp``)
+AMP_CHOICES = ("bf16", "fp16")
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's native bfloat16 features (AVX-512 BF16, AMX), from ``/proc/cpuinfo``; empty
+    where it has none (bf16 then runs emulated, often slower than fp32) or cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
 
 
 def check_device(device: str) -> str:
@@ -98,7 +117,20 @@ class Encoder:
 
     def __init__(self, model: str | os.PathLike[str], device: str = "cpu",
                  precision: str = "fp32", prompts: PromptSet | None = None,
-                 batch_size: int = 16) -> None:
+                 batch_size: int = 16, amp: str | None = None) -> None:
+        """``amp``: encode images under ``torch.autocast`` in bf16 (CPU or GPU) or fp16 (GPU);
+        the weights stay as loaded. On this project's CPU (AVX-512 BF16) bf16 encodes the
+        shipped model about 2.8x faster than fp32, with image vectors at cosine >= 0.99999 to
+        the fp32 ones (README, "bf16 index builds"). Text, classification and grounding stay in
+        the loaded precision."""
+        if amp is not None and amp not in AMP_CHOICES:
+            raise ConfigError(f"unknown amp '{amp}': use {' or '.join(AMP_CHOICES)}")
+        if amp == "fp16" and torch.device(device).type == "cpu":
+            raise ConfigError("fp16 autocast is for GPUs; use bf16 on the CPU")
+        if amp == "bf16" and torch.device(device).type == "cpu" and not cpu_bf16_flags():
+            logger.warning("this CPU has no native bfloat16 (no avx512_bf16 or amx flag): bf16 "
+                           "encoding is emulated and may be slower than fp32")
+        self.amp = amp
         self.model = create_model(model, device=device, precision=precision)
         assert not self.model.training, "inference needs eval mode"
         self.tokenizer = get_tokenizer(model)
@@ -118,6 +150,13 @@ class Encoder:
     def dim(self) -> int:
         return int(self.model.config.embed_dim)
 
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
+        """Where images are encoded: ``torch.autocast`` in :attr:`amp`, or nothing."""
+        if self.amp is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
     def _embed(self, images: Sequence[ImageData]) -> tuple[ImageEmbedding, list[Letterbox]]:
         tensors, boxes = [], []
         for image in images:
@@ -125,7 +164,7 @@ class Encoder:
             tensors.append(x)
             boxes.append(box)
         x = torch.stack(tensors).to(self.device, self.dtype)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast():
             return self.model.encode_image(x), boxes
 
     def encode_images(self, images: Sequence[ImageData]) -> list[EncodedImage]:

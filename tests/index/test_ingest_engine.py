@@ -325,3 +325,40 @@ def test_decoded_pixels_are_one_channel_and_the_model_input_repeats_it(archive, 
     x = ig.model_input([out["pixels"], out["pixels"]], enc)
     assert x.shape == (2, pre.channels, pre.image_size, pre.image_size)
     assert x.dtype == enc.dtype and bool((x[:, 0] == x[:, -1]).all())
+
+
+def test_a_bf16_build_stores_vectors_close_to_the_fp32_ones(archive, model_dir, tmp_path,
+                                                             capsys):
+    """``radlens index build --amp bf16``: images encoded under bf16 autocast, recorded in the
+    report; each vector within a small angle of the fp32 build's."""
+    from index import ingest as ig
+    from index.folder import IndexFolder
+    from ui.cli import main
+    from vlm.inference import Encoder
+
+    plain = ig.ingest(Encoder(str(model_dir)), archive, tmp_path / "fp32", workers=0,
+                      progress=False, batch_size=4)
+    assert plain.amp is None
+    code = main(["index", "build", "--model", str(model_dir), "--source", str(archive),
+                 "--out", str(tmp_path / "bf16"), "--no-progress", "--workers", "0",
+                 "--batch-size", "4", "--amp", "bf16"])
+    assert code == 3  # the two bad files
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["amp"] == "bf16" and summary["added"] == 24
+
+    def by_hash(folder: Path) -> dict[str, np.ndarray]:
+        ix = IndexFolder.open(folder)
+        try:
+            ids = ix.collection("image").ids()
+            items = ix.catalog.get_many(ids.tolist())
+            return {it.content_hash: v for it, v in
+                    zip(items, ix.collection("image").vectors(ids), strict=True)}
+        finally:
+            ix.close()
+
+    a, b = by_hash(tmp_path / "fp32"), by_hash(tmp_path / "bf16")
+    assert sorted(a) == sorted(b)
+    cosines = [float(np.dot(a[h], b[h]) / np.linalg.norm(a[h]) / np.linalg.norm(b[h]))
+               for h in a]
+    assert min(cosines) > 0.995
+    assert any(not np.array_equal(a[h], b[h]) for h in a)  # really encoded another way

@@ -94,3 +94,18 @@ def test_the_cpu_encoder_runs_a_cnn_tower_channels_last_and_a_vit_as_it_is(encod
     assert shipped.model.visual.convolutional and shipped.model.visual._channels_last
     assert not encoder.model.visual.convolutional  # the tiny ViT
     assert not encoder.model.visual._channels_last
+
+
+def test_bf16_autocast_encoding_is_close_to_fp32_and_fp16_is_for_gpus(encoder, tmp_path):
+    folder = tmp_path / "tiny"
+    save_checkpoint(encoder.model, folder, encoder.tokenizer, card="#")
+    bf16 = Encoder(folder, amp="bf16")
+    assert bf16.config_hash == Encoder(folder).config_hash  # the same model for an index
+    image = read_image(sample_file("CT_small.dcm"))
+    (a,), (b,) = encoder.encode_images([image]), bf16.encode_images([image])
+    assert a.vector.dtype == b.vector.dtype == np.float32
+    assert 0.99 < float(a.vector @ b.vector) < 1.0 - 1e-7
+    with pytest.raises(ConfigError, match="fp16 autocast is for GPUs"):
+        Encoder(folder, amp="fp16")
+    with pytest.raises(ConfigError, match="unknown amp 'int8'"):
+        Encoder(folder, amp="int8")
