@@ -255,8 +255,11 @@ class IndexFolder:
                 self.check_model(name, model.model_name, model.config_hash, model.dim)
             return self._collections[name]
         if self.mode != "w" or not create:
+            if not self.collections():
+                raise RadLensError(f"index {self.path} holds no vectors yet (a build may still "
+                                   "be running: it saves every few hundred images)")
             raise RadLensError(f"index {self.path} has no collection '{name}' (it has: "
-                               f"{', '.join(self.collections()) or 'none'})")
+                               f"{', '.join(self.collections())})")
         if not _NAME.match(name):
             raise RadLensError(f"collection name {name!r} must be lowercase letters, digits, "
                                "'-' or '_'")

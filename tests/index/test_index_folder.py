@@ -264,3 +264,22 @@ def test_read_array_refuses_a_truncated_file(tmp_path):
     (tmp_path / "a.npy").write_bytes(data[:-8])
     with pytest.raises(IndexCorruptError, match="truncated"):
         persist.read_array(tmp_path / "a.npy")
+
+
+def test_an_index_with_no_vectors_yet_says_so(tmp_path):
+    """A reader that opens an index whose build has not saved its first images yet."""
+    writer = IndexFolder.create(tmp_path / "ix", model_name="m", config_hash="c", dim=DIM)
+    reader = IndexFolder.open(tmp_path / "ix")
+    try:
+        with pytest.raises(RadLensError, match=r"holds no vectors yet \(a build may still be "
+                                               r"running"):
+            reader.collection("image")
+    finally:
+        reader.close()
+    writer.add("image", clustered(4, DIM, seed=1), _items(4))
+    writer.save()
+    writer.close()
+    reader = IndexFolder.open(tmp_path / "ix")
+    with pytest.raises(RadLensError, match=r"has no collection 'region' \(it has: image\)"):
+        reader.collection("region")
+    reader.close()

@@ -126,8 +126,14 @@ class Trainer:
             "step": self.step, "best": self.best, "history": self.history,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                     "python": random.getstate()},
-            "config": asdict(self.cfg),
+            "config": asdict(self.cfg), "data": self._data_fingerprint(),
         }
+
+    def _data_fingerprint(self) -> str | None:
+        if not hasattr(self, "_data"):
+            fingerprint = getattr(self.task, "data_fingerprint", None)  # optional for a Task
+            self._data = str(fingerprint()) if callable(fingerprint) else None
+        return self._data
 
     def save_state(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -167,6 +173,9 @@ class Trainer:
                 k for k in mine if mine[k] != saved[k])
             raise ConfigError(f"{path} is the state of another model ({len(differ)} "
                               f"parameters differ, e.g. {differ[0]}): {fix}")
+        data = self._data_fingerprint()
+        if state.get("data") and data and state["data"] != data:
+            raise ConfigError(f"{path} is the state of a run on other training data: {fix}")
         old, new = state.get("config") or {}, asdict(self.cfg)
         changed = [f"{k} {old[k]} there, {new[k]} here" for k in RESUME_MUST_MATCH
                    if k in old and old[k] != new[k]]

@@ -72,6 +72,16 @@ class LRCLRTask:
             pooled = self.train_text or pool_texts(model, tokenizer, train.texts)
             model.text.fit_standardizer(pooled.report, pooled.sentences, pooled.mask)
 
+    def data_fingerprint(self) -> str:
+        """The training data's identity for resuming (the files and report texts of both
+        splits): a run folder's state is not resumed on other data."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(
+            [[r["file"] for r in ds.rows] + ds.texts for ds in (self.train_ds, self.val_ds)]
+        ).encode()).hexdigest()[:16]
+
     def _pooled(self, ds: CXRDataset) -> PooledText:
         """Frozen-encoder states, cached on disk beside the image cache (keyed by the texts
         and the text tower's config), so a resumed or second run does not recompute them."""

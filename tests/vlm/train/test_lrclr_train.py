@@ -80,9 +80,9 @@ def test_training_learns_the_tiny_task(tiny_cxr, tmp_path):
 
 
 def test_a_state_from_other_settings_or_another_model_is_not_resumed(tiny_cxr, tmp_path):
-    """Reusing a run folder with a changed learning rate used to resume silently (a mix of two
-    runs); with another model it failed inside load_state_dict. Both are one-line refusals,
-    and the saved state is left as it was."""
+    """Reusing a run folder with a changed learning rate or other data used to resume silently
+    (a mix of two runs); with another model it failed inside load_state_dict. All are one-line
+    refusals, and the saved state is left as it was."""
     import json
 
     import vlm
@@ -108,6 +108,9 @@ def test_a_state_from_other_settings_or_another_model_is_not_resumed(tiny_cxr, t
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ConfigError, match="is the state of another model"):
         train_lrclr(tiny_cxr, str(tmp_path / "other.json"), run, cfg(), workers=1)
+    other_data = make_tiny_cxr(tmp_path / "other_data", n=40)
+    with pytest.raises(ConfigError, match="is the state of a run on other training data"):
+        train_lrclr(other_data, "lrclr-tiny", run, cfg(), workers=1)
     assert (run / STATE_FILE).read_bytes() == state
     # what may change on resume: the time budget, the save and log intervals
     train_lrclr(tiny_cxr, "lrclr-tiny", run, cfg(max_minutes=30, save_every=7, log_every=3),
