@@ -87,11 +87,10 @@ def encoder_only(encoder: Any, paths: list[Path], batch: int, n: int) -> dict[st
     best = float("inf")
     for _ in range(2):  # on a GPU the first pass also warms cuDNN up
         t = time.perf_counter()
-        with torch.inference_mode(), encoder.autocast():
-            for s in range(0, len(x), batch):
-                # as ingestion does: host tensors in, vectors back on the host (a GPU sync)
-                emb = encoder.model.encode_image(x[s:s + batch].to(encoder.device, encoder.dtype))
-                emb.global_embedding.float().cpu()
+        for s in range(0, len(x), batch):
+            # as ingestion does: host tensors in, vectors back on the host (a GPU sync)
+            emb = encoder.encode_tensor(x[s:s + batch].to(encoder.device, encoder.dtype))
+            emb.global_embedding.float().cpu()
         best = min(best, time.perf_counter() - t)
     return {"images": len(x), "seconds": round(best, 3), "images_per_s": round(len(x) / best, 2)}
 
@@ -116,9 +115,8 @@ def one_core_costs(encoder: Any, paths: list[Path], batch: int, n: int) -> dict[
         encode_s = float("nan")
         if encoder.device.type == "cpu":  # a GPU encoder's cost is the encoder-only run's
             t = time.perf_counter()
-            with torch.inference_mode(), encoder.autocast():
-                for s in range(0, len(arrays), batch):
-                    encoder.model.encode_image(stages.model_input(arrays[s:s + batch], encoder))
+            for s in range(0, len(arrays), batch):
+                encoder.encode_tensor(stages.model_input(arrays[s:s + batch], encoder))
             encode_s = time.perf_counter() - t
     finally:
         torch.set_num_threads(threads)

@@ -381,10 +381,9 @@ def probe_costs(encoder: Encoder, paths: list[str], pre: PreprocessConfig
     if len(arrays) < 2:
         return None
     x = model_input(arrays, encoder)
-    with torch.inference_mode(), encoder.autocast():
-        encoder.model.encode_image(x[:1])  # first call: allocator and kernel selection
-        t0 = time.perf_counter()
-        encoder.model.encode_image(x)
+    encoder.encode_tensor(x[:1])  # first call: allocator and kernel selection
+    t0 = time.perf_counter()
+    encoder.encode_tensor(x)
     return decode, (time.perf_counter() - t0) / len(arrays)
 
 
@@ -532,9 +531,7 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
         if not pending:
             return
         t0 = time.time()
-        with torch.inference_mode(), encoder.autocast():
-            emb = encoder.model.encode_image(model_input([p["pixels"] for p in pending],
-                                                         encoder))
+        emb = encoder.encode_tensor(model_input([p["pixels"] for p in pending], encoder))
         report.encode_seconds += time.time() - t0
         encoded.append((pending[:], emb))
         pending.clear()

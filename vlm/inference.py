@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vlm.data.transforms import Letterbox, Preprocess
 from vlm.errors import ConfigError
@@ -163,9 +164,20 @@ class Encoder:
             x, box = self.preprocess(image)
             tensors.append(x)
             boxes.append(box)
-        x = torch.stack(tensors).to(self.device, self.dtype)
+        return self.encode_tensor(torch.stack(tensors).to(self.device, self.dtype)), boxes
+
+    def encode_tensor(self, x: torch.Tensor) -> ImageEmbedding:
+        """A preprocessed input batch -> its embeddings, under :meth:`autocast`. With ``amp``
+        the unit vectors are normalised again in float32: normalised in bf16 they come out
+        with norms of 1 +- 0.003, and an index scores by inner product."""
         with torch.inference_mode(), self.autocast():
-            return self.model.encode_image(x), boxes
+            emb = self.model.encode_image(x)
+        if self.amp is not None:
+            emb.global_embedding = F.normalize(emb.global_embedding.float(), dim=-1)
+            emb.patch_embeddings = F.normalize(emb.patch_embeddings.float(), dim=-1)
+            if emb.region_embeddings is not None:
+                emb.region_embeddings = F.normalize(emb.region_embeddings.float(), dim=-1)
+        return emb
 
     def encode_images(self, images: Sequence[ImageData]) -> list[EncodedImage]:
         out: list[EncodedImage] = []
