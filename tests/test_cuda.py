@@ -66,6 +66,21 @@ def test_encoder_on_cuda_matches_cpu(model_dir, tiny_cxr):
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_encoding_on_cuda_is_close_to_cpu_fp32(model_dir, tiny_cxr, amp):
+    """``index build --amp`` on a GPU: autocast on the device, unit vectors in float32, and
+    the channels-last reordering (measured on the CPU only) left off."""
+    from vlm.inference import Encoder
+    from vlm.io import read_image
+
+    cpu, gpu = Encoder(model_dir), Encoder(model_dir, device="cuda", amp=amp)
+    assert not gpu.model.visual._channels_last
+    images = [read_image(p) for p in sorted((tiny_cxr / "dicom").rglob("*.dcm"))[:6]]
+    for a, b in zip(cpu.encode_images(images), gpu.encode_images(images), strict=True):
+        assert b.vector.dtype == np.float32 and _cos(a.vector, b.vector) > 0.99
+        assert np.isclose(np.linalg.norm(b.vector), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_training_on_cuda_with_amp_learns(tiny_cxr, tmp_path, amp):
     from vlm.inference import Encoder
     from vlm.train.loop import TrainConfig
