@@ -153,12 +153,24 @@ def build_demo_volumes(data_dir: Path, index: Path, model: str | Path = SHIPPED_
     ct = data_dir / "ct" / "phantom_ct"
     if not (ct / "manifest.jsonl").is_file():
         generate_phantom_ct(ct, n=n, shape=shape, seed=DEMO_VOLUME_SEED)
-    if not (index / REPORT_FILE).is_file():
+    if not _finished(index / REPORT_FILE):
         report = ingest_volumes(VolumeEncoder.load(model), ct, index, progress=progress,
                                 keep_paths=True)
         print(f"demo: indexed {report.added} PhantomCT volumes with {Path(str(model)).name}, "
               f"{len(report.failed)} unreadable")
     return ct
+
+
+def _finished(report_file: Path) -> bool:
+    """Whether a build ran to its end. A build writes its report also when it stops early
+    (Ctrl-C or SIGTERM: ``interrupted``; an error: no run time yet), and a demo that took
+    such a report for a finished build served a partial index; a rerun of the build adds only
+    what is missing."""
+    try:
+        report = json.loads(report_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return not report.get("interrupted") and float(report.get("seconds") or 0) > 0
 
 
 def _volume_model_matches(index: Path, model: str | Path) -> bool:
@@ -215,7 +227,7 @@ def build_demo_index(data_dir: Path, model: Path = SHIPPED_MODEL, limit: int | N
             print(f"demo: the volume collection of {index} was built with another volume "
                   f"model; rebuilding the index with {Path(str(chosen)).name}")
             shutil.rmtree(index)
-    if not (index / "CURRENT").exists() or not (index / "ingest_report.json").exists():
+    if not (index / "CURRENT").exists() or not _finished(index / "ingest_report.json"):
         report = ingest(Encoder(str(model)), archive, index, progress=progress,
                         model_path=str(model.resolve()), keep_paths=True)
         print(f"demo: indexed {report.added} images ({report.regions} regions), "

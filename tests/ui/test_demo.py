@@ -30,6 +30,17 @@ def test_demo_index_is_built_once_and_reused(tmp_path, capsys):
     assert "another model" not in second and "demo: indexed" not in second, second
     assert ((index / "CURRENT").read_text(),
             (index / "ingest_report.json").stat().st_mtime_ns) == stamp  # nothing rebuilt
+    # a build stopped early (Ctrl-C) wrote its report too: the next demo completes the build
+    # instead of serving a partial index
+    for name in ("ingest_report.json", "volume_ingest_report.json"):
+        stopped = json.loads((index / name).read_text()) | {"interrupted": True}
+        (index / name).write_text(json.dumps(stopped))
+    capsys.readouterr()
+    build_demo_index(tmp_path / "demo", model, limit=6, progress=False,
+                     volume_model="random:lecl-tiny", volumes=2, volume_shape=(32, 32, 32))
+    resumed = capsys.readouterr().out
+    assert "demo: indexed 0 images" in resumed and "demo: indexed 0 PhantomCT volumes" in resumed
+    assert not json.loads((index / "ingest_report.json").read_text())["interrupted"]
     from index.folder import IndexFolder
 
     ix = IndexFolder.open(index)
