@@ -71,8 +71,8 @@ class VisionTower(nn.Module):
 
     def use_channels_last(self, enabled: bool = True) -> bool:
         """Run a CNN trunk in channels-last memory order: the same values up to float rounding
-        (6e-8 here), faster with oneDNN on the CPU (ResNet-18 at 160 px, batch 32, two
-        threads: 89 -> 115 images/s encoding, 61 -> 74 samples/s for a bf16 training step;
+        (4.5e-8 here), faster with oneDNN on the CPU (ResNet-18 at 160 px, batch 32, two
+        threads: 103 -> 124 images/s encoding, 58 -> 75 samples/s for a bf16 training step;
         ``benchmarks/channels_last.py``). False (nothing changed) for a ViT. Saved weights do
         not depend on it (checkpoints and fingerprints store contiguous bytes).
         ``enabled=False`` goes back to the default order."""
