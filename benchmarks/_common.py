@@ -30,3 +30,25 @@ def write_result(out: Path, name: str, result: dict[str, Any]) -> None:
 def device_suffix(device: str) -> str:
     """File-name suffix that keeps a GPU run's results beside the CPU ones: '' or '_cuda0'."""
     return "" if device == "cpu" else "_" + device.replace(":", "")
+
+
+def plot_medians(result: dict[str, Any], settings: tuple[str, ...], labels: list[str],
+                 title: str, path: Path, keys: dict[str, str] | None = None) -> None:
+    """One bar panel per measured quantity: ``result["median"][setting][key]`` for each of
+    ``settings`` (named ``labels``; the first is the reference). ``keys`` maps the quantities
+    to their panel titles (default: every key of the first setting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = keys or {k: k.replace("_", " ") for k in result["median"][settings[0]]}
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 2.7), squeeze=False)
+    for ax, (key, name) in zip(axes[0], keys.items(), strict=True):
+        ax.bar(labels, [result["median"][s][key] for s in settings],
+               color=["#888"] + ["#2a7"] * (len(settings) - 1))
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import write_result
+from _common import plot_medians, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out"
@@ -113,21 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(7, 2.6))
-    for ax, key, label in ((axes[0], "encode_images_per_s", "encode, images/s"),
-                           (axes[1], "train_step_samples_per_s", "bf16 train step, samples/s")):
-        values = [result["median"][s][key] for s in SETTINGS]
-        ax.barh(["glibc default", "tuned"], values, color=["#888", "#2a7"])
-        ax.set_xlabel(label)
-    fig.suptitle(f"malloc settings, {result['model']}, {result['cpu_count']} cores "
-                 f"(median of {len(result['runs']['default'])} runs each)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_medians(result, SETTINGS, ["glibc default", "tuned"],
+                 f"malloc settings, {result['model']}, {result['cpu_count']} cores "
+                 f"(median of {len(result['runs']['default'])} runs each)", path,
+                 {"encode_images_per_s": "encode, images/s",
+                  "train_step_samples_per_s": "bf16 train step, samples/s"})
 
 
 if __name__ == "__main__":

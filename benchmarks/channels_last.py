@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import write_result
+from _common import plot_medians, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out"
@@ -112,22 +112,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(result["median"]["default"])
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
-    for ax, key in zip(axes, keys, strict=True):
-        values = [result["median"][o][key] for o in ORDERS]
-        ax.bar(["default", "channels-last"], values, color=["#888", "#2a7"])
-        ax.set_title(key.replace("_", " "), fontsize=8)
-        ax.tick_params(labelsize=8)
-    fig.suptitle(f"{result['model']} on {result['threads']} CPU threads "
-                 f"(median of {len(result['runs']['default'])})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_medians(result, ORDERS, ["default", "channels-last"],
+                 f"{result['model']} on {result['threads']} CPU threads "
+                 f"(median of {len(result['runs']['default'])})", path)
 
 
 if __name__ == "__main__":
