@@ -72,6 +72,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--precision", default="fp32", help="fp32, fp16 or bf16 (both models)")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                    help="CNN towers of both models in channels-last order (default: on the "
+                         "CPU, as RadLens's Encoder runs them)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,14 +84,23 @@ def main() -> None:
     dtype = next(model.parameters()).dtype
     tok = get_tokenizer(args.model)
     ref = open_clip_reference(model).to(device, dtype)
+    channels_last = (args.channels_last if args.channels_last is not None
+                     else torch.device(device).type == "cpu")
+    # both models alike, so that the ratio still isolates the LRCLR layers
+    channels_last = channels_last and model.visual.use_channels_last()
+    if channels_last:
+        ref.visual.to(memory_format=torch.channels_last)
     size = model.config.preprocess.image_size
     out: dict[str, object] = {"model": args.model, "threads": torch.get_num_threads(),
                               "image_size": size, "device": device, "precision": args.precision,
+                              "channels_last": channels_last,
                               "gpu": torch.cuda.get_device_name(device)
                               if device.startswith("cuda") else None}
     with torch.inference_mode():
         for b in (1, 32):
             x = torch.randn(b, 3, size, size, device=device, dtype=dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             reports = [REPORT] * b
             tokens = tok(reports)
             ref_tokens = tokens.input_ids[:, : model.config.text.context_length].to(device)
