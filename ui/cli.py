@@ -694,6 +694,10 @@ def demo(
     if not (checkpoint / "config.json").is_file():
         raise RadLensError(f"no checkpoint at {checkpoint}: train one with 'radlens train "
                            "lrclr' (see README) or pass --model")
+    if serve_app:  # a busy port is found now, not after the build
+        from ui.serve import check_port
+
+        check_port("127.0.0.1", port)
     index = build_demo_index(out, checkpoint)
     if serve_app:
         from ui.serve import serve as run_server

@@ -111,6 +111,29 @@ def launch(app: Any, engine: Any, *, host: str = "127.0.0.1", port: int = 7860,
         enable_monitoring=False, footer_links=[])
 
 
+def check_port(host: str, port: int) -> None:
+    """A one-line error, before any model loads, when the app could not listen on
+    ``host:port`` (gradio's own message is an internal-looking ``OSError`` about a "port
+    range", after the index and the model were loaded; the demo would first build its
+    index)."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise RadLensError(f"cannot serve on {host}: not a usable address ({exc})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            why = ("is already in use (another RadLens app or demo?)"
+                   if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})")
+            raise RadLensError(f"{host}:{port} {why}: pass --port with a free port") from None
+
+
 def serve(index: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 7860,
           auth_file: str | os.PathLike[str] | None = None, model: str | None = None,
           max_upload_mb: float = 50, ingest_roots: Sequence[str] | None = None,
@@ -120,6 +143,7 @@ def serve(index: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int =
     from index.engine import Engine
     from ui.app import build_app
 
+    check_port(host, port)
     auth = make_auth(load_auth_file(auth_file)) if auth_file else None
     if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
         logger.warning("serving on %s without --auth-file: anyone who can reach it can query "

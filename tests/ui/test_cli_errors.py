@@ -59,3 +59,22 @@ def test_ctrl_c_in_any_command_exits_130_with_one_line(capsys, monkeypatch, tmp_
     code, err = _run(capsys, ["index", "info", str(tmp_path)])
     assert code == 130 and err[-1] == "radlens: interrupted"
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_busy_port_is_refused_before_any_index_or_model_loads(capsys, tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        want = [f"radlens: error: 127.0.0.1:{port} is already in use (another RadLens app or "
+                "demo?): pass --port with a free port"]
+        # the index does not even exist: the port is checked first
+        code, err = _run(capsys, ["serve", "--index", str(tmp_path / "none"),
+                                  "--port", str(port)])
+        assert code == 2 and err == want
+        # the demo checks before it spends a minute building its archive and index
+        code, err = _run(capsys, ["demo", "--out", str(tmp_path / "demo"), "--port", str(port)])
+        assert code == 2 and err == want
+        assert not (tmp_path / "demo").exists()
