@@ -81,6 +81,13 @@ class Hit:
     item: CatalogItem | None
 
 
+
+def is_index_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a RadLens index folder (its ``CURRENT`` pointer and manifest):
+    folder walks skip these, so an index kept inside its archive is not indexed itself."""
+    folder = Path(path)
+    return (folder / persist.CURRENT).is_file() and (folder / persist.MANIFEST).is_file()
+
 class IndexFolder:
     """An index folder opened for reading or writing. Use :meth:`create` or :meth:`open`."""
 

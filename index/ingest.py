@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from index.folder import IndexFolder
+from index.folder import IndexFolder, is_index_folder
 from vlm.allocator import tune_allocator
 from vlm.errors import Interrupted, RadLensError
 from vlm.inference import Encoder
@@ -115,6 +115,9 @@ def walk(source: Path, datasets: dict[str, dict[str, dict[str, Any]]] | None = N
         return
     datasets = datasets or {}
     for root, dirs, files in os.walk(source):
+        if is_index_folder(root):  # an index kept inside the archive: its thumbnails are not
+            dirs[:] = []           # archive images, its catalog and vectors no images at all
+            continue
         if root in datasets:
             yield from (Path(p) for p in sorted(datasets[root]))
             dirs[:] = []
@@ -456,6 +459,9 @@ def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathL
     src, dest = Path(source), Path(out)
     if not src.exists():
         raise RadLensError(f"{src}: no such file or folder")
+    if is_index_folder(src):
+        raise RadLensError(f"{src} is a RadLens index, not an archive: pass the folder of "
+                           "images as --source")
     if (dest / "CURRENT").exists():
         ix = IndexFolder.open(dest, mode="w", expect_model=encoder.name,
                               expect_config_hash=encoder.config_hash)

@@ -39,7 +39,7 @@ import numpy as np
 
 from index import persist
 from index.catalog import CatalogItem
-from index.folder import CollectionModel, IndexFolder
+from index.folder import CollectionModel, IndexFolder, is_index_folder
 from index.ingest import SKIP_NAMES, file_hash
 from vlm.errors import Interrupted, RadLensError
 from vlm.interrupt import StopRequest, stop_on_signal
@@ -172,6 +172,9 @@ def find_volumes(source: str | os.PathLike[str]) -> list[VolumeSource]:
     loose: list[Path] = []
     for root, dirs, files in os.walk(src):
         here = Path(root)
+        if is_index_folder(here):  # an index kept inside the archive: not volumes
+            dirs[:] = []
+            continue
         rows = _manifest_volume_rows(here)
         if rows:
             found.extend(_dataset_sources(here, rows))
@@ -285,6 +288,9 @@ def ingest_volumes(encoder: VolumeEncoder, source: str | os.PathLike[str],
     src, dest = Path(source), Path(out)
     if not src.exists():
         raise RadLensError(f"{src}: no such file or folder")
+    if is_index_folder(src):
+        raise RadLensError(f"{src} is a RadLens index, not an archive: pass the folder of "
+                           "volumes as --source")
     model = collection_model(encoder)
     if (dest / "CURRENT").exists():
         ix = IndexFolder.open(dest, mode="w")

@@ -365,3 +365,31 @@ def test_a_bf16_build_stores_vectors_close_to_the_fp32_ones(archive, model_dir, 
     # unit before their float16 storage, whose rounding moves a norm by at most 2**-11 (a
     # vector normalised in bf16 is off by up to 3e-3)
     assert np.allclose([np.linalg.norm(v) for v in b.values()], 1.0, atol=2.0 ** -11)
+
+
+def test_an_index_kept_inside_its_archive_is_not_indexed_itself(archive, model_dir, tmp_path):
+    """--out inside --source: a second build used to add the index's own JPEG thumbnails as
+    new images, and every build listed its catalog and vector files as failures."""
+    import shutil
+
+    from index import ingest as ig
+    from index.folder import IndexFolder
+    from index.volumes import find_volumes
+    from vlm.errors import RadLensError
+    from vlm.inference import Encoder
+
+    src = tmp_path / "archive"
+    shutil.copytree(archive, src)
+    enc = Encoder(str(model_dir))
+    first = ig.ingest(enc, src, src / "index", workers=0, progress=False, batch_size=4)
+    again = ig.ingest(enc, src, src / "index", workers=0, progress=False, batch_size=4)
+    assert first.added == 24 and (again.added, again.already_indexed) == (0, 24)
+    for report in (first, again):
+        assert sorted(Path(f["path"]).name for f in report.failed) == ["notes.dcm",
+                                                                       "truncated.dcm"]
+    ix = IndexFolder.open(src / "index")
+    assert ix.catalog.count("image") == 24
+    ix.close()
+    assert not any("index" in s.path.parts for s in find_volumes(src))
+    with pytest.raises(RadLensError, match="is a RadLens index, not an archive"):
+        ig.ingest(enc, src / "index", tmp_path / "other", workers=0, progress=False)
