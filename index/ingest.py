@@ -462,6 +462,9 @@ def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathL
     if is_index_folder(src):
         raise RadLensError(f"{src} is a RadLens index, not an archive: pass the folder of "
                            "images as --source")
+    if batch_size < 1 or save_every < 1:
+        raise RadLensError(f"batch size and save interval must be at least 1 (got "
+                           f"{batch_size} and {save_every})")
     if (dest / "CURRENT").exists():
         ix = IndexFolder.open(dest, mode="w", expect_model=encoder.name,
                               expect_config_hash=encoder.config_hash)

@@ -393,3 +393,6 @@ def test_an_index_kept_inside_its_archive_is_not_indexed_itself(archive, model_d
     assert not any("index" in s.path.parts for s in find_volumes(src))
     with pytest.raises(RadLensError, match="is a RadLens index, not an archive"):
         ig.ingest(enc, src / "index", tmp_path / "other", workers=0, progress=False)
+    with pytest.raises(RadLensError, match="batch size and save interval must be at least 1"):
+        ig.ingest(enc, src, tmp_path / "other", batch_size=0, progress=False)
+    assert not (tmp_path / "other").exists()  # refused before anything was created

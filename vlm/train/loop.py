@@ -60,6 +60,27 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """One-line refusals for settings no run can use (``--batch-size 0`` was a
+        ZeroDivisionError deep in the loop, ``--amp fp8`` silently trained in fp32)."""
+        at_least_one = {"epochs": self.epochs, "batch_size": self.batch_size,
+                        "grad_accum": self.grad_accum, "save_every": self.save_every,
+                        "log_every": self.log_every}
+        if self.max_steps is not None:
+            at_least_one["max_steps"] = self.max_steps
+        for name, value in at_least_one.items():
+            if int(value) < 1:
+                raise ConfigError(f"training setting {name} must be at least 1, got {value}")
+        for name, number in (("warmup_steps", self.warmup_steps),
+                             ("val_every", self.val_every)):
+            if int(number) < 0:
+                raise ConfigError(f"training setting {name} must not be negative, got {number}")
+        if not self.lr > 0 or (self.max_minutes is not None and not self.max_minutes > 0):
+            raise ConfigError(f"training needs lr > 0 and max_minutes > 0 if given (got lr "
+                              f"{self.lr}, max_minutes {self.max_minutes})")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ConfigError(f"unknown amp '{self.amp}': use bf16 or fp16 (or leave it off)")
+
 
 class Task(Protocol):
     """What a recipe provides to the loop."""
