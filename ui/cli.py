@@ -324,7 +324,8 @@ def _search_volume(index: Path, volume: Path, k: int, filters: dict[str, object]
 @data_app.command("phantom-cxr")
 def data_phantom_cxr(
     out: Annotated[Path, typer.Option(help="Output folder.")],
-    n: Annotated[int | None, typer.Option(help="Number of studies (default: all reports).")
+    n: Annotated[int | None, typer.Option(min=1, help="Number of studies (default: all "
+                                                       "reports).")
                  ] = None,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 512,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same data).")] = 0,
@@ -344,7 +345,7 @@ def data_phantom_cxr(
 @data_app.command("phantom-ct")
 def data_phantom_ct(
     out: Annotated[Path, typer.Option(help="Output folder.")],
-    n: Annotated[int, typer.Option(help="Number of volumes.")] = 100,
+    n: Annotated[int, typer.Option(min=1, help="Number of volumes.")] = 100,
     shape: Annotated[str, typer.Option(help="Z,Y,X voxels.")] = "128,128,128",
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same data).")] = 0,
     workers: Annotated[int | None, typer.Option(help="Worker processes (default: all cores).")

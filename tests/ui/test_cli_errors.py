@@ -78,3 +78,12 @@ def test_a_busy_port_is_refused_before_any_index_or_model_loads(capsys, tmp_path
         code, err = _run(capsys, ["demo", "--out", str(tmp_path / "demo"), "--port", str(port)])
         assert code == 2 and err == want
         assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("command", ["phantom-cxr", "phantom-ct"])
+def test_data_commands_need_at_least_one_item(capsys, tmp_path, command):
+    """``--n 0`` rendered nothing and exited 0 (phantom-cxr) or raised an internal ValueError
+    (phantom-ct)."""
+    code, err = _run(capsys, ["data", command, "--out", str(tmp_path / "d"), "--n", "0"])
+    assert code == 2 and any("Invalid value for '--n'" in line for line in err)
+    assert not (tmp_path / "d").exists()
