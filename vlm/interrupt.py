@@ -23,6 +23,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+
 class StopRequest:
     """Truthy once a stop has been asked for; ``signum`` says by which signal."""
 
