@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -600,6 +601,7 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
             report.regions += len(rrows)
 
     seen = 0
+    broken = False
     with stop_on_signal("saving the index after this batch") as stop:
         results = _results(paths, plan, KnownHashes(known), pre, batch_size)
         try:
@@ -626,6 +628,11 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
                     pending.append(result)
                     if len(pending) >= batch_size:
                         flush()
+        except BrokenProcessPool:
+            # a decode process (or the fork server behind them) died: SIGTERM sent to the whole
+            # process group kills the fork server, the OOM killer a worker. What was decoded
+            # is still encoded and saved below.
+            broken = True
         finally:
             results.close()  # stops the decode processes now, not when collected
         # what was decoded is encoded and saved, also after a stop (a second signal stops at
@@ -635,6 +642,13 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
         save()
     bar.close()
     report.interrupted, report.unread = bool(stop), len(paths) - seen
+    if broken and not stop:
+        error = RadLensError(
+            f"a decode process died (killed, or out of memory?): {report.added} new images "
+            f"saved in {ix.path}, {report.unread} files not read yet; run the same command "
+            "again to add them")
+        error.exit_code = 1
+        raise error
     report.seconds = round(time.time() - start, 3)
     n = report.added
     report.images_per_s = round(n / report.seconds, 3) if n and report.seconds else 0.0

@@ -41,7 +41,8 @@ class StopRequest:
 @contextlib.contextmanager
 def stop_on_signal(what: str) -> Iterator[StopRequest]:
     """While inside, SIGINT and SIGTERM set the yielded :class:`StopRequest` instead of
-    stopping the process; a second signal raises ``KeyboardInterrupt`` at once. ``what`` is
+    stopping the process; a second signal stops it at once (``KeyboardInterrupt`` for Ctrl-C,
+    ``SystemExit(143)`` for SIGTERM, so that the exit code still names the signal). ``what`` is
     the log line's description of what happens next ("saving the index after this batch").
 
     Outside the main thread, and for a signal whose handler is not Python's default (ignored,
@@ -54,6 +55,8 @@ def stop_on_signal(what: str) -> Iterator[StopRequest]:
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if stop:
+            if signum == signal.SIGTERM:
+                raise SystemExit(128 + signum)
             raise KeyboardInterrupt
         stop.signum = signum
         logger.warning("%s: %s (press Ctrl-C again to stop at once)",
@@ -82,9 +85,12 @@ def ignore_stop_signals(sigterm: bool = True) -> None:
 
 
 def interrupt_for_test() -> None:
-    """Tests: send SIGINT as a terminal's Ctrl-C does, to the process group when this process
-    leads it (started in its own session), else to this process alone."""
+    """Tests: send SIGINT as a terminal's Ctrl-C does (SIGTERM, as a service manager stopping
+    a job, with ``RADLENS_TEST_INTERRUPT_SIGNAL=TERM``), to the process group when this
+    process leads it (started in its own session), else to this process alone."""
+    sig = (signal.SIGTERM if os.environ.get("RADLENS_TEST_INTERRUPT_SIGNAL") == "TERM"
+           else signal.SIGINT)
     if os.getpgrp() == os.getpid():
-        os.killpg(os.getpgrp(), signal.SIGINT)
+        os.killpg(os.getpgrp(), sig)
     else:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), sig)

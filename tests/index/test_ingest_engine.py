@@ -122,6 +122,29 @@ def test_ctrl_c_saves_what_was_encoded_and_a_rerun_completes(archive, model_dir,
     ix.close()
 
 
+def test_sigterm_to_the_process_group_saves_like_ctrl_c(archive, model_dir, tmp_path):
+    """A service manager stops a job with SIGTERM to all its processes: the build, its decode
+    processes and the fork server behind them (whose death breaks a lockstep pool: see the
+    next test). The build saves and says so as for Ctrl-C, with 128 + SIGTERM."""
+    from index.folder import IndexFolder
+
+    out = tmp_path / "idx"
+    stopped = _build(model_dir, archive, out, {"RADLENS_TEST_INTERRUPT_AFTER_BATCHES": "2",
+                                               "RADLENS_TEST_INTERRUPT_SIGNAL": "TERM"},
+                     session=True)
+    assert stopped.returncode == 143, stopped.stderr[-1500:]
+    assert "Traceback" not in stopped.stderr and "internal error" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1].startswith("radlens: interrupted: ")
+    summary = json.loads(stopped.stdout.strip().splitlines()[-1])
+    assert summary["interrupted"] is True and 8 <= summary["added"] < 24
+    ix = IndexFolder.open(out)
+    assert ix.catalog.count("image") == summary["added"] == summary["saved"]
+    ix.close()
+    done = _build(model_dir, archive, out)
+    assert done.returncode == 3
+    assert json.loads(done.stdout.strip().splitlines()[-1])["added"] == 24 - summary["added"]
+
+
 def test_engine_search_filters_and_model_check(archive, model_dir, tmp_path):
     from index.engine import Engine
     from vlm.errors import RadLensError
@@ -396,3 +419,35 @@ def test_an_index_kept_inside_its_archive_is_not_indexed_itself(archive, model_d
     with pytest.raises(RadLensError, match="batch size and save interval must be at least 1"):
         ig.ingest(enc, src, tmp_path / "other", batch_size=0, progress=False)
     assert not (tmp_path / "other").exists()  # refused before anything was created
+
+
+def test_a_dead_decode_pool_saves_what_was_decoded_and_says_so(archive, model_dir, tmp_path,
+                                                                monkeypatch):
+    """The fork server behind the decode processes dies (SIGTERM to the process group kills it;
+    so would the OOM killer): the lockstep build's next submit raised BrokenProcessPool, an
+    internal error that dropped everything since the last save."""
+    import signal
+    from multiprocessing import forkserver
+
+    from index import ingest as ig
+    from index.folder import IndexFolder
+    from vlm.errors import RadLensError
+    from vlm.inference import Encoder
+
+    def kill_the_fork_server() -> None:
+        os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+
+    monkeypatch.setattr(ig, "plan_workers", lambda *a, **k: ig.Plan(2, 1, lockstep=True))
+    monkeypatch.setattr(ig, "interrupt_for_test", kill_the_fork_server)
+    monkeypatch.setenv("RADLENS_TEST_INTERRUPT_AFTER_BATCHES", "2")
+    enc = Encoder(str(model_dir))
+    with pytest.raises(RadLensError, match=r"a decode process died .*new images saved") as err:
+        ig.ingest(enc, archive, tmp_path / "idx", batch_size=4, progress=False)
+    assert err.value.exit_code == 1 and "\n" not in str(err.value)
+    report = json.loads((tmp_path / "idx" / "ingest_report.json").read_text())
+    ix = IndexFolder.open(tmp_path / "idx")
+    assert 8 <= ix.catalog.count("image") == report["added"] == report["saved"] < 24
+    ix.close()
+    monkeypatch.delenv("RADLENS_TEST_INTERRUPT_AFTER_BATCHES")
+    rest = ig.ingest(enc, archive, tmp_path / "idx", batch_size=4, progress=False)
+    assert rest.added == 24 - report["added"]  # a new fork server; nothing twice

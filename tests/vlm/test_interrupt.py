@@ -28,6 +28,9 @@ def test_sigterm_asks_for_a_stop_with_its_own_exit_code():
     with stop_on_signal("saving") as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signum == signal.SIGTERM and stop.exit_code == 143
+        with pytest.raises(SystemExit) as second:  # at once, still exiting 128 + SIGTERM
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert second.value.code == 143
     assert signal.getsignal(signal.SIGTERM) is before
 
 
