@@ -43,6 +43,19 @@ def _build(model: Path, source: Path, out: Path, env: dict[str, str] | None = No
         start_new_session=session)
 
 
+def _one_row_per_image(out: Path, n: int = 24) -> bool:
+    """Whether the index at ``out`` holds exactly one image row per good archive image."""
+    from index.folder import IndexFolder
+
+    ix = IndexFolder.open(out)
+    try:
+        hashes = [it.content_hash for it in ix.catalog.get_many(range(ix.catalog.next_id()))
+                  if it is not None and it.collection == "image"]
+    finally:
+        ix.close()
+    return len(hashes) == n == len(set(hashes))
+
+
 def test_build_reports_bad_files_once_and_rerun_adds_nothing(archive, model_dir, tmp_path):
     out = tmp_path / "idx"
     first = _build(model_dir, archive, out)
@@ -81,24 +94,25 @@ def test_killed_build_resumes_with_one_row_per_image(archive, model_dir, tmp_pat
     assert 0 < partial < 24
     done = _build(model_dir, archive, out)
     assert done.returncode == 3
-    ix = IndexFolder.open(out)
-    hashes = [it.content_hash for it in ix.catalog.get_many(range(ix.catalog.next_id()))
-              if it is not None and it.collection == "image"]
-    assert len(hashes) == 24 and len(set(hashes)) == 24
-    ix.close()
+    assert _one_row_per_image(out)
 
 
-def test_ctrl_c_saves_what_was_encoded_and_a_rerun_completes(archive, model_dir, tmp_path):
-    """Ctrl-C reaches the whole process group (the build and its decode process); the build
-    stops after its batch, saves, and says so in one line; nothing decoded is lost."""
+@pytest.mark.parametrize(("signal_name", "code"), [("INT", 130), ("TERM", 143)])
+def test_ctrl_c_or_sigterm_saves_what_was_encoded_and_a_rerun_completes(
+        archive, model_dir, tmp_path, signal_name, code):
+    """Ctrl-C, or SIGTERM as a service manager sends it, reaches the whole process group (the
+    build, its decode process and the fork server behind it, whose death breaks a lockstep
+    pool: see test_a_dead_decode_pool_...); the build stops after its batch, saves, and says
+    so in one line; nothing decoded is lost."""
     from index.folder import IndexFolder
 
     out = tmp_path / "idx"
     # no periodic save in 24 images: whatever the index holds afterwards, the stop saved
-    stopped = _build(model_dir, archive, out, {"RADLENS_TEST_INTERRUPT_AFTER_BATCHES": "2"},
+    stopped = _build(model_dir, archive, out, {"RADLENS_TEST_INTERRUPT_AFTER_BATCHES": "2",
+                                               "RADLENS_TEST_INTERRUPT_SIGNAL": signal_name},
                      session=True)
-    assert stopped.returncode == 130, stopped.stderr[-1500:]
-    assert "Traceback" not in stopped.stderr
+    assert stopped.returncode == code, stopped.stderr[-1500:]
+    assert "Traceback" not in stopped.stderr and "internal error" not in stopped.stderr
     last = stopped.stderr.strip().splitlines()[-1]
     assert last.startswith("radlens: interrupted: ") and "run the same command again" in last
     summary = json.loads(stopped.stdout.strip().splitlines()[-1])
@@ -115,34 +129,7 @@ def test_ctrl_c_saves_what_was_encoded_and_a_rerun_completes(archive, model_dir,
     assert done.returncode == 3, done.stderr[-1500:]
     rest = json.loads(done.stdout.strip().splitlines()[-1])
     assert rest["interrupted"] is False and rest["added"] == 24 - summary["added"]
-    ix = IndexFolder.open(out)
-    hashes = [it.content_hash for it in ix.catalog.get_many(range(ix.catalog.next_id()))
-              if it is not None and it.collection == "image"]
-    assert len(hashes) == 24 and len(set(hashes)) == 24
-    ix.close()
-
-
-def test_sigterm_to_the_process_group_saves_like_ctrl_c(archive, model_dir, tmp_path):
-    """A service manager stops a job with SIGTERM to all its processes: the build, its decode
-    processes and the fork server behind them (whose death breaks a lockstep pool: see the
-    next test). The build saves and says so as for Ctrl-C, with 128 + SIGTERM."""
-    from index.folder import IndexFolder
-
-    out = tmp_path / "idx"
-    stopped = _build(model_dir, archive, out, {"RADLENS_TEST_INTERRUPT_AFTER_BATCHES": "2",
-                                               "RADLENS_TEST_INTERRUPT_SIGNAL": "TERM"},
-                     session=True)
-    assert stopped.returncode == 143, stopped.stderr[-1500:]
-    assert "Traceback" not in stopped.stderr and "internal error" not in stopped.stderr
-    assert stopped.stderr.strip().splitlines()[-1].startswith("radlens: interrupted: ")
-    summary = json.loads(stopped.stdout.strip().splitlines()[-1])
-    assert summary["interrupted"] is True and 8 <= summary["added"] < 24
-    ix = IndexFolder.open(out)
-    assert ix.catalog.count("image") == summary["added"] == summary["saved"]
-    ix.close()
-    done = _build(model_dir, archive, out)
-    assert done.returncode == 3
-    assert json.loads(done.stdout.strip().splitlines()[-1])["added"] == 24 - summary["added"]
+    assert _one_row_per_image(out)
 
 
 def test_engine_search_filters_and_model_check(archive, model_dir, tmp_path):
