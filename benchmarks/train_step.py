@@ -93,7 +93,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from vlm.inference import cpu_bf16_flags
+    from vlm.amp import cpu_bf16_flags
 
     torch.set_num_threads(args.threads)
     runs = [measure(args.model, amp, args.batch_size, args.steps, args.warmup)

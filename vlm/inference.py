@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlm.amp import AMP_CHOICES, cpu_bf16_flags
+from vlm.amp import autocast as amp_autocast
 from vlm.data.transforms import Letterbox, Preprocess
 from vlm.errors import ConfigError
 from vlm.grounding import METHODS as GROUNDING_METHODS
@@ -30,21 +32,6 @@ from vlm.models.outputs import ImageEmbedding
 from vlm.zeroshot import PromptSet, ZeroShotClassifier, load_calibration
 
 logger = logging.getLogger(__name__)
-
-#: autocast precisions :class:`Encoder` can encode images in (``amp``)
-AMP_CHOICES = ("bf16", "fp16")
-
-
-def cpu_bf16_flags() -> list[str]:
-    """The CPU's native bfloat16 features (AVX-512 BF16, AMX), from ``/proc/cpuinfo``; empty
-    where it has none (bf16 then runs emulated, often slower than fp32) or cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
 
 
 def check_device(device: str) -> str:
@@ -153,10 +140,7 @@ class Encoder:
 
     def autocast(self) -> contextlib.AbstractContextManager[object]:
         """Where images are encoded: ``torch.autocast`` in :attr:`amp`, or nothing."""
-        if self.amp is None:
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return amp_autocast(self.amp, self.device)
 
     def _embed(self, images: Sequence[ImageData]) -> tuple[ImageEmbedding, list[Letterbox]]:
         tensors, boxes = [], []

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from vlm.amp import AMP_CHOICES, autocast
 from vlm.errors import ConfigError, Interrupted
 from vlm.interrupt import interrupt_for_test, stop_on_signal
 
@@ -78,8 +79,9 @@ class TrainConfig:
         if not self.lr > 0 or (self.max_minutes is not None and not self.max_minutes > 0):
             raise ConfigError(f"training needs lr > 0 and max_minutes > 0 if given (got lr "
                               f"{self.lr}, max_minutes {self.max_minutes})")
-        if self.amp not in (None, "bf16", "fp16"):
-            raise ConfigError(f"unknown amp '{self.amp}': use bf16 or fp16 (or leave it off)")
+        if self.amp is not None and self.amp not in AMP_CHOICES:
+            raise ConfigError(f"unknown amp '{self.amp}': use {' or '.join(AMP_CHOICES)} (or "
+                              "leave it off)")
 
 
 class Task(Protocol):
@@ -112,6 +114,9 @@ class Trainer:
                  monitor: str = "val_loss", monitor_mode: str = "min",
                  on_log: Callable[[dict[str, float]], None] | None = None) -> None:
         self.model, self.task, self.cfg = model, task, cfg
+        fingerprint = getattr(task, "data_fingerprint", None)  # optional for a Task
+        #: the training data's identity, saved with the state and checked on resume
+        self.data_fingerprint = str(fingerprint()) if callable(fingerprint) else None
         self.out = Path(out_dir)
         self.monitor, self.mode = monitor, monitor_mode
         self.on_log = on_log
@@ -147,14 +152,10 @@ class Trainer:
             "step": self.step, "best": self.best, "history": self.history,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                     "python": random.getstate()},
-            "config": asdict(self.cfg), "data": self._data_fingerprint(),
+            "config": asdict(self.cfg), "data": self.data_fingerprint,
         }
 
-    def _data_fingerprint(self) -> str | None:
-        if not hasattr(self, "_data"):
-            fingerprint = getattr(self.task, "data_fingerprint", None)  # optional for a Task
-            self._data = str(fingerprint()) if callable(fingerprint) else None
-        return self._data
+
 
     def save_state(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +195,7 @@ class Trainer:
                 k for k in mine if mine[k] != saved[k])
             raise ConfigError(f"{path} is the state of another model ({len(differ)} "
                               f"parameters differ, e.g. {differ[0]}): {fix}")
-        data = self._data_fingerprint()
+        data = self.data_fingerprint
         if state.get("data") and data and state["data"] != data:
             raise ConfigError(f"{path} is the state of a run on other training data: {fix}")
         old, new = state.get("config") or {}, asdict(self.cfg)
@@ -206,10 +207,7 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.cfg.amp:
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
-        return torch.autocast(device_type=self.cfg.device.split(":")[0], dtype=dtype)
+        return autocast(self.cfg.amp, self.cfg.device)
 
     def _batches(self) -> Iterator[tuple[int, list[list[int]]]]:
         """(epoch, micro-batches of one optimiser step), starting after ``self.step``."""
