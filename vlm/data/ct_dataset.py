@@ -108,6 +108,16 @@ class CTDataset:
         """(Z, Y, X) float32 HU."""
         return torch.from_numpy(np.asarray(self.volume(i), dtype=np.float32))
 
+    def fingerprint(self, volumes: Sequence[int], **settings: Any) -> str:
+        """sha256 (hex, 16 chars) of the manifest rows of ``volumes`` (their files, splits,
+        lesions and labels, in order) and of a task's sampling ``settings``: a training run
+        saved on other volumes or with other sampling is not resumed."""
+        import json
+
+        rows = [self.rows[int(v)] for v in volumes]
+        return hashlib.sha256(json.dumps([rows, settings], sort_keys=True, default=str)
+                              .encode()).hexdigest()[:16]
+
     def content_hash(self, i: int) -> str:
         """sha256 (hex, 16 chars) of the volume's HU array: the key of derived caches."""
         if i not in self._hashes:

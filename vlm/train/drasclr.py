@@ -110,6 +110,7 @@ class DrasCLRTask:
                  lattice: tuple[int, int, int], val_samples: int = 64) -> None:
         self.model, self.data, self.cfg = model, data, cfg
         self.lattice_steps = lattice
+        self.volumes = (list(train_volumes), list(val_volumes), int(val_samples))
         mc = model.cfg
         self.loss_fn = DrasCLRLoss(mc.temperature, mc.beta)
         self.vols: dict[int, torch.Tensor] = {}
@@ -125,6 +126,11 @@ class DrasCLRTask:
 
     def train_size(self) -> int:
         return len(self.items)
+
+    def data_fingerprint(self) -> str:
+        train, val, val_samples = self.volumes
+        return self.data.fingerprint(train + val, split=len(train), val_samples=val_samples,
+                                     lattice=list(self.lattice_steps))
 
     def _sample(self, items: Sequence[tuple[int, int]], g: torch.Generator
                 ) -> dict[str, torch.Tensor]:

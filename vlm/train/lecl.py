@@ -98,6 +98,7 @@ class LeCLTask:
                  train_volumes: Sequence[int], val_volumes: Sequence[int],
                  val_slices: int = 64) -> None:
         self.model, self.data, self.cfg = model, data, cfg
+        self.volumes = (list(train_volumes), list(val_volumes), int(val_slices))
         self.items = data.slice_items(train_volumes)
         val = data.slice_items(val_volumes) or self.items
         step = max(1, len(val) // val_slices)
@@ -106,6 +107,10 @@ class LeCLTask:
 
     def train_size(self) -> int:
         return len(self.items)
+
+    def data_fingerprint(self) -> str:
+        train, val, val_slices = self.volumes
+        return self.data.fingerprint(train + val, split=len(train), val_slices=val_slices)
 
     def _views(self, items: Sequence[tuple[int, int]], generators: Sequence[torch.Generator]
                ) -> dict[str, torch.Tensor]:

@@ -230,6 +230,12 @@ class LesionSegTask:
         mc = model.cfg
         self.model, self.data, self.cfg = model, data, cfg
         self.train_volumes, self.val_volumes = list(train_volumes), list(val_volumes)
+        #: what decides the samples besides the data (part of the resume fingerprint)
+        self.sampling = {"crop": crop, "samples_per_epoch": samples_per_epoch,
+                         "p_lesion": p_lesion, "hu_jitter": hu_jitter,
+                         "location_weights": dict(location_weights or {}),
+                         "paste": dict(paste or {}), "paste_tries": paste_tries,
+                         "paste_jitter": list(paste_jitter), "paste_tol": paste_tol}
         shapes = [tuple(int(s) for s in data.rows[v]["shape"]) for v in self.train_volumes]
         smallest = min(min(s) for s in shapes)
         self.crop = min(int(crop), smallest - smallest % 4)
@@ -293,6 +299,10 @@ class LesionSegTask:
 
     def train_size(self) -> int:
         return self.samples_per_epoch
+
+    def data_fingerprint(self) -> str:
+        return self.data.fingerprint(self.train_volumes + self.val_volumes,
+                                     split=len(self.train_volumes), **self.sampling)
 
     def _crop(self, g: torch.Generator
               ) -> tuple[int, tuple[slice, slice, slice], Paste | None]:

@@ -97,6 +97,38 @@ class Task(Protocol):
 
     def save(self, folder: Path, summary: dict[str, Any]) -> None: ...
 
+    # Optional: ``data_fingerprint() -> str``, the identity of the training data and of the
+    # task's own sampling settings; a saved state with another fingerprint is not resumed.
+
+
+def model_settings(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The model's configuration as flat ``{"a.b": value}`` (its ``config`` or ``cfg``: a
+    dataclass or anything with ``to_dict``), or None for a model without one. Saved with the
+    training state: a resumed run must build the same model, and two configurations can give
+    the same parameter shapes (a LeCL run with ``lesion_weight`` 10 and a plain MoCo one)."""
+    import json
+
+    cfg = getattr(model, "config", None) or getattr(model, "cfg", None)
+    if cfg is None:
+        return None
+    if callable(getattr(cfg, "to_dict", None)):
+        tree = cfg.to_dict()
+    elif hasattr(cfg, "__dataclass_fields__"):
+        tree = asdict(cfg)
+    else:
+        return None
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = json.loads(json.dumps(node, default=str))
+
+    walk("", json.loads(json.dumps(tree, default=str)))
+    return flat
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -117,6 +149,7 @@ class Trainer:
         fingerprint = getattr(task, "data_fingerprint", None)  # optional for a Task
         #: the training data's identity, saved with the state and checked on resume
         self.data_fingerprint = str(fingerprint()) if callable(fingerprint) else None
+        self.model_settings = model_settings(model)
         self.out = Path(out_dir)
         self.monitor, self.mode = monitor, monitor_mode
         self.on_log = on_log
@@ -153,6 +186,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                     "python": random.getstate()},
             "config": asdict(self.cfg), "data": self.data_fingerprint,
+            "model_config": self.model_settings,
         }
 
 
@@ -195,9 +229,18 @@ class Trainer:
                 k for k in mine if mine[k] != saved[k])
             raise ConfigError(f"{path} is the state of another model ({len(differ)} "
                               f"parameters differ, e.g. {differ[0]}): {fix}")
+        old_model, new_model = state.get("model_config"), self.model_settings
+        if old_model is not None and new_model is not None and old_model != new_model:
+            keys = sorted(k for k in set(old_model) | set(new_model)
+                          if old_model.get(k) != new_model.get(k))
+            shown = "; ".join(f"{k} {old_model.get(k)} there, {new_model.get(k)} here"
+                              for k in keys[:3]) + ("; ..." if len(keys) > 3 else "")
+            raise ConfigError(f"{path} is the state of a run with another model "
+                              f"configuration ({shown}): {fix}")
         data = self.data_fingerprint
         if state.get("data") and data and state["data"] != data:
-            raise ConfigError(f"{path} is the state of a run on other training data: {fix}")
+            raise ConfigError(f"{path} is the state of a run on other training data (its "
+                              f"files, texts or sampling settings differ): {fix}")
         old, new = state.get("config") or {}, asdict(self.cfg)
         changed = [f"{k} {old[k]} there, {new[k]} here" for k in RESUME_MUST_MATCH
                    if k in old and old[k] != new[k]]

@@ -186,6 +186,19 @@ def test_cli_trains_on_the_named_splits(data, tmp_path, capsys):
     assert len(err) == 1 and "--splits" in err[0]
 
 
+def test_a_lesion_run_is_not_resumed_with_other_sampling(data, tmp_path):
+    """The lesion-crop settings decide the samples as much as the volumes do: a run folder
+    reused with another ``p_lesion`` is refused in one line instead of resumed."""
+    from vlm.errors import ConfigError
+
+    train = ls.default_train_config(epochs=1, save_every=4)
+    val = [i for i, r in enumerate(data.rows) if r["split"] != "train"]
+    ls.train_lesionseg(data, tmp_path, TINY, train, val_volumes=val, samples_per_epoch=8)
+    with pytest.raises(ConfigError, match="is the state of a run on other training data"):
+        ls.train_lesionseg(data, tmp_path, TINY, train, val_volumes=val, samples_per_epoch=8,
+                           p_lesion=0.9)
+
+
 def test_soft_dice_counts_only_the_classes_present_in_the_batch():
     target = torch.zeros(2, 3, 4, 4, 4)
     target[0, 1, :2, :2, :2] = 1.0  # class 1 present, classes 0 and 2 absent

@@ -75,6 +75,34 @@ def test_moco_baseline_is_w0(data, tmp_path):
     assert lc.load_lecl(tmp_path / "last").cfg.lesion_weight == 0.0
 
 
+def test_a_ct_run_folder_is_not_resumed_with_another_loss_or_other_volumes(data, tmp_path):
+    """A LeCL run folder reused with ``--lesion-weight 0`` (plain MoCo: the same parameter
+    shapes) or with other volumes used to resume silently into a mix of two runs; both are
+    one-line refusals now and the saved state stays as it was. The same command resumes."""
+    from vlm.errors import ConfigError
+    from vlm.train.loop import STATE_FILE
+
+    def run(**kw):
+        args = dict(lesion_weight=10.0, volumes=list(range(8)), val_volumes=[8, 9])
+        args.update(kw)
+        return lc.train_lecl(data, tmp_path, lc.lecl_config("tiny"),
+                             train=lc.default_train_config(epochs=1, batch_size=32,
+                                                           max_steps=2), **args)
+
+    run()
+    state = (tmp_path / STATE_FILE).read_bytes()
+    with pytest.raises(ConfigError) as moco:
+        run(lesion_weight=0.0)
+    assert "another model configuration (lesion_weight 10.0 there, 0.0 here)" in str(moco.value)
+    assert "\n" not in str(moco.value)
+    with pytest.raises(ConfigError, match="is the state of a run on other training data"):
+        run(volumes=list(range(1, 9)))
+    with pytest.raises(ConfigError, match="is the state of a run on other training data"):
+        run(val_volumes=[9, 10])
+    assert (tmp_path / STATE_FILE).read_bytes() == state
+    assert run()["steps"] == 2  # the same run: resumed at its end, nothing more to do
+
+
 def test_patient_folds_partition_by_patient():
     patients = ["a", "a", "b", "c", "c", "c", "d", "e", "f", "f"]
     folds = patient_folds(patients, k=3, seed=1)
