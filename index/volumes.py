@@ -41,7 +41,7 @@ from index import persist
 from index.catalog import CatalogItem
 from index.folder import CollectionModel, IndexFolder, is_index_folder
 from index.ingest import SKIP_NAMES, file_hash
-from vlm.errors import Interrupted, RadLensError
+from vlm.errors import ConfigError, Interrupted, RadLensError
 from vlm.interrupt import StopRequest, stop_on_signal
 from vlm.io import Volume, is_nifti, read_nifti, read_series, render
 from vlm.volume_encoder import VolumeEncoder, VolumeEncoding
@@ -114,9 +114,9 @@ def _manifest_volume_rows(folder: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     try:
-        rows = list(read_jsonl(path))
-    except (OSError, ValueError):
-        return []
+        rows = list(read_jsonl(path))  # a damaged manifest: ManifestError, one line
+    except OSError as exc:
+        raise ConfigError(f"{path}: unreadable manifest ({exc.strerror or exc})") from None
     return [r for r in rows if isinstance(r.get("dicom_dir"), str)
             or isinstance(r.get("nifti"), str)]
 

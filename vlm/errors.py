@@ -35,6 +35,10 @@ class ConfigError(RadLensError):
     """A configuration, model or index does not match what was asked for."""
 
 
+class ManifestError(ConfigError, ValueError):
+    """A data set's ``manifest.jsonl`` cannot be read (also a ValueError, as before)."""
+
+
 class MissingDependencyError(RadLensError):
     """An optional package is needed for this feature."""
 

@@ -120,8 +120,11 @@ def load_clear_mil(path: str | os.PathLike[str]) -> ClearMIL:
         p = p / CLEAR_MIL_CHECKPOINT
     if not p.is_file():
         raise ConfigError(f"{p}: no CLEAR ABMIL checkpoint; write one with save_clear_mil")
-    state: dict[str, Any] = torch.load(p, map_location="cpu", weights_only=False)
-    if state.get("kind") != "clear_mil":
+    from vlm.models.checkpoint import load_torch_state
+
+    state = load_torch_state(p, "CLEAR ABMIL checkpoint", "write it again with radlens "
+                                                           "train clear")
+    if not isinstance(state, dict) or state.get("kind") != "clear_mil":
         raise ConfigError(f"{p} is not a CLEAR ABMIL checkpoint")
     model = ClearMIL(ClearConfig(**state["config"]))
     model.load_state_dict(state["state_dict"])

@@ -155,6 +155,11 @@ class CTDataset:
         if not chosen or "val" in chosen:
             raise ConfigError(f"pre-training splits must be named and exclude 'val', not "
                               f"{sorted(chosen)}")
+        known = {r["split"] for r in self.rows}
+        unknown = sorted(chosen - known - {"val"})
+        if unknown:
+            raise ConfigError(f"{self.root}: unknown split(s) {unknown}; the data has "
+                              f"{sorted(known)}")
         found = [i for i, r in enumerate(self.rows) if r["split"] in chosen]
         if not found:
             raise ConfigError(f"{self.root}: no volumes in splits {sorted(chosen)}")

@@ -28,6 +28,22 @@ FORMAT = "radlens-checkpoint/1"
 WEIGHTS_FILE = "model.safetensors"
 
 
+def load_torch_state(path: str | os.PathLike[str], what: str, remedy: str) -> Any:
+    """``torch.load`` of a RadLens state file (``what``: "training state", "checkpoint"); a
+    damaged or foreign file is one ConfigError naming it. An empty file used to surface as
+    click's ``Abort`` ("radlens: aborted", exit 130, as if Ctrl-C had been pressed), a
+    truncated one as an internal error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # EOFError, UnpicklingError, RuntimeError, OSError, ...
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else \
+            type(exc).__name__
+        raise ConfigError(f"{path}: unreadable or damaged {what} ({reason}); {remedy}"
+                          ) from None
+
+
 def update_with_weights(h: Any, module: torch.nn.Module, prefix: str = "",
                         as_float: bool = False) -> None:
     """Feed a module's state dict into hash ``h``: name, then raw bytes, in sorted order.

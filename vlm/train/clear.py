@@ -55,6 +55,8 @@ class CVPredictions:
 def patient_folds(patients: Sequence[str], k: int = 5, seed: int = 0) -> list[np.ndarray]:
     """k test folds that partition the volumes; all volumes of a patient share one fold."""
     uniq = sorted(set(patients))
+    if k < 2:
+        raise ConfigError(f"cross-validation needs at least 2 folds, not {k}")
     if len(uniq) < k:
         raise ConfigError(f"{len(uniq)} patients cannot fill {k} folds: use fewer folds")
     order = np.random.default_rng(seed).permutation(len(uniq))

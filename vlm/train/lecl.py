@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ from vlm.data.ct_dataset import CTDataset
 from vlm.data.lecl_views import lecl_pair, window_slice
 from vlm.errors import ConfigError
 from vlm.losses import lecl_symmetric
-from vlm.models.checkpoint import update_with_weights
+from vlm.models.checkpoint import load_torch_state, update_with_weights
 from vlm.models.clear import LeCL, LeCLConfig
 from vlm.models.config import VisionConfig
 from vlm.models.momentum import cosine_momentum
@@ -58,6 +59,9 @@ def lecl_config(preset: str = "small", lesion_weight: float = 10.0, **changes: A
                 ) -> LeCLConfig:
     """A :class:`LeCLConfig` from a preset name (``tiny`` | ``small`` | ``r18``) plus field
     changes."""
+    if not (math.isfinite(lesion_weight) and lesion_weight >= 0):
+        raise ConfigError(f"the LeCL lesion weight w must be finite and >= 0 (0: plain MoCo "
+                          f"v3), not {lesion_weight}")
     if preset not in PRESETS:
         raise ConfigError(f"unknown LeCL preset '{preset}': use one of {sorted(PRESETS)}")
     spec = {k: v for k, v in PRESETS[preset].items() if k != "vision"}
@@ -174,7 +178,9 @@ def read_checkpoint(model_dir: str | os.PathLike[str], filename: str, recipe: st
     root = Path(model_dir)
     for cand in (root / filename, root / "best" / filename, root / "last" / filename):
         if cand.is_file():
-            state: dict[str, Any] = torch.load(cand, map_location="cpu", weights_only=False)
+            state = load_torch_state(cand, "checkpoint", f"train it again with {recipe}")
+            if not isinstance(state, dict):
+                raise ConfigError(f"{cand} is not a {recipe} checkpoint")
             return state
     raise ConfigError(f"{root}: no {filename}; train one with {recipe} first")
 

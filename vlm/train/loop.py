@@ -76,9 +76,10 @@ class TrainConfig:
                              ("val_every", self.val_every)):
             if int(number) < 0:
                 raise ConfigError(f"training setting {name} must not be negative, got {number}")
-        if not self.lr > 0 or (self.max_minutes is not None and not self.max_minutes > 0):
-            raise ConfigError(f"training needs lr > 0 and max_minutes > 0 if given (got lr "
-                              f"{self.lr}, max_minutes {self.max_minutes})")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or (
+                self.max_minutes is not None and not self.max_minutes > 0):
+            raise ConfigError(f"training needs a finite lr > 0 and max_minutes > 0 if given "
+                              f"(got lr {self.lr}, max_minutes {self.max_minutes})")
         if self.amp is not None and self.amp not in AMP_CHOICES:
             raise ConfigError(f"unknown amp '{self.amp}': use {' or '.join(AMP_CHOICES)} (or "
                               "leave it off)")
@@ -204,7 +205,13 @@ class Trainer:
         path = self.out / STATE_FILE
         if not path.is_file():
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        from vlm.models.checkpoint import load_torch_state
+
+        state = load_torch_state(path, "training state",
+                                 "delete it to start over, or use another --out")
+        if not isinstance(state, dict) or "model" not in state:
+            raise ConfigError(f"{path} is not a RadLens training state: delete it to start "
+                              f"over, or use another --out")
         self._check_resumable(path, state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -232,3 +232,75 @@ def test_train_lecl_cli_trains_on_the_named_splits_with_the_recipe_lr(data, monk
     assert main([*args, "--splits", "val"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--splits" in err[0]
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", b"PK\x03\x04truncated zip"])
+def test_a_damaged_training_state_is_one_line_not_an_abort(data, tmp_path, capsys, content):
+    """An empty ``train_state.pt`` made ``torch.load`` raise EOFError, which click turned into
+    "radlens: aborted" with exit 130, as if Ctrl-C had been pressed; other damage was an
+    internal error. Now it is one line naming the file, exit 2, and the file is left alone."""
+    from ui.cli import main
+    from vlm.train.loop import STATE_FILE
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / STATE_FILE).write_bytes(content)
+    args = ["train", "lecl", "--data", str(data.root), "--out", str(run), "--preset", "tiny",
+            "--epochs", "1"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unreadable or damaged training state" in err[0], err
+    assert STATE_FILE in err[0] and "aborted" not in err[0]
+    assert (run / STATE_FILE).read_bytes() == content
+
+
+def test_a_damaged_checkpoint_is_one_line(tmp_path):
+    from vlm.errors import ConfigError
+
+    (tmp_path / "lecl.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="unreadable or damaged checkpoint"):
+        lc.load_lecl(tmp_path)
+
+
+def test_bad_split_names_lesion_weights_and_manifest_lines_are_refused(data, tmp_path):
+    """``--splits train,bogus`` trained on 'train' alone without a word; a negative or NaN
+    lesion weight trained (NaN ended in an internal error after writing checkpoints); a bad
+    manifest line was a bare ValueError in training and made ``index build`` drop the
+    manifest silently and index the data set folder as a plain archive."""
+    import shutil
+
+    from index.volumes import _manifest_volume_rows
+    from vlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown split\(s\) \['bogus'\]"):
+        data.volumes_in(["train", "bogus"])
+    for w in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="lesion weight w must be finite and >= 0"):
+            lc.lecl_config("tiny", lesion_weight=w)
+    broken = tmp_path / "broken"
+    shutil.copytree(data.root, broken, ignore=shutil.ignore_patterns(".cache", "dicom"))
+    with open(broken / "manifest.jsonl", "a") as fh:
+        fh.write("{bad json\n")
+    line = len((broken / "manifest.jsonl").read_text().splitlines())
+    for load in (CTDataset, _manifest_volume_rows):
+        with pytest.raises(ConfigError, match=rf"manifest.jsonl:{line}: not valid JSON"):
+            load(broken)
+
+
+@pytest.mark.parametrize("folds", [0, 1, -3, 100])
+def test_eval_volumes_refuses_a_fold_count_before_pretraining(data, tmp_path, capsys, folds,
+                                                              monkeypatch):
+    """``--folds 0`` was a ZeroDivisionError and ``--folds 100`` a refusal, both only after
+    the whole pre-training budget (20 minutes by default) had been spent."""
+    from ui.cli import main
+
+    def no_training(*_a, **_k):
+        raise AssertionError("pre-training started before the folds were checked")
+
+    monkeypatch.setattr(lc, "train_lecl", no_training)
+    capsys.readouterr()
+    assert main(["eval-volumes", "--data", str(data.root), "--out", str(tmp_path / "ev"),
+                 "--folds", str(folds)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "folds" in err[0], err
