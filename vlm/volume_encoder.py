@@ -394,6 +394,20 @@ def _unit(v: torch.Tensor) -> np.ndarray:
 
 # --------------------------------------------------------------------------- shipping
 
+def _read_benchmark(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A benchmark JSON object for a model card, or one ConfigError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the benchmark ({exc.strerror or exc})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: the benchmark is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the benchmark must be a JSON object (the output of "
+                          f"radlens eval-volumes or benchmarks/volume_retrieval.py)")
+    return data
+
+
 def export_volume_model(run: str | os.PathLike[str], out: str | os.PathLike[str], *,
                         benchmark: str | os.PathLike[str] | None = None,
                         commands: list[str] | None = None, with_head: bool = True,
@@ -412,8 +426,11 @@ def export_volume_model(run: str | os.PathLike[str], out: str | os.PathLike[str]
     from vlm.train.lesionseg import export_lesionseg
 
     src, dest = Path(run), Path(out)
+    # read before anything is written: a mistyped --benchmark used to fail after the export
+    # had replaced the weights, leaving them beside the previous export's model card
+    data = _read_benchmark(benchmark) if benchmark is not None else None
     if _find(src, LESION_FILE) is not None:
-        evaluation = json.loads(Path(benchmark).read_text()) if benchmark is not None else None
+        evaluation = data
         export_lesionseg(src, dest, evaluation=evaluation, commands=commands, notes=notes,
                          top_k=top_k)
         return dest
@@ -437,8 +454,7 @@ def export_volume_model(run: str | os.PathLike[str], out: str | os.PathLike[str]
             head_summary = json.loads(info.read_text())
     state = read_checkpoint(dest, LECL_FILE, "train_lecl")
     bench = None
-    if benchmark is not None:
-        data = json.loads(Path(benchmark).read_text())
+    if data is not None:
         bench = {"n_volumes": data.get("n_volumes"), "folds": data.get("folds"),
                  "shape": data.get("shape"), "budget_minutes": data.get("budget_minutes"),
                  "representations": {k: v.get("metrics") for k, v in

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -227,6 +228,12 @@ def train_clear_head(data: str | os.PathLike[str] | CTDataset,
     from vlm.train.lecl import extract_slice_embeddings
     from vlm.volume_encoder import save_clear_mil
 
+    given = cfg or ClearConfig()
+    if not (given.epochs >= 1 and given.batch_size >= 1 and math.isfinite(given.lr)
+            and given.lr > 0):
+        # --epochs 0 wrote an untrained head over a trained one, with exit 0
+        raise ConfigError(f"CLEAR training needs epochs >= 1, batch size >= 1 and a finite "
+                          f"lr > 0 (got {given.epochs}, {given.batch_size}, {given.lr})")
     ds = data if isinstance(data, CTDataset) else CTDataset(data)
     split = np.array([r["split"] for r in ds.rows])
     tr, va, te = (np.flatnonzero(split == s) for s in ("train", "val", "test"))

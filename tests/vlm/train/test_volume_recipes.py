@@ -304,3 +304,41 @@ def test_eval_volumes_refuses_a_fold_count_before_pretraining(data, tmp_path, ca
                  "--folds", str(folds)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "folds" in err[0], err
+
+
+@pytest.mark.parametrize("args", [["--epochs", "0"], ["--epochs", "-5"], ["--lr", "0"],
+                                  ["--lr", "-1"], ["--batch-size", "0"]])
+def test_train_clear_refuses_settings_no_head_can_train_on(data, lecl_run, args, capsys):
+    """``--epochs 0`` wrote an untrained ABMIL over the trained one with exit 0 (the volume
+    index then used its attention); ``--lr -1`` and ``--batch-size 0`` were internal errors."""
+    from ui.cli import main
+
+    out, _ = lecl_run
+    before = (out / "clear_mil.pt").read_bytes() if (out / "clear_mil.pt").is_file() else None
+    capsys.readouterr()
+    assert main(["train", "clear", "--data", str(data.root), "--slice-model", str(out),
+                 *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CLEAR training needs" in err[0], err
+    after = (out / "clear_mil.pt").read_bytes() if (out / "clear_mil.pt").is_file() else None
+    assert after == before
+
+
+def test_export_volume_model_reads_the_benchmark_before_writing(lecl_run, tmp_path):
+    """A mistyped ``--benchmark`` failed after the new weights had replaced the old export,
+    beside the old model card; now nothing is written and the error is one line."""
+    from vlm.errors import ConfigError
+    from vlm.volume_encoder import export_volume_model
+
+    out, _ = lecl_run
+    dest = tmp_path / "exp"
+    export_volume_model(out, dest)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "bad.json").write_text("{oops")
+    for bench, message in ((tmp_path / "typo.json", "cannot read the benchmark"),
+                           (tmp_path / "bad.json", "not valid JSON"),
+                           (tmp_path / "list.json", "must be a JSON object")):
+        with pytest.raises(ConfigError, match=message):
+            export_volume_model(out, dest, benchmark=bench)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
