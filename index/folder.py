@@ -113,6 +113,9 @@ class IndexFolder:
             RadLensError: ``path`` already holds an index or is a non-empty folder.
         """
         folder = Path(path)
+        if folder.exists() and not folder.is_dir():  # was NotADirectoryError, internal
+            raise RadLensError(f"{folder} is a file, not a folder: choose a new or empty "
+                               "folder for the index")
         if (folder / persist.CURRENT).exists():
             raise RadLensError(f"{folder} already holds an index: open it, or delete the "
                                "folder to start again")

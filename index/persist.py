@@ -183,6 +183,9 @@ def read_current(folder: Path) -> str:
     except FileNotFoundError:
         raise IndexFormatError(f"{folder} is not a RadLens index (no {CURRENT} file): create it "
                                "with 'radlens index build' or check the path") from None
+    except NotADirectoryError:  # was an internal error
+        raise IndexFormatError(f"{folder} is a file, not a RadLens index folder: check the "
+                               "path") from None
     if not _GEN.match(name) or name.endswith(".tmp"):
         raise IndexCorruptError(f"{folder / CURRENT} names no generation ({name!r}): restore "
                                 "the file or rebuild the index")

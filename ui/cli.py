@@ -255,7 +255,9 @@ def search(
         help="Query volume: a NIfTI file or a folder with one DICOM series; returns similar "
              "volumes of the index's 'volume' collection (the query's own row left out).")
     ] = None,
-    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results.")] = 10,
+    # at most a million: -k 10000000000 allocated 74.5 GiB of result slots (internal error)
+    k: Annotated[int, typer.Option("-k", "--k", min=1, max=1_000_000,
+                                   help="Number of results (1 to 1,000,000).")] = 10,
     filter_: Annotated[list[str] | None, typer.Option(
         "--filter", help="KEY=VALUE, repeatable: modality=CR, view=PA,AP, body_part=CHEST, "
                          "year=2010, year=2005-2010, year_min=2010, year_max=2015.")] = None,

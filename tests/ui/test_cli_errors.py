@@ -47,6 +47,10 @@ def test_search_checks_its_options_before_opening_the_index(capsys, tmp_path):
     code, err = _run(capsys, ["search", "--index", str(tmp_path), "--text", "effusion",
                               "-k", "0"])
     assert code == 2 and any("Invalid value for '-k'" in line for line in err)
+    for huge in ("10000000000", "99999999999999999999999"):  # MemoryError / ValueError before
+        code, err = _run(capsys, ["search", "--index", str(tmp_path), "--text", "effusion",
+                                  "-k", huge])
+        assert code == 2 and any("Invalid value for '-k'" in line for line in err), err
 
 
 def test_ctrl_c_in_any_command_exits_130_with_one_line(capsys, monkeypatch, tmp_path):
@@ -87,3 +91,19 @@ def test_data_commands_need_at_least_one_item(capsys, tmp_path, command):
     code, err = _run(capsys, ["data", command, "--out", str(tmp_path / "d"), "--n", "0"])
     assert code == 2 and any("Invalid value for '--n'" in line for line in err)
     assert not (tmp_path / "d").exists()
+
+
+def test_a_plain_file_as_the_index_is_one_line(capsys, tmp_path):
+    """``--out FILE`` / ``--index FILE`` were internal NotADirectoryErrors."""
+    from index.folder import IndexFolder
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for args in (["index", "info", str(afile)],
+                 ["search", "--index", str(afile), "--text", "effusion"]):
+        code, err = _run(capsys, args)
+        assert code == 2 and err == [f"radlens: error: {afile} is a file, not a RadLens index "
+                                     "folder: check the path"], err
+    with pytest.raises(RadLensError, match="is a file, not a folder"):
+        IndexFolder.create(afile, model_name="m", config_hash="h", dim=4)
+    assert afile.read_text() == "x"
