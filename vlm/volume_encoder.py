@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from vlm.errors import ConfigError, RadLensError
 from vlm.io.types import Volume
-from vlm.models.checkpoint import update_with_weights
+from vlm.models.checkpoint import load_torch_state, update_with_weights
 from vlm.models.clear import ClearConfig, ClearMIL, LeCL
 from vlm.models.drasclr import DrasCLR
 from vlm.models.lesionseg import LesionSeg3D
@@ -120,11 +120,9 @@ def load_clear_mil(path: str | os.PathLike[str]) -> ClearMIL:
         p = p / CLEAR_MIL_CHECKPOINT
     if not p.is_file():
         raise ConfigError(f"{p}: no CLEAR ABMIL checkpoint; write one with save_clear_mil")
-    from vlm.models.checkpoint import load_torch_state
-
     state = load_torch_state(p, "CLEAR ABMIL checkpoint", "write it again with radlens "
                                                            "train clear")
-    if not isinstance(state, dict) or state.get("kind") != "clear_mil":
+    if state.get("kind") != "clear_mil":
         raise ConfigError(f"{p} is not a CLEAR ABMIL checkpoint")
     model = ClearMIL(ClearConfig(**state["config"]))
     model.load_state_dict(state["state_dict"])
@@ -430,8 +428,7 @@ def export_volume_model(run: str | os.PathLike[str], out: str | os.PathLike[str]
     # had replaced the weights, leaving them beside the previous export's model card
     data = _read_benchmark(benchmark) if benchmark is not None else None
     if _find(src, LESION_FILE) is not None:
-        evaluation = data
-        export_lesionseg(src, dest, evaluation=evaluation, commands=commands, notes=notes,
+        export_lesionseg(src, dest, evaluation=data, commands=commands, notes=notes,
                          top_k=top_k)
         return dest
     if top_k is not None:

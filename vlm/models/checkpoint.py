@@ -28,13 +28,13 @@ FORMAT = "radlens-checkpoint/1"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def load_torch_state(path: str | os.PathLike[str], what: str, remedy: str) -> Any:
-    """``torch.load`` of a RadLens state file (``what``: "training state", "checkpoint"); a
-    damaged or foreign file is one ConfigError naming it. An empty file used to surface as
+def load_torch_state(path: str | os.PathLike[str], what: str, remedy: str) -> dict[str, Any]:
+    """``torch.load`` of a RadLens state file (``what``: "training state", "checkpoint"), a
+    dict; a damaged or foreign file is one ConfigError naming it. An empty file used to surface as
     click's ``Abort`` ("radlens: aborted", exit 130, as if Ctrl-C had been pressed), a
     truncated one as an internal error."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # EOFError, UnpicklingError, RuntimeError, OSError, ...
@@ -42,6 +42,9 @@ def load_torch_state(path: str | os.PathLike[str], what: str, remedy: str) -> An
             type(exc).__name__
         raise ConfigError(f"{path}: unreadable or damaged {what} ({reason}); {remedy}"
                           ) from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} is not a RadLens {what}; {remedy}")
+    return state
 
 
 def update_with_weights(h: Any, module: torch.nn.Module, prefix: str = "",

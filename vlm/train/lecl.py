@@ -178,10 +178,7 @@ def read_checkpoint(model_dir: str | os.PathLike[str], filename: str, recipe: st
     root = Path(model_dir)
     for cand in (root / filename, root / "best" / filename, root / "last" / filename):
         if cand.is_file():
-            state = load_torch_state(cand, "checkpoint", f"train it again with {recipe}")
-            if not isinstance(state, dict):
-                raise ConfigError(f"{cand} is not a {recipe} checkpoint")
-            return state
+            return load_torch_state(cand, "checkpoint", f"train it again with {recipe}")
     raise ConfigError(f"{root}: no {filename}; train one with {recipe} first")
 
 

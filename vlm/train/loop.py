@@ -11,6 +11,7 @@ recipe; nothing here is global.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ import torch
 from vlm.amp import AMP_CHOICES, autocast
 from vlm.errors import ConfigError, Interrupted
 from vlm.interrupt import interrupt_for_test, stop_on_signal
+from vlm.models.checkpoint import load_torch_state
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +109,6 @@ def model_settings(model: torch.nn.Module) -> dict[str, Any] | None:
     dataclass or anything with ``to_dict``), or None for a model without one. Saved with the
     training state: a resumed run must build the same model, and two configurations can give
     the same parameter shapes (a LeCL run with ``lesion_weight`` 10 and a plain MoCo one)."""
-    import json
-
     cfg = getattr(model, "config", None) or getattr(model, "cfg", None)
     if cfg is None:
         return None
@@ -125,9 +125,9 @@ def model_settings(model: torch.nn.Module) -> dict[str, Any] | None:
             for k, v in node.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         else:
-            flat[prefix] = json.loads(json.dumps(node, default=str))
+            flat[prefix] = node
 
-    walk("", json.loads(json.dumps(tree, default=str)))
+    walk("", json.loads(json.dumps(tree, default=str)))  # plain values, as saved and reloaded
     return flat
 
 
@@ -205,11 +205,9 @@ class Trainer:
         path = self.out / STATE_FILE
         if not path.is_file():
             return False
-        from vlm.models.checkpoint import load_torch_state
-
         state = load_torch_state(path, "training state",
                                  "delete it to start over, or use another --out")
-        if not isinstance(state, dict) or "model" not in state:
+        if "model" not in state:
             raise ConfigError(f"{path} is not a RadLens training state: delete it to start "
                               f"over, or use another --out")
         self._check_resumable(path, state)
