@@ -24,7 +24,7 @@ from vlm.errors import ConfigError
 from vlm.grounding import METHODS as GROUNDING_METHODS
 from vlm.grounding import Grounding, ground, ground_gradient
 from vlm.io import ImageData
-from vlm.models.checkpoint import WEIGHTS_FILE, update_with_weights
+from vlm.models.checkpoint import WEIGHTS_FILE, is_checkpoint, update_with_weights
 from vlm.models.config import config_hash, load_config
 from vlm.models.factory import create_model, get_tokenizer
 from vlm.models.lrclr import LRCLR
@@ -118,6 +118,14 @@ class Encoder:
         if amp == "bf16" and torch.device(device).type == "cpu" and not cpu_bf16_flags():
             logger.warning("this CPU has no native bfloat16 (no avx512_bf16 or amx flag): bf16 "
                            "encoding is emulated and may be slower than fp32")
+        if not is_checkpoint(model):
+            # a config name or JSON builds untrained, unseeded weights: vectors that match no
+            # text and an index no later process could reopen (its fingerprint is random)
+            config = load_config(model)  # unknown names and bad JSON: their own one line
+            raise ConfigError(
+                f"model '{model}' is a configuration ({config.name}) without trained weights: "
+                "give a checkpoint folder made by 'radlens train lrclr' (shipped: "
+                "checkpoints/lrclr-r18)")
         self.amp = amp
         self.model = create_model(model, device=device, precision=precision)
         assert not self.model.training, "inference needs eval mode"

@@ -67,8 +67,9 @@ def is_checkpoint(path: str | os.PathLike[str]) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads(cfg.read_text())
+        return isinstance(meta, dict) and meta.get("format") == FORMAT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
 
 

@@ -203,7 +203,13 @@ def load_config(name_or_path: str | os.PathLike[str]) -> ModelConfig:
     if path.is_dir():
         path = path / "config.json"
     if path.suffix == ".json" and path.is_file():
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as bad:
+            raise ConfigError(f"{path}: not a model configuration (unreadable JSON: {bad})"
+                              ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: not a model configuration (a JSON object is expected)")
         return ModelConfig.from_dict(data.get("model", data))
     builtin = resources.files(CONFIG_DIR) / f"{name_or_path}.json"
     if builtin.is_file():
