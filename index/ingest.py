@@ -30,7 +30,7 @@ import torch
 
 from index.folder import IndexFolder, is_index_folder
 from vlm.allocator import tune_allocator
-from vlm.errors import Interrupted, RadLensError
+from vlm.errors import Interrupted, ManifestError, RadLensError
 from vlm.inference import Encoder
 from vlm.interrupt import StopRequest, ignore_stop_signals, interrupt_for_test, stop_on_signal
 from vlm.models.config import PreprocessConfig
@@ -80,18 +80,13 @@ class IngestReport:
         return asdict(self)
 
 
-def dataset_rows(source: Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """RadLens data set folders under ``source`` (a ``manifest.jsonl`` whose rows have ``file``
-    fields): per data set folder, its rows by file path, so reports and labels land in the
-    catalog."""
-    if not source.is_dir():
-        return {}
-    found = {str(m.parent): _manifest_rows(m.parent)
-             for m in sorted(source.rglob("manifest.jsonl"))}
-    return {root: rows for root, rows in found.items() if rows}
-
-
 def _manifest_rows(root: Path) -> dict[str, dict[str, Any]]:
+    """The rows of a RadLens data set folder (a ``manifest.jsonl`` whose rows have ``file``
+    fields) by file path, so reports and labels land in the catalog; empty if it lists none.
+
+    Raises:
+        ManifestError: the manifest cannot be read.
+    """
     from vlm.data.cxr_dataset import row_text
     from vlm.data.manifest import read_jsonl
 
@@ -106,29 +101,75 @@ def _manifest_rows(root: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def walk(source: Path, datasets: dict[str, dict[str, dict[str, Any]]] | None = None
-         ) -> Iterator[Path]:
-    """Image files under ``source``: in a data set folder (see :func:`dataset_rows`) the files
-    its manifest lists, elsewhere every file (hidden files, reports and NIfTI volumes are
-    skipped)."""
+def walk(source: Path, datasets: dict[str, dict[str, dict[str, Any]]] | None = None,
+         problems: list[dict[str, str]] | None = None) -> Iterator[Path]:
+    """Image files under ``source``, folders and files in name order.
+
+    In a data set folder (a ``manifest.jsonl`` listing ``file`` rows) the files its manifest
+    lists, and their rows are put in ``datasets`` by folder; elsewhere every regular file
+    (hidden files, reports and NIfTI volumes are skipped). Symbolic links are followed, each
+    folder walked once (a link loop ends there). What cannot be walked is appended to
+    ``problems`` as ``{"path", "reason"}`` instead of being skipped silently: a folder that
+    cannot be listed, a broken link, a FIFO, socket or device (reading a FIFO would wait
+    forever), a data set manifest that cannot be read (its folder is then walked as plain
+    files).
+    """
+    def note(path: str, reason: str) -> None:
+        if problems is not None:
+            problems.append({"path": path, "reason": reason})
+
     if source.is_file():
         yield source
         return
-    datasets = datasets or {}
-    for root, dirs, files in os.walk(source):
-        if is_index_folder(root):  # an index kept inside the archive: its thumbnails are not
-            dirs[:] = []           # archive images, its catalog and vectors no images at all
-            continue
-        if root in datasets:
-            yield from (Path(p) for p in sorted(datasets[root]))
-            dirs[:] = []
-            continue
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            p = Path(root) / name
-            if name.startswith(".") or name in SKIP_NAMES or p.suffix.lower() in SKIP_SUFFIXES:
+    datasets = {} if datasets is None else datasets
+    walked: set[tuple[int, int]] = set()
+    stack = [str(source)]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in walked:  # linked twice, or a link to a parent
                 continue
-            yield p
+            walked.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as e:
+            note(folder, f"folder not read: {e.strerror or e}")
+            continue
+        if is_index_folder(folder):  # an index kept inside the archive: its thumbnails are not
+            continue                 # archive images, its catalog and vectors no images at all
+        if any(e.name == "manifest.jsonl" for e in entries):
+            try:
+                rows = _manifest_rows(Path(folder))
+            except ManifestError as bad:
+                rows = {}
+                note(os.path.join(folder, "manifest.jsonl"),
+                     f"{bad}; the folder is indexed as plain files, without its reports")
+            if rows:
+                datasets[folder] = rows
+                yield from (Path(p) for p in sorted(rows))
+                continue
+        subfolders = []
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError as e:
+                note(entry.path, f"not read: {e.strerror or e}")
+                continue
+            if is_dir:
+                subfolders.append(entry.path)
+            elif name in SKIP_NAMES or os.path.splitext(name)[1].lower() in SKIP_SUFFIXES:
+                continue
+            elif is_file:
+                yield Path(entry.path)
+            elif not os.path.exists(entry.path):
+                note(entry.path, "broken symbolic link")
+            else:
+                note(entry.path, "not a regular file (a FIFO, socket or device): not read")
+        stack.extend(reversed(subfolders))
 
 
 def file_hash(path: Path) -> str:
@@ -450,12 +491,17 @@ def worker_context() -> multiprocessing.context.BaseContext:
 def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathLike[str], *,
            batch_size: int = 32, workers: int | None = None, save_every: int = 512,
            regions: bool = True, progress: bool = True, model_path: str | None = None,
-           keep_paths: bool = False) -> IngestReport:
+           keep_paths: bool = False, allow_empty: bool = False) -> IngestReport:
     """Build (or extend) the index at ``out`` from the files under ``source``.
 
     File paths can embed patient names, so the catalog stores a keyed pseudonym of each path
     (``src-…``) unless ``keep_paths`` asks for the path relative to ``source``. The failures
-    report (``ingest_report.json``, mode 0600) names failing files so they can be fixed.
+    report (``ingest_report.json``, mode 0600) names failing files so they can be fixed; it
+    also lists what the walk could not enter (see :func:`walk`).
+
+    Raises:
+        RadLensError: ``source`` holds no image file at all (unless ``allow_empty``: a folder
+            of NIfTI volumes indexed by a volume model next); no index is created or changed.
     """
     src, dest = Path(source), Path(out)
     if not src.exists():
@@ -466,6 +512,13 @@ def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathL
     if batch_size < 1 or save_every < 1:
         raise RadLensError(f"batch size and save interval must be at least 1 (got "
                            f"{batch_size} and {save_every})")
+    datasets: dict[str, dict[str, dict[str, Any]]] = {}
+    problems: list[dict[str, str]] = []
+    paths = [str(p) for p in walk(src, datasets, problems)]
+    if not paths and not allow_empty:
+        detail = (f"; {len(problems)} entries could not be read, the first: "
+                  f"{problems[0]['path']}: {problems[0]['reason']}" if problems else "")
+        raise RadLensError(f"{src}: no image files to index (DICOM, PNG or JPEG){detail}")
     if (dest / "CURRENT").exists():
         ix = IndexFolder.open(dest, mode="w", expect_model=encoder.name,
                               expect_config_hash=encoder.config_hash)
@@ -474,11 +527,11 @@ def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathL
                                 dim=encoder.dim, preprocessing={
                                     **asdict(encoder.model.config.preprocess),
                                     "model_path": model_path})
-    report = IngestReport(source=str(src), amp=encoder.amp)
+    report = IngestReport(source=str(src), amp=encoder.amp, failed=problems)
     before = torch.get_num_threads()
     try:
-        stop = _run(encoder, ix, src, report, batch_size, workers, save_every, regions,
-                    progress, keep_paths)
+        stop = _run(encoder, ix, src, paths, datasets, report, batch_size, workers, save_every,
+                    regions, progress, keep_paths)
     finally:
         torch.set_num_threads(before)
         report_file = dest / "ingest_report.json"
@@ -492,7 +545,8 @@ def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathL
     return report
 
 
-def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, batch_size: int,
+def _run(encoder: Encoder, ix: IndexFolder, src: Path, paths: list[str],
+         datasets: dict[str, dict[str, dict[str, Any]]], report: IngestReport, batch_size: int,
          workers: int | None, save_every: int, regions: bool, progress: bool, keep_paths: bool
          ) -> StopRequest:
     from vlm.io.deid import default_pseudonymizer
@@ -506,9 +560,7 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
         return pseudo("src", os.path.abspath(path))
 
     start = time.time()
-    datasets = dataset_rows(src)
     listed = {path: meta for rows in datasets.values() for path, meta in rows.items()}
-    paths = [str(p) for p in walk(src, datasets)]
     known = ix.catalog.content_hashes(IMAGE)
     pre = encoder.model.config.preprocess
     costs = None
@@ -621,8 +673,8 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, report: IngestReport, bat
                 if result.get("known"):  # a prefix collision: a new file that only looked known
                     result = decode_file(result["path"], result["hash"], pre)
                 if "error" in result:
+                    # listed once, by the caller (the CLI prints each failure on stderr)
                     report.failed.append({"path": result["path"], "reason": result["error"]})
-                    logger.warning("skipped a file: %s", result["error"])
                 else:
                     known.add(result["hash"])
                     pending.append(result)
