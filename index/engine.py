@@ -32,33 +32,52 @@ FILTER_KEYS = ("modality", "body_part", "view", "year_min", "year_max")
 def parse_filters(items: Iterable[str]) -> dict[str, Any]:
     """``KEY=VALUE`` strings (``radlens search --filter``) -> search filters, checked before any
     model is loaded. ``year=2010`` and ``year=2005-2010`` stand for ``year_min``/``year_max``;
-    ``view=PA,AP`` matches either value.
+    ``view=PA,AP`` matches either value, and so does ``view=PA`` given with ``view=AP``.
 
     Raises:
-        RadLensError: not KEY=VALUE, an unknown key, or a year that is not a whole number.
+        RadLensError: not KEY=VALUE, an unknown key, an empty value list, a year that is not a
+            whole number from 1 to 9999, a year bound given twice, or a range that ends before
+            it starts.
     """
     def year(key: str, text: str) -> int:
         try:
-            return int(text.strip())
+            value = int(text.strip())
         except ValueError:
-            raise RadLensError(f"--filter {key} needs a year such as 2010, got '{text.strip()}'"
-                               ) from None
+            value = 0
+        if not 1 <= value <= 9999:  # sqlite's integers end at 2**63 (OverflowError past it)
+            raise RadLensError(f"--filter {key} needs a year such as 2010, got '{text.strip()}'")
+        return value
 
     out: dict[str, Any] = {}
+
+    def set_year(key: str, option: str, value: int) -> None:
+        if key in out and out[key] != value:
+            raise RadLensError(f"--filter {option}: {key} is already {out[key]}; give each "
+                               "year bound once")
+        out[key] = value
+
     for item in items:
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or not key or not value:
             raise RadLensError(f"--filter needs KEY=VALUE, got '{item}'")
         if key == "year":
             lo, dash, hi = value.partition("-")
-            out["year_min"], out["year_max"] = year(key, lo), year(key, hi if dash else lo)
+            set_year("year_min", key, year(key, lo))
+            set_year("year_max", key, year(key, hi if dash else lo))
         elif key in ("year_min", "year_max"):
-            out[key] = year(key, value)
+            set_year(key, key, year(key, value))
         elif key in FILTER_KEYS:
             values = [v.strip() for v in value.split(",") if v.strip()]
-            out[key] = values[0] if len(values) == 1 else values
+            if not values:  # "view=," used to drop the filter and search everything
+                raise RadLensError(f"--filter {key} needs at least one value, got '{value}'")
+            had = out.get(key, [])
+            merged = list(dict.fromkeys([*([had] if isinstance(had, str) else had), *values]))
+            out[key] = merged[0] if len(merged) == 1 else merged
         else:
             raise RadLensError(f"unknown filter '{key}': use {', '.join(FILTER_KEYS)} or year")
+    if out.get("year_min", 0) > out.get("year_max", 9999):
+        raise RadLensError(f"--filter year range {out['year_min']}-{out['year_max']} ends "
+                           "before it starts")
     return out
 
 #: What a text query is contrasted with by default: a normal study. Ranking by

@@ -171,10 +171,13 @@ class IndexFolder:
         have_m, have_c = self.manifest["model_name"], self.manifest["config_hash"]
         if (model is None or model == have_m) and (config_hash is None or config_hash == have_c):
             return
+        # the config name alone is no remedy: another training of it makes other vectors
+        built_with = self.manifest.get("preprocessing", {}).get("model_path")
+        remedy = (f"pass --model {built_with}" if built_with
+                  else "pass the checkpoint folder it was built with")
         raise ConfigError(
             f"index {self.path} was built with model {have_m} (config {have_c}); you asked for "
-            f"model {model or have_m} ({config_hash or have_c}): rebuild the index or pass "
-            f"--model {have_m}")
+            f"model {model or have_m} ({config_hash or have_c}): rebuild the index or {remedy}")
 
     def _load(self, verify: bool, mmap: bool, attempts: int = 5) -> None:
         for attempt in range(attempts):
@@ -185,6 +188,11 @@ class IndexFolder:
                 self.generation = name
                 return
             except (FileNotFoundError, RuntimeError, sqlite3.Error) as exc:
+                if persist.read_current(self.path) == name and not gen_dir.is_dir():
+                    # not replaced by a writer (that switches CURRENT first): simply missing
+                    raise IndexCorruptError(f"index {self.path}: {persist.CURRENT} names "
+                                            f"generation {name}, which is missing: restore it "
+                                            "or rebuild the index") from None
                 if gen_dir.is_dir() and persist.read_current(self.path) == name:
                     if isinstance(exc, FileNotFoundError):
                         raise IndexCorruptError(f"index file {exc.filename} is missing: "
@@ -376,17 +384,15 @@ class IndexFolder:
             if allow is not None:
                 allowed = np.intersect1d(allowed, np.fromiter(allow, np.int64))
             allow = allowed
+        # no more result slots than rows: -k 1000000 on a small index used to allocate and
+        # look up a million empty slots per query
+        k = max(1, min(int(k), len(coll)))
         res = coll.search(np.atleast_2d(queries), k, allow=allow, **knobs)
-        items = catalog.get_many(res.ids.ravel().tolist())
-        out, pos = [], 0
-        for row_ids, row_scores in zip(res.ids, res.scores, strict=True):
-            hits = []
-            for i, s in zip(row_ids.tolist(), row_scores.tolist(), strict=True):
-                if i >= 0:
-                    hits.append(Hit(i, float(s), items[pos]))
-                pos += 1
-            out.append(hits)
-        return out
+        found = res.ids[res.ids >= 0]
+        items = dict(zip(found.tolist(), catalog.get_many(found.tolist()), strict=True))
+        return [[Hit(i, float(s), items[i])
+                 for i, s in zip(row_ids.tolist(), row_scores.tolist(), strict=True) if i >= 0]
+                for row_ids, row_scores in zip(res.ids, res.scores, strict=True)]
 
     # ------------------------------------------------------------------ saving
     def save(self) -> str:

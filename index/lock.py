@@ -63,7 +63,8 @@ class WriterLock:
                     waited = f" after waiting {timeout:g} s" if timeout > 0 else ""
                     raise IndexBusyError(
                         f"index {self.folder} is being written by another process{who}{waited}: "
-                        "wait for it to finish, pass a lock timeout, or open the index read-only"
+                        "run this again when it has finished (searches can read the index "
+                        "meanwhile)"
                     ) from None
                 time.sleep(poll)
         os.ftruncate(fd, 0)

@@ -202,11 +202,34 @@ def read_manifest(gen_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise IndexCorruptError(f"{path} is unreadable ({exc}): restore it or rebuild the "
                                 "index") from None
+    if not isinstance(manifest, dict):
+        raise IndexCorruptError(f"{path} is not an index manifest (a JSON object is expected): "
+                                "restore it or rebuild the index")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise IndexFormatError(f"{gen_dir.parent} has index format {version}; this RadLens "
                                f"reads format {FORMAT_VERSION}: rebuild the index")
+    problem = _manifest_problem(manifest)
+    if problem:  # a hand-edited or damaged manifest: was a KeyError or AttributeError
+        raise IndexCorruptError(f"{path} is damaged ({problem}): restore it or rebuild the "
+                                "index")
     return manifest
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What a manifest of this format lacks, or None."""
+    for key, kind in (("model_name", str), ("config_hash", str), ("dim", int),
+                      ("files", dict), ("collections", dict)):
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            return f"'{key}' missing or not a {kind.__name__}"
+    for rel, want in manifest["files"].items():
+        if not (isinstance(want, dict) and isinstance(want.get("sha256"), str)
+                and isinstance(want.get("bytes"), int)):
+            return f"files entry '{rel}' has no sha256 and size"
+    for name, meta in manifest["collections"].items():
+        if not isinstance(meta, dict):
+            return f"collection '{name}' is not an object"
+    return None
 
 
 def verify_files(gen_dir: Path, manifest: dict[str, Any]) -> None:

@@ -40,6 +40,14 @@ def _number_pair(text: str, sep: str, option: str) -> tuple[float, float]:
         raise RadLensError(f"{option} {text!r}: expected two numbers LO{sep}HI") from None
 
 
+def _path(value: str) -> Path:
+    """A path option's value; an empty one is refused (``Path("")`` is the current folder:
+    ``--source ""`` used to index whatever folder the command ran in)."""
+    if not value.strip():
+        raise typer.BadParameter("an empty path: give a file or folder")
+    return Path(value)
+
+
 @app.callback()
 def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
@@ -88,7 +96,7 @@ app.add_typer(index_app, name="index")
 
 def _ingest(model: str, source: Path, out: Path, batch_size: int, workers: int | None,
             progress: bool, keep_paths: bool = False, save_every: int = 512,
-            device: str = "cpu", amp: str | None = None) -> bool:
+            device: str = "cpu", amp: str | None = None, allow_empty: bool = False) -> bool:
     """Index the 2-D images; prints the summary line. Returns True if some files failed."""
     from index.ingest import ingest
     from vlm.errors import Interrupted
@@ -98,7 +106,8 @@ def _ingest(model: str, source: Path, out: Path, batch_size: int, workers: int |
     try:
         report = ingest(encoder, source, out, batch_size=batch_size, workers=workers,
                         progress=progress, keep_paths=keep_paths, save_every=save_every,
-                        model_path=str(Path(model).resolve()) if Path(model).exists() else model)
+                        model_path=str(Path(model).resolve()) if Path(model).exists() else model,
+                        allow_empty=allow_empty)
     except Interrupted as stopped:  # what was saved, then the one-line message
         _ingest_summary(stopped.report, out / "ingest_report.json")
         raise
@@ -109,7 +118,8 @@ def _ingest_summary(report: IngestReport | VolumeIngestReport, report_file: Path
                     **extra: str) -> bool:
     """The failures on stderr and the summary line on stdout; True if some files failed."""
     for failure in report.failed:
-        print(f"radlens: skipped: {failure['path']}: {failure['reason']}", file=sys.stderr)
+        print(f"radlens: skipped: {_printable(str(failure['path']))}: "
+              f"{_printable(str(failure['reason']))}", file=sys.stderr)
     print(json_line({k: v for k, v in report.to_dict().items() if k != "failed"}
                     | extra | {"failed": len(report.failed), "failures_report": str(report_file)}))
     return bool(report.failed)
@@ -147,9 +157,11 @@ VOLUME_MODEL_HELP = ("Volume encoder: a 'radlens train lecl', 'drasclr' or 'lesi
 
 @index_app.command("build")
 def index_build(
-    source: Annotated[Path, typer.Option(help="Folder of DICOM / PNG / JPEG files, NIfTI "
-                                              "volumes and DICOM series.")],
-    out: Annotated[Path, typer.Option(help="Index folder (created, or extended if it exists).")],
+    source: Annotated[Path, typer.Option(
+        parser=_path, help="Folder of DICOM / PNG / JPEG files, NIfTI volumes and DICOM "
+                           "series.")],
+    out: Annotated[Path, typer.Option(
+        parser=_path, help="Index folder (created, or extended if it exists).")],
     model: Annotated[str | None, typer.Option(
         help="Checkpoint folder of the image encoder: indexes the 2-D images.")] = None,
     volume_model: Annotated[str | None, typer.Option(
@@ -187,7 +199,7 @@ def index_build(
     failed = False
     if model is not None:
         failed |= _ingest(model, source, out, batch_size, workers, progress, keep_paths,
-                          save_every, device, amp)
+                          save_every, device, amp, allow_empty=volume_model is not None)
     if volume_model is not None:
         failed |= _ingest_volumes(volume_model, source, out, progress, keep_paths,
                                   device=device)
@@ -197,8 +209,9 @@ def index_build(
 
 @index_app.command("add")
 def index_add(
-    index: Annotated[Path, typer.Option(help="Existing index folder.")],
-    source: Annotated[Path, typer.Option(help="Folder of DICOM / PNG / JPEG files.")],
+    index: Annotated[Path, typer.Option(parser=_path, help="Existing index folder.")],
+    source: Annotated[Path, typer.Option(parser=_path,
+                                         help="Folder of DICOM / PNG / JPEG files.")],
     model: Annotated[str | None, typer.Option(help="Model (default: the one of the index).")
                      ] = None,
     volume_model: Annotated[str | None, typer.Option(
@@ -227,7 +240,7 @@ def index_add(
     failed = False
     if chosen:
         failed |= _ingest(chosen, source, index, batch_size, workers, progress,
-                          device=device, amp=amp)
+                          device=device, amp=amp, allow_empty=bool(chosen_volume))
     if chosen_volume:
         failed |= _ingest_volumes(chosen_volume, source, index, progress, device=device)
     if failed:
@@ -235,7 +248,8 @@ def index_add(
 
 
 @index_app.command("info")
-def index_info(index: Annotated[Path, typer.Argument(help="Index folder.")]) -> None:
+def index_info(index: Annotated[Path, typer.Argument(parser=_path, help="Index folder.")]
+               ) -> None:
     """Counts, model, factory strings and files of an index."""
     from index.folder import IndexFolder
 
@@ -248,7 +262,7 @@ def index_info(index: Annotated[Path, typer.Argument(help="Index folder.")]) -> 
 
 @app.command()
 def search(
-    index: Annotated[Path, typer.Option(help="Index folder.")],
+    index: Annotated[Path, typer.Option(parser=_path, help="Index folder.")],
     text: Annotated[str | None, typer.Option(help="Report text or finding phrase.")] = None,
     image: Annotated[Path | None, typer.Option(help="Query image file.")] = None,
     volume: Annotated[Path | None, typer.Option(
@@ -290,14 +304,23 @@ def search(
                                      (contrast or NORMAL_REFERENCE), **filters)
     else:
         results = engine.search_image(image, k=k, **filters)  # type: ignore[arg-type]
+    if not results:
+        _no_results(filters)
     for rank, r in enumerate(results, 1):
         if as_json:
             print(json_line({"rank": rank, **r.to_dict()}))
         else:
             it = r.item
-            print(f"{rank:3d}  {r.score:+.4f}  {it.study if it else '?'}  "
-                  f"{(it.modality or '-') if it else ''}  {(it.view or '-') if it else ''}  "
-                  f"{it.source_uri if it else ''}")
+            print(_printable(f"{rank:3d}  {r.score:+.4f}  {it.study if it else '?'}  "
+                             f"{(it.modality or '-') if it else ''}  "
+                             f"{(it.view or '-') if it else ''}  {it.source_uri if it else ''}"))
+
+
+def _no_results(filters: dict[str, object]) -> None:
+    """Say why nothing was printed (on stderr: --json output stays empty); exit status 0."""
+    why = (f"no indexed item matches the filters {json.dumps(filters, sort_keys=True)}"
+           if filters else "the index holds nothing to return")
+    print(f"radlens: no results: {why}", file=sys.stderr)
 
 
 def _search_volume(index: Path, volume: Path, k: int, filters: dict[str, object],
@@ -309,6 +332,8 @@ def _search_volume(index: Path, volume: Path, k: int, filters: dict[str, object]
         hits = vs.search(vs.query_path(volume), k=k, **filters)
     finally:
         vs.close()
+    if not hits:
+        _no_results(filters)
     for rank, h in enumerate(hits, 1):
         it = h.item
         if as_json:
@@ -318,9 +343,9 @@ def _search_volume(index: Path, volume: Path, k: int, filters: dict[str, object]
             extra = (it.extra or {}) if it else {}
             labels = ",".join(extra.get("labels") or []) or "-"
             shape = "x".join(str(v) for v in extra.get("shape") or []) or "?"
-            print(f"{rank:3d}  {h.score:+.4f}  {it.study if it and it.study else '-'}  "
-                  f"{(it.modality or '-') if it else ''}  {shape}  {labels}  "
-                  f"{it.source_uri if it else ''}")
+            print(_printable(f"{rank:3d}  {h.score:+.4f}  {it.study if it and it.study else '-'}  "
+                             f"{(it.modality or '-') if it else ''}  {shape}  {labels}  "
+                             f"{it.source_uri if it else ''}"))
 
 
 @data_app.command("phantom-cxr")
@@ -751,11 +776,25 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("RADLENS_DEBUG"):
             raise
+        if isinstance(exc, OSError) and exc.filename is not None:
+            # a folder that cannot be written, a full disk, a read-only file system: the
+            # environment, not a bug (a save in progress leaves the last generation intact)
+            print(f"radlens: error: {_printable(str(exc.filename))}: "
+                  f"{exc.strerror or type(exc).__name__}", file=sys.stderr)
+            return 2
         text = " ".join(str(exc).split())[:300]
         print(f"radlens: internal error: {type(exc).__name__}: {text} "
               "(set RADLENS_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: a file name holding a newline cannot forge
+    extra output lines."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def json_line(obj: object) -> str:

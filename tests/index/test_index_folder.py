@@ -80,7 +80,8 @@ def test_wrong_model_refused_in_one_line(tmp_path):
     msg = str(err.value)
     assert "\n" not in msg
     assert msg == (f"index {tmp_path / 'ix'} was built with model lrclr (config abc123); you "
-                   "asked for model clear (def456): rebuild the index or pass --model lrclr")
+                   "asked for model clear (def456): rebuild the index or pass the checkpoint "
+                   "folder it was built with")  # the config name alone is no remedy
     with pytest.raises(ConfigError):
         IndexFolder.open(tmp_path / "ix", expect_config_hash="zzz")
     IndexFolder.open(tmp_path / "ix", expect_model="lrclr").close()

@@ -65,7 +65,9 @@ class HFBackend:
             raise ConfigError(f"tokenizer in {folder} has no CLS/BOS or SEP/EOS token")
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+        # verbose=False: ReportTokenizer cuts each sentence to the context length itself, so
+        # transformers' "longer than the maximum sequence length" warning misleads
+        return list(self.tok(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def save(self, folder: Path) -> dict[str, str]:
         self.tok.save_pretrained(str(folder))
