@@ -782,11 +782,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"radlens: error: {_printable(str(exc.filename))}: "
                   f"{exc.strerror or type(exc).__name__}", file=sys.stderr)
             return 2
+        if _is_storage_error(exc):
+            print(f"radlens: error: index catalog: {exc} (check the index folder's permissions "
+                  "and free space)", file=sys.stderr)
+            return 2
         text = " ".join(str(exc).split())[:300]
         print(f"radlens: internal error: {type(exc).__name__}: {text} "
               "(set RADLENS_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    """An SQLite error about the disk rather than the SQL: read-only, full, unopenable."""
+    import sqlite3
+
+    words = ("readonly", "disk", "unable to open", "disk I/O", "database is locked")
+    return isinstance(exc, sqlite3.OperationalError) and any(w in str(exc) for w in words)
 
 
 def _printable(text: str) -> str:

@@ -190,6 +190,26 @@ def test_an_os_error_with_a_file_name_is_one_line(tmp_path, capsys, monkeypatch)
     assert capsys.readouterr().err == "radlens: error: /archive/idx/LOCK: Permission denied\n"
 
 
+def test_a_catalog_on_a_full_or_read_only_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    import sqlite3
+
+    for message in ("attempt to write a readonly database", "database or disk is full"):
+        def failing(*args, message=message, **kwargs):
+            raise sqlite3.OperationalError(message)
+
+        monkeypatch.setattr(IndexFolder, "open", failing)
+        assert main(["index", "info", str(tmp_path)]) == 2
+        assert capsys.readouterr().err == (f"radlens: error: index catalog: {message} (check "
+                                           "the index folder's permissions and free space)\n")
+
+    def bug(*args, **kwargs):  # an SQL mistake stays an internal error
+        raise sqlite3.OperationalError("near \"SELEC\": syntax error")
+
+    monkeypatch.setattr(IndexFolder, "open", bug)
+    assert main(["index", "info", str(tmp_path)]) == 1
+    assert "internal error: OperationalError" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage", ["files", "collections", "list", "entry"])
 def test_a_damaged_manifest_is_one_line(tmp_path, damage):
     _small_index(tmp_path / "ix")
