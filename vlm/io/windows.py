@@ -7,6 +7,7 @@ pydicom's ``apply_voi_lut`` produces up to an affine rescale.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,6 +45,8 @@ def parse_window(spec: str) -> str | tuple[float, float]:
         except ValueError:
             pass
         else:
+            if not (math.isfinite(center) and math.isfinite(width)):
+                raise RadLensError(f"window '{spec}': centre and width must be finite numbers")
             if width <= 0:
                 raise RadLensError(f"window width must be > 0, got {width:g}")
             return (center, width)

@@ -134,6 +134,11 @@ def test_presets_and_window_parsing():
     for bad in ("nope", "40", "40,-1", "a,b"):
         with pytest.raises(RadLensError):
             parse_window(bad)
+    # NaN and inf parsed as floats and rendered a blank or meaningless preview
+    for bad in ("nan,400", "40,nan", "inf,400", "40,inf", "-inf,1", "40,0"):
+        with pytest.raises(RadLensError, match="finite|> 0") as info:
+            parse_window(bad)
+        assert "\n" not in str(info.value)
     hu = np.array([[-1000.0, -600.0], [40.0, 1500.0]])
     lung = render(hu, window="lung")
     assert lung.dtype == np.uint8 and lung[0, 0] < lung[0, 1] < lung[1, 0] <= lung[1, 1]
