@@ -14,6 +14,10 @@ _GRAY_MODES = {"L", "I", "I;16", "I;16B", "I;16L", "F"}
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
+
+
 def read_raster(path: str | os.PathLike[str]) -> ImageData:
     """Read a raster image. Grayscale (8 or 16 bit) stays one channel; colour becomes RGB.
 
@@ -40,9 +44,11 @@ def read_raster(path: str | os.PathLike[str]) -> ImageData:
             else:
                 arr = np.asarray(im.convert("RGB"), dtype=np.float32)
                 bits, spp = 8, 3
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # the warning arrives as an exception where warnings are errors (python -W error)
+        raise ImageReadError(path, f"too large to decode safely ({_one_line(exc)})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageReadError(path, f"not a readable image ({' '.join(str(exc).split())[:200]})"
-                             ) from None
+        raise ImageReadError(path, f"not a readable image ({_one_line(exc)})") from None
     if spp == 1 and arr.ndim != 2:
         raise ImageReadError(path, f"unexpected image shape {arr.shape}")
     meta = ImageMeta(source_format="jpeg" if fmt in ("jpeg", "jpg") else fmt,

@@ -34,3 +34,35 @@ def test_broken_png_is_a_read_error(tmp_path):
         read_image(tmp_path / "bad.png")
     with pytest.raises(ImageReadError, match="no such file"):
         read_image(tmp_path / "missing.png")
+
+
+def huge_png(path, width: int, height: int) -> None:
+    """A PNG whose header claims ``width`` x ``height`` (a few hundred bytes on disk)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_a_read_error(tmp_path):
+    """A 400-megapixel PNG was an internal DecompressionBombError (not an OSError)."""
+    huge_png(tmp_path / "huge.png", 20_000, 20_000)
+    with pytest.raises(ImageReadError, match=r"huge\.png: too large to decode safely") as info:
+        read_image(tmp_path / "huge.png")
+    assert "\n" not in str(info.value)
+    # 100 megapixels is only PIL's warning; where warnings are errors it is refused the same way
+    huge_png(tmp_path / "big.png", 10_000, 10_000)
+    import warnings
+
+    from vlm.io import read_raster
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageReadError, match=r"big\.png: too large to decode safely"):
+            read_raster(tmp_path / "big.png")
