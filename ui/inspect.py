@@ -37,12 +37,48 @@ def summarize(item: ImageData | Volume) -> dict[str, Any]:
 
 def preview_array(item: ImageData | Volume, window: str | tuple[float, float] | None,
                   frame: int = 0) -> np.ndarray:
-    """8-bit preview: the image (frame ``frame``) or the middle axial slice of a volume."""
+    """8-bit preview: the image (frame ``frame``) or the middle axial slice of a volume.
+
+    Raises:
+        RadLensError: ``frame`` is not one of the image's frames (a single-frame image has
+            only frame 0).
+    """
     if isinstance(item, Volume):
         return render(item.slice_image(item.shape[0] // 2), window=window)
-    if item.meta.frames > 1:
-        frame = min(max(frame, 0), item.meta.frames - 1)
+    frames = max(item.meta.frames, 1)
+    if not 0 <= frame < frames:
+        have = f"{frames} frames (0-{frames - 1})" if frames > 1 else "1 frame (0)"
+        raise RadLensError(f"frame {frame} out of range: the image has {have}")
     return render(item, window=window, frame=frame)
+
+
+def check_out_folder(out: Path) -> None:
+    """Create ``out`` and make sure a preview can be written there; one line if not."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise RadLensError(f"--out {out} is a file, not a folder: pass a folder for previews")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".radlens-probe-"):
+            pass  # the probe is removed on close
+    except OSError as exc:
+        raise RadLensError(f"--out {out}: cannot write previews there "
+                           f"({exc.strerror or type(exc).__name__})") from None
+
+
+def save_preview(pixels: np.ndarray, target: Path) -> None:
+    """Write one PNG preview; a failure (disk full, a folder of that name) is one line and
+    leaves no partial file."""
+    from PIL import Image
+
+    try:
+        Image.fromarray(pixels).save(target)
+    except OSError as exc:
+        if target.is_file():
+            target.unlink(missing_ok=True)
+        raise RadLensError(f"cannot write the preview {target} "
+                           f"({exc.strerror or ' '.join(str(exc).split())[:200]})") from None
 
 
 def _unique_png(out: Path, stem: str, taken: set[str]) -> Path:
@@ -61,14 +97,14 @@ def inspect_paths(paths: Sequence[Path], *, out: Path | None = None, window: str
     Returns:
         The error lines (empty when every file was read).
     """
-    from PIL import Image
-
     from ui.cli import json_line
 
     stream = stream or sys.stdout
+    if frame < 0:
+        raise RadLensError(f"--frame {frame}: frames are numbered from 0")
     win = parse_window(window) if window else None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        check_out_folder(out)
     taken: set[str] = set()
     failures: list[str] = []
     for path in paths:
@@ -79,7 +115,10 @@ def inspect_paths(paths: Sequence[Path], *, out: Path | None = None, window: str
                 stem = path.name.removesuffix(".gz").removesuffix(".nii") if path.is_file() \
                     else path.name
                 target = _unique_png(out, Path(stem).stem or "image", taken)
-                Image.fromarray(preview_array(item, win, frame)).save(target)
+                try:
+                    save_preview(preview_array(item, win, frame), target)
+                except RadLensError as exc:  # which input it was: the message may not say
+                    raise RadLensError(f"{path}: {exc}") from None
                 summary["preview"] = str(target)
         except RadLensError as exc:
             line = f"radlens: error: {exc}"

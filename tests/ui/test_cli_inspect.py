@@ -116,3 +116,67 @@ def test_no_identifying_value_reaches_output_or_logs(tmp_path):
     assert all(line.startswith(("radlens: error: ", "INFO ", "WARNING ")) for line in
                err.splitlines()), err[:2000]
     assert out.count("\n") >= 100  # the files really went through
+
+
+def test_an_unusable_out_folder_is_one_line_before_any_file(capsys, tmp_path):
+    """``--out FILE`` was an internal FileExistsError, ``--out FILE/sub`` a NotADirectoryError;
+    both stopped the batch with nothing printed."""
+    good = str(sample_file("CT_small.dcm"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, out, err = _run(capsys, ["inspect", good, "--out", str(afile)])
+    assert code == 2 and out == []
+    assert err == [f"radlens: error: --out {afile} is a file, not a folder: pass a folder for "
+                   "previews"]
+    code, out, err = _run(capsys, ["inspect", good, "--out", str(afile / "sub")])
+    assert code == 2 and out == []
+    assert err == [f"radlens: error: --out {afile / 'sub'}: cannot write previews there "
+                   "(Not a directory)"]
+    assert afile.read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_a_read_only_out_folder_is_one_line(capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code, out, err = _run(capsys, ["inspect", str(sample_file("CT_small.dcm")),
+                                       "--out", str(locked)])
+    finally:
+        locked.chmod(0o755)
+    assert code == 2 and out == [] and len(err) == 1
+    assert "cannot write previews there (Permission denied)" in err[0]
+    assert list(locked.iterdir()) == []  # the write probe is gone
+
+
+def test_a_preview_that_cannot_be_written_fails_that_file_only(capsys, tmp_path):
+    """A failed PNG write (here: a folder already has the preview's name) was an internal
+    error that ended the whole batch."""
+    ct, mr = sample_file("CT_small.dcm"), sample_file("MR_small.dcm")
+    (tmp_path / "CT_small.png").mkdir()
+    code, out, err = _run(capsys, ["inspect", str(ct), str(mr), "--out", str(tmp_path)])
+    assert code == 2
+    assert [json.loads(line)["file"] for line in out] == [str(mr)]
+    assert (tmp_path / "MR_small.png").is_file()
+    assert len(err) == 1 and err[0] == (f"radlens: error: {ct}: cannot write the preview "
+                      f"{tmp_path / 'CT_small.png'} (Is a directory)")
+
+
+def test_a_frame_the_image_does_not_have_is_an_error_for_that_file(capsys, tmp_path):
+    """``--frame 99`` was clamped to the last frame without a word."""
+    multi, single = sample_file("emri_small.dcm"), sample_file("CT_small.dcm")
+    code, out, err = _run(capsys, ["inspect", str(multi), str(single), "--frame", "9",
+                                   "--out", str(tmp_path)])
+    assert code == 2 and [json.loads(line)["file"] for line in out] == [str(multi)]
+    assert err[0] == (f"radlens: error: {single}: frame 9 out of range: the image has 1 "
+                      "frame (0)")
+    code, out, err = _run(capsys, ["inspect", str(multi), "--frame", "99", "--out",
+                                   str(tmp_path)])
+    assert code == 2 and out == []
+    assert err[0] == (f"radlens: error: {multi}: frame 99 out of range: the image has 10 "
+                      "frames (0-9)")
+    code, out, err = _run(capsys, ["inspect", str(multi), "--frame", "-1", "--out",
+                                   str(tmp_path)])
+    assert code == 2 and out == [] and err == ["radlens: error: --frame -1: frames are "
+                                               "numbered from 0"]
