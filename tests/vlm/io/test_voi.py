@@ -136,7 +136,7 @@ def test_presets_and_window_parsing():
             parse_window(bad)
     # NaN and inf parsed as floats and rendered a blank or meaningless preview
     for bad in ("nan,400", "40,nan", "inf,400", "40,inf", "-inf,1", "40,0"):
-        with pytest.raises(RadLensError, match="finite|> 0") as info:
+        with pytest.raises(RadLensError, match=r"finite|> 0") as info:
             parse_window(bad)
         assert "\n" not in str(info.value)
     hu = np.array([[-1000.0, -600.0], [40.0, 1500.0]])
