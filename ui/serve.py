@@ -30,8 +30,34 @@ _SCHEME = "scrypt"
 _N, _R, _P = 2**14, 8, 1
 
 
+_MAXMEM, _DKLEN = 2**26, 32
+
+
 def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=2**26, dklen=32)
+    return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM,
+                          dklen=_DKLEN)
+
+
+def _hash_problem(encoded: str) -> str | None:
+    """Why ``scrypt$N$r$p$salt$hash`` could never verify a password (None: it can)."""
+    parts = encoded.split("$")
+    if len(parts) != 6 or parts[0] != _SCHEME:
+        return "expected 'user:scrypt$…'"
+    try:
+        n, r, p = (int(v) for v in parts[1:4])
+    except ValueError:
+        return "the scrypt parameters N, r, p are not whole numbers"
+    # OpenSSL's limits: N a power of two above 1, and its working memory within maxmem
+    if n < 2 or n & (n - 1) or r < 1 or p < 1 or 128 * r * (n + p + 2) > _MAXMEM:
+        return "the scrypt parameters N, r, p are out of range"
+    try:
+        base64.b64decode(parts[4], validate=True)
+        digest = base64.b64decode(parts[5], validate=True)
+    except ValueError:
+        return "the salt or hash is not base64"
+    if len(digest) != _DKLEN:
+        return f"the hash is not {_DKLEN} bytes"
+    return None
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
@@ -62,15 +88,26 @@ def load_auth_file(path: str | os.PathLike[str]) -> dict[str, str]:
     if not p.is_file():
         raise RadLensError(f"auth file {p} not found: create it with "
                            "'python -m ui.serve hash-password USER >> FILE'")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise RadLensError(f"auth file {p} cannot be read ({exc.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a binary file; say where, never what
+        no = data[: exc.start].count(b"\n") + 1
+        raise RadLensError(f"auth file {p} line {no}: not UTF-8 text (is it the right "
+                           "file?)") from None
     users: dict[str, str] = {}
-    for no, line in enumerate(p.read_text().splitlines(), 1):
+    for no, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         user, sep, encoded = line.partition(":")
-        if not sep or not user or not encoded.startswith(f"{_SCHEME}$") or encoded.count("$") != 5:
-            raise RadLensError(f"auth file {p} line {no}: expected 'user:scrypt$…' (make it "
-                               "with 'python -m ui.serve hash-password USER')")
+        problem = _hash_problem(encoded.strip()) if sep and user.strip() else "no 'user:'"
+        if problem:  # the line itself is never echoed: it may hold a password
+            raise RadLensError(f"auth file {p} line {no}: {problem} (make it with "
+                               "'python -m ui.serve hash-password USER')")
         users[user.strip()] = encoded.strip()
     if not users:
         raise RadLensError(f"auth file {p} has no users")

@@ -304,3 +304,37 @@ def test_served_app_needs_login_and_serves_only_index_files(tiny_engine, tmp_pat
             assert c.get(f"/gradio_api/file={thumb}").status_code == 200
     finally:
         app.close()
+
+
+def test_auth_file_lines_that_could_never_log_in_are_refused(tmp_path):
+    """Unparsable scrypt parameters were accepted (every login then failed in silence) and a
+    binary file was an internal UnicodeDecodeError. The line number is named, the secret not."""
+    from ui import serve
+
+    good = serve.hash_password("pw")
+    _, n, r, p, salt, digest = good.split("$")
+    auth = tmp_path / "auth.txt"
+    bad_lines = {
+        f"scrypt$abc${r}${p}${salt}${digest}": "not whole numbers",
+        f"scrypt$1000${r}${p}${salt}${digest}": "out of range",  # N not a power of two
+        f"scrypt${n}$0${p}${salt}${digest}": "out of range",
+        f"scrypt${2**30}${r}${p}${salt}${digest}": "out of range",  # beyond scrypt's memory
+        f"scrypt${n}${r}${p}$not*base64${digest}": "not base64",
+        f"scrypt${n}${r}${p}${salt}$c2hvcnQ=": "not 32 bytes",
+        f"bcrypt${n}${r}${p}${salt}${digest}": "expected 'user:scrypt$…'",
+    }
+    for encoded, why in bad_lines.items():
+        auth.write_text(f"# users\nalice:{good}\nbob:{encoded}\n")
+        with pytest.raises(RadLensError) as info:
+            serve.load_auth_file(auth)
+        message = _one_line(info)
+        assert f"auth file {auth} line 3: " in message and why in message, message
+        assert salt not in message and digest not in message
+    auth.write_bytes(b"alice:" + good.encode() + b"\n\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(RadLensError) as info:
+        serve.load_auth_file(auth)
+    assert _one_line(info) == (f"auth file {auth} line 2: not UTF-8 text (is it the right "
+                               "file?)")
+    auth.write_text(f"alice:{good}\n")
+    assert serve.load_auth_file(auth) == {"alice": good}  # a real line still loads
+
