@@ -685,12 +685,16 @@ def serve(
     max_upload_mb: Annotated[int, typer.Option(help="Largest accepted upload.")] = 50,
     ingest_root: Annotated[list[Path] | None, typer.Option(
         help="Folders the Index tab may build from (off unless given).")] = None,
+    allow_unauthenticated: Annotated[bool, typer.Option(
+        "--allow-unauthenticated",
+        help="Serve beyond this machine (--host 0.0.0.0) without --auth-file.")] = False,
 ) -> None:
-    """Serve the RadLens app for an index (127.0.0.1 unless --host says otherwise)."""
+    """Serve the RadLens app for an index (127.0.0.1 unless --host says otherwise; any other
+    host needs --auth-file or --allow-unauthenticated)."""
     from ui.serve import serve as run_server
 
     run_server(index, host=host, port=port, auth_file=auth_file, model=model,
-               max_upload_mb=max_upload_mb,
+               max_upload_mb=max_upload_mb, allow_unauthenticated=allow_unauthenticated,
                ingest_roots=[str(p) for p in ingest_root] if ingest_root else None)
 
 

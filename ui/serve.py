@@ -1,4 +1,5 @@
-"""Serve the app: ``serve(index)`` binds to 127.0.0.1, optionally behind password authentication.
+"""Serve the app: ``serve(index)`` binds to 127.0.0.1, optionally behind password authentication
+(required to bind beyond this machine, unless ``--allow-unauthenticated``).
 
 The auth file holds one ``user:<hash>`` line per user (``#`` comments allowed); hashes are
 salted scrypt strings made by :func:`hash_password`. Create lines without ``radlens``::
@@ -15,6 +16,7 @@ import getpass
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import sys
@@ -141,11 +143,39 @@ def launch(app: Any, engine: Any, *, host: str = "127.0.0.1", port: int = 7860,
     from ui.app import CSS, THEME
 
     return app.queue(default_concurrency_limit=4).launch(
-        server_name=host, server_port=port, auth=auth, auth_message="RadLens: sign in",
-        allowed_paths=[str(thumbs_dir(engine))],
-        max_file_size=f"{max_upload_mb:g}mb", theme=THEME, css=CSS, ssr_mode=False,
+        server_name=url_host(host), server_port=port, auth=auth,
+        auth_message="RadLens: sign in", allowed_paths=[str(thumbs_dir(engine))],
+        # bytes, as build_app counts them (gradio parses "2.5mb" as 2 and then fails on ".5mb")
+        max_file_size=int(max_upload_mb * 2**20), theme=THEME, css=CSS, ssr_mode=False,
         show_error=False, quiet=quiet, prevent_thread_lock=prevent_thread_lock, pwa=False,
         enable_monitoring=False, footer_links=[])
+
+
+def _bare_host(host: str) -> str:
+    """``::1`` for ``[::1]`` (the bracketed form of URLs); other hosts as given."""
+    host = host.strip()
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def url_host(host: str) -> str:
+    """The host as a URL spells it: an IPv6 literal in brackets (``[::1]``). Gradio binds to
+    the address inside the brackets and builds its own URLs from this form; a bare ``::1``
+    made it request ``http://::1:7860/`` and fail with an internal ``InvalidURL``."""
+    host = _bare_host(host)
+    return f"[{host}]" if ":" in host else host
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` names is this machine only (127.x, ::1)."""
+    import ipaddress
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(_bare_host(host), None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback
+                               for info in infos)
 
 
 def check_port(host: str, port: int) -> None:
@@ -156,8 +186,10 @@ def check_port(host: str, port: int) -> None:
     import errno
     import socket
 
+    if not 1 <= port <= 65535:  # 0 or 80000: internal errors once the model had loaded
+        raise RadLensError(f"--port {port}: choose a port from 1 to 65535")
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(_bare_host(host), port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise RadLensError(f"cannot serve on {host}: not a usable address ({exc})") from None
     family, _, _, _, address = infos[0]
@@ -168,21 +200,33 @@ def check_port(host: str, port: int) -> None:
         except OSError as exc:
             why = ("is already in use (another RadLens app or demo?)"
                    if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})")
-            raise RadLensError(f"{host}:{port} {why}: pass --port with a free port") from None
+            raise RadLensError(f"{url_host(host)}:{port} {why}: pass --port with a free port"
+                               ) from None
 
 
 def serve(index: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 7860,
           auth_file: str | os.PathLike[str] | None = None, model: str | None = None,
           max_upload_mb: float = 50, ingest_roots: Sequence[str] | None = None,
-          prevent_thread_lock: bool = False) -> Any:
-    """Open ``index`` (with its model, or ``model``) and serve the app until interrupted."""
+          allow_unauthenticated: bool = False, prevent_thread_lock: bool = False) -> Any:
+    """Open ``index`` (with its model, or ``model``) and serve the app until interrupted.
+
+    Every option is checked before the index and the model load. A ``host`` other than this
+    machine (``0.0.0.0``, a LAN address) needs ``auth_file`` or ``allow_unauthenticated``.
+    """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from index.engine import Engine
     from ui.app import build_app
 
+    if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
+        raise RadLensError(f"--max-upload-mb {max_upload_mb:g}: the upload limit must be a "
+                           "number of MB above 0")
     check_port(host, port)
     auth = make_auth(load_auth_file(auth_file)) if auth_file else None
-    if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+    if auth is None and not is_loopback(host):
+        if not allow_unauthenticated:
+            raise RadLensError(f"serving on {host} without --auth-file would let anyone who "
+                               "can reach it query the archive: pass --auth-file (or "
+                               "--allow-unauthenticated on a trusted network)")
         logger.warning("serving on %s without --auth-file: anyone who can reach it can query "
                        "the archive", host)
     engine = Engine.open(index, model=model)
@@ -205,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sp.add_argument("--model")
     sp.add_argument("--max-upload-mb", type=float, default=50)
     sp.add_argument("--ingest-root", action="append", help="folder the Index tab may build from")
+    sp.add_argument("--allow-unauthenticated", action="store_true",
+                    help="serve beyond this machine without --auth-file")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "hash-password":
@@ -219,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.user}:{hash_password(password)}")
             return 0
         serve(args.index, host=args.host, port=args.port, auth_file=args.auth_file,
-              model=args.model, max_upload_mb=args.max_upload_mb, ingest_roots=args.ingest_root)
+              model=args.model, max_upload_mb=args.max_upload_mb, ingest_roots=args.ingest_root,
+              allow_unauthenticated=args.allow_unauthenticated)
         return 0
     except RadLensError as exc:
         print(f"error: {exc}", file=sys.stderr)

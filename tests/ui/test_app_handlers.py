@@ -338,3 +338,31 @@ def test_auth_file_lines_that_could_never_log_in_are_refused(tmp_path):
     auth.write_text(f"alice:{good}\n")
     assert serve.load_auth_file(auth) == {"alice": good}  # a real line still loads
 
+
+def test_the_app_serves_on_an_ipv6_address(tiny_engine):
+    """``--host ::1`` made gradio build ``http://::1:PORT/`` and fail with an internal
+    InvalidURL after the model had loaded."""
+    import socket
+
+    import httpx
+
+    from ui.app import build_app
+    from ui.serve import check_port, launch, url_host
+
+    assert url_host("::1") == url_host("[::1]") == "[::1]" and url_host("0.0.0.0") == "0.0.0.0"
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            port = s.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    check_port("::1", port)
+    app = build_app(tiny_engine)
+    # a fractional limit (python -m ui.serve takes floats) was an internal error in gradio
+    launch(app, tiny_engine, host="::1", port=port, prevent_thread_lock=True, max_upload_mb=2.5)
+    try:
+        assert app.max_file_size == int(2.5 * 2**20)
+        with httpx.Client(base_url=f"http://[::1]:{port}", timeout=30) as c:
+            assert c.get("/config").status_code == 200
+    finally:
+        app.close()

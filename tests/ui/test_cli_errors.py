@@ -107,3 +107,59 @@ def test_a_plain_file_as_the_index_is_one_line(capsys, tmp_path):
     with pytest.raises(RadLensError, match="is a file, not a folder"):
         IndexFolder.create(afile, model_name="m", config_hash="h", dim=4)
     assert afile.read_text() == "x"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--port", "0"], "--port 0: choose a port from 1 to 65535"),
+    (["--port", "80000"], "--port 80000: choose a port from 1 to 65535"),
+    (["--max-upload-mb", "-5"], "--max-upload-mb -5: the upload limit must be a number of MB "
+                                "above 0"),
+    (["--max-upload-mb", "0"], "--max-upload-mb 0: the upload limit must be a number of MB "
+                               "above 0"),
+    (["--host", "0.0.0.0"], "serving on 0.0.0.0 without --auth-file would let anyone who can "
+                            "reach it query the archive: pass --auth-file (or "
+                            "--allow-unauthenticated on a trusted network)"),
+    (["--host", "::"], "serving on :: without --auth-file would let anyone who can reach it "
+                       "query the archive: pass --auth-file (or --allow-unauthenticated on a "
+                       "trusted network)"),
+])
+def test_serve_options_are_checked_before_the_index_loads(capsys, tmp_path, args, message):
+    """Port 0 / 80000 and a negative upload limit were internal errors after the model had
+    loaded; serving beyond this machine without a login was only a log warning."""
+    code, err = _run(capsys, ["serve", "--index", str(tmp_path / "none"), *args])
+    assert code == 2 and err == [f"radlens: error: {message}"]
+
+
+def test_serving_beyond_this_machine_unauthenticated_needs_the_flag(capsys, tmp_path):
+    # with the flag (or an auth file) the next thing checked is the index itself
+    code, err = _run(capsys, ["serve", "--index", str(tmp_path / "none"), "--host", "0.0.0.0",
+                              "--allow-unauthenticated", "--port", "7999"])
+    assert code == 2 and len(err) == 1 and "--auth-file" not in err[0], err
+    from ui.serve import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert is_loopback("[::1]")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::")
+
+
+def test_the_demo_still_serves_on_this_machine_only(capsys, monkeypatch, tiny_model,
+                                                    tiny_engine):
+    """The demo has no login: it must bind 127.0.0.1, which needs no --auth-file."""
+    import socket
+
+    import ui.demo
+    import ui.serve
+
+    launched = {}
+
+    def fake_launch(app, engine, **kwargs):
+        launched.update(kwargs)
+
+    monkeypatch.setattr(ui.demo, "build_demo_index", lambda out, checkpoint: tiny_engine.index.path)
+    monkeypatch.setattr(ui.serve, "launch", fake_launch)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["demo", "--model", str(tiny_model), "--port", str(port)]) == 0
+    assert launched["host"] == "127.0.0.1" and launched["auth"] is None
+    assert launched["port"] == port
