@@ -88,6 +88,8 @@ def load_upload(path: str | os.PathLike[str] | None, max_bytes: int) -> Study:
     except Exception as exc:  # a decoder bug must not take the session down
         logger.warning("upload decode failed: %s", type(exc).__name__)
         raise RadLensError(f"cannot read the upload ({type(exc).__name__})") from None
+    if image.meta.frames > 1:  # the middle frame is the study; its size is what is checked
+        image = image.frame(image.meta.frames // 2)  # ((F, H, W)[:2] refused < 8 frames)
     if image.pixels.ndim == 1 or min(image.pixels.shape[:2]) < 8:
         raise RadLensError("the upload is not a 2-D image")
     m = image.meta

@@ -50,6 +50,32 @@ def test_png_and_jpeg_uploads(tmp_path):
         assert h.load_upload(tmp_path / name, 2**20).image.pixels.shape == (64, 64)
 
 
+def test_multi_frame_upload_with_few_frames_opens_its_middle_frame(tmp_path):
+    """A 3-frame DICOM was refused as "not a 2-D image": the size check read (F, H, W)[:2]."""
+    import pydicom
+
+    from tests.vlm.io.conftest import sample_file
+
+    ds = pydicom.dcmread(sample_file("emri_small.dcm"))  # 10 frames of 64 x 64 MR
+    frame_bytes = ds.Rows * ds.Columns * ds.BitsAllocated // 8
+    frames = ds.pixel_array[:3]
+    ds.NumberOfFrames = 3
+    ds.PixelData = ds.PixelData[: 3 * frame_bytes]
+    ds.save_as(tmp_path / "three.dcm")
+    study = h.load_upload(tmp_path / "three.dcm", max_bytes=2**20)
+    assert study.image.pixels.shape == (64, 64) and study.image.meta.frames == 1
+    np.testing.assert_array_equal(study.image.pixels, frames[1])  # the middle frame
+    assert h.display(study).shape == (64, 64, 3)
+    with pytest.raises(RadLensError, match="too large"):  # the byte limit still holds
+        h.load_upload(tmp_path / "three.dcm", max_bytes=1000)
+    tiny = tmp_path / "tiny.dcm"  # and so does the smallest image side
+    ds.Rows = ds.Columns = 4
+    ds.PixelData = ds.PixelData[: 3 * 4 * 4 * ds.BitsAllocated // 8]
+    ds.save_as(tiny)
+    with pytest.raises(RadLensError, match="not a 2-D image"):
+        h.load_upload(tiny, max_bytes=2**20)
+
+
 @pytest.mark.parametrize("kind, expect", [
     ("truncated", "cannot read the upload"), ("text_dcm", "cannot read the upload"),
     ("text_txt", "unsupported file type '.txt'"), ("empty", "empty"), ("big", "too large"),
