@@ -125,8 +125,10 @@ def build_app(engine: Engine, *, max_upload_mb: float = 50, k_default: int = 8,
     views = ["any", *h.facet_values(engine, "view")]
     years = ["any", *h.facet_values(engine, "year")]
 
-    # uploads live in Gradio's cache: drop them after an hour (checked every 10 minutes)
+    # uploads are deleted once read (h.discard_upload); what else gradio caches (rendered
+    # views) is dropped after an hour, checked every 10 minutes
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(600, 3600)) as app:
+        upload_root = app.GRADIO_CACHE  # where gradio keeps uploads (GRADIO_TEMP_DIR)
         study = gr.State(None)  # h.Study of this session
         session_prompts = gr.State(base_prompts)
         hits = gr.State([])  # last search: list[Result]
@@ -291,12 +293,15 @@ def build_app(engine: Engine, *, max_upload_mb: float = 50, k_default: int = 8,
                     *_sliders(s, s.centre, s.width), [])
 
         def on_upload(path: str | None) -> tuple[Any, ...]:
-            # the file box is cleared after reading, so the file name does not stay on screen
+            # the file box is cleared after reading, so the file name does not stay on screen,
+            # and the file is deleted, so it does not stay on disk either
             try:
                 return (*_loaded(h.load_upload(path, max_bytes)), None)
             except RadLensError as exc:
                 gr.Warning(str(exc))
                 return (None, _err(str(exc)), gr.skip(), gr.skip(), gr.skip(), [], None)
+            finally:
+                h.discard_upload(path, upload_root)
 
         def on_example(item_id: int | None) -> tuple[Any, ...]:
             return _loaded(h.load_example(engine, item_id))
@@ -422,7 +427,7 @@ def build_app(engine: Engine, *, max_upload_mb: float = 50, k_default: int = 8,
                 return _vol_loaded(h.load_volume_item(engine, item_id), preset, k_)
 
             def on_vol_upload(path: str | None, preset: str, k_: float) -> tuple[Any, ...]:
-                # the file box is cleared after reading, so the file name does not stay on screen
+                # the file box is cleared after reading and the file deleted (as on_upload)
                 try:
                     return (*_vol_loaded(h.load_volume_upload(engine, path, max_bytes), preset,
                                          k_), None)
@@ -431,6 +436,8 @@ def build_app(engine: Engine, *, max_upload_mb: float = 50, k_default: int = 8,
                     outs: list[Any] = [gr.skip()] * len(vol_outs)
                     outs[1] = _err(str(exc))
                     return (*outs, None)
+                finally:
+                    h.discard_upload(path, upload_root)
 
             vol_pick.input(_guarded(on_vol_pick, len(vol_outs), 1),
                            [vol_pick, vol_window, vol_k], vol_outs)

@@ -98,6 +98,27 @@ def load_upload(path: str | os.PathLike[str] | None, max_bytes: int) -> Study:
     return _study(image, label)
 
 
+def discard_upload(path: str | os.PathLike[str] | None, root: str | os.PathLike[str]) -> None:
+    """Delete an upload once it has been read, and its folder when that is left empty.
+
+    Gradio keeps each upload as ``root/<sha256>/<original file name>``, and file names of
+    studies often hold a patient's name or ID; the study lives on in the session's memory only.
+    Paths outside ``root`` (Gradio's upload folder) are left alone. Never raises.
+    """
+    if not path:
+        return
+    base = Path(root).resolve()
+    p = Path(path).resolve()
+    if base not in p.parents:
+        return
+    try:
+        p.unlink(missing_ok=True)
+        if p.parent != base and not any(p.parent.iterdir()):
+            p.parent.rmdir()
+    except OSError as exc:  # no file name in the log: it may be identifying
+        logger.warning("could not delete an upload after reading it: %s", exc.strerror)
+
+
 def example_choices(engine: Engine, n: int = 24) -> list[tuple[str, int]]:
     """Dropdown choices ``(label, id)`` for indexed studies with a thumbnail; labelled first."""
     ids = engine.index.catalog.filter_ids("image")[: max(n * 4, n)]

@@ -204,6 +204,38 @@ def check_port(host: str, port: int) -> None:
                                ) from None
 
 
+def private_temp_dir() -> Path:
+    """Point gradio's upload and cache folder at a new folder only this user can open (0700),
+    removed at exit; a ``GRADIO_TEMP_DIR`` set by the user is kept. Gradio's default is a
+    shared ``/tmp/gradio`` whose folders any local user can list and read: uploads under their
+    original names and the rendered views of studies."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if os.environ.get("GRADIO_TEMP_DIR"):
+        return Path(os.environ["GRADIO_TEMP_DIR"])
+    path = Path(tempfile.mkdtemp(prefix="radlens-gradio-"))  # mkdtemp: mode 0700
+    os.environ["GRADIO_TEMP_DIR"] = str(path)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a service manager's stop) ends the server as Ctrl-C does: gradio closes it
+    and the exit handlers run, so :func:`private_temp_dir` is removed (SIGTERM's default
+    ends the process without them)."""
+    import signal
+    import threading
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, stop)
+
+
 def serve(index: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 7860,
           auth_file: str | os.PathLike[str] | None = None, model: str | None = None,
           max_upload_mb: float = 50, ingest_roots: Sequence[str] | None = None,
@@ -213,10 +245,6 @@ def serve(index: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int =
     Every option is checked before the index and the model load. A ``host`` other than this
     machine (``0.0.0.0``, a LAN address) needs ``auth_file`` or ``allow_unauthenticated``.
     """
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from index.engine import Engine
-    from ui.app import build_app
-
     if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
         raise RadLensError(f"--max-upload-mb {max_upload_mb:g}: the upload limit must be a "
                            "number of MB above 0")
@@ -229,8 +257,15 @@ def serve(index: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int =
                                "--allow-unauthenticated on a trusted network)")
         logger.warning("serving on %s without --auth-file: anyone who can reach it can query "
                        "the archive", host)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    private_temp_dir()  # before gradio is imported and the app built: both read it
+    from index.engine import Engine
+    from ui.app import build_app
+
     engine = Engine.open(index, model=model)
     app = build_app(engine, max_upload_mb=max_upload_mb, ingest_roots=ingest_roots)
+    if not prevent_thread_lock:
+        _stop_on_sigterm()
     return launch(app, engine, host=host, port=port, auth=auth, max_upload_mb=max_upload_mb,
                   prevent_thread_lock=prevent_thread_lock, quiet=False)
 

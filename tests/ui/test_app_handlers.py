@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -392,3 +393,72 @@ def test_the_app_serves_on_an_ipv6_address(tiny_engine):
             assert c.get("/config").status_code == 200
     finally:
         app.close()
+
+
+# ---------------------------------------------------------------------------- uploads on disk
+def test_discard_upload_deletes_the_file_and_its_folder_only_under_the_root(tmp_path):
+    root = tmp_path / "gradio"
+    upload = root / "0f1" / "DOE_JOHN_1960.dcm"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"x")
+    other = root / "0f2" / "keep.png"
+    other.parent.mkdir()
+    other.write_bytes(b"y")
+    outside = tmp_path / "outside.dcm"
+    outside.write_bytes(b"z")
+    h.discard_upload(upload, root)
+    assert not upload.exists() and not upload.parent.exists()  # no name left on disk
+    assert other.is_file() and root.is_dir()
+    h.discard_upload(outside, root)  # not gradio's: left alone
+    h.discard_upload(root / ".." / "outside.dcm", root)
+    assert outside.is_file()
+    h.discard_upload(upload, root)  # already gone, or nothing uploaded: no error
+    h.discard_upload(None, root)
+
+
+def test_an_upload_leaves_no_file_under_its_name(tiny_engine, dicoms, tmp_path):
+    """Gradio keeps an upload as <temp>/<sha256>/<original name> (folders 0755) for up to an
+    hour; file names of studies often name the patient. The app deletes it once read."""
+    import socket
+    import uuid
+
+    from gradio_client import Client, handle_file
+
+    from ui.app import build_app
+    from ui.serve import launch
+
+    name = f"DOE_JOHN_{uuid.uuid4().hex[:8]}.dcm"
+    (tmp_path / name).write_bytes(dicoms[0].read_bytes())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = build_app(tiny_engine)
+    root = Path(app.GRADIO_CACHE)
+    launch(app, tiny_engine, port=port, prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        out = client.predict(handle_file(str(tmp_path / name)), api_name="/on_upload")
+        assert "im-" in out[0] and "DOE" not in out[0]  # it was read, labelled by pseudonym
+        assert not list(root.rglob(name)), "the upload is still on disk under its name"
+        bad = tmp_path / name.replace(".dcm", ".png")
+        bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")  # a refused upload is deleted too
+        out = client.predict(handle_file(str(bad)), api_name="/on_upload")
+        assert "cannot read the upload" in out[0]
+        assert not list(root.rglob(bad.name))
+    finally:
+        app.close()
+
+
+def test_serve_keeps_gradio_files_in_a_private_folder(monkeypatch, tmp_path):
+    from ui.serve import private_temp_dir
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "mine"))
+    assert private_temp_dir() == tmp_path / "mine"  # the user's choice is kept
+    monkeypatch.delenv("GRADIO_TEMP_DIR")
+    folder = private_temp_dir()
+    try:
+        assert folder.is_dir() and (folder.stat().st_mode & 0o777) == 0o700
+        assert folder.name.startswith("radlens-gradio-")
+        assert os.environ["GRADIO_TEMP_DIR"] == str(folder)
+    finally:
+        folder.rmdir()
