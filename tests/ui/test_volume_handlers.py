@@ -130,3 +130,30 @@ def test_index_without_volumes_has_no_volume_tab(tiny_engine, engine):
     assert "tab-volumes" in tabs(app)
     states = [b for b in app.blocks.values() if isinstance(b, gr.State)]
     assert {type(s.value).__name__ for s in states} <= {"NoneType", "PromptSet", "list", "str"}
+
+
+def test_a_volume_upload_leaves_no_file_under_its_name(engine, tiny_ct, rows, tmp_path):
+    """As image uploads: gradio kept <temp>/<sha256>/<original name>; the app deletes it."""
+    import socket
+    import uuid
+
+    from gradio_client import Client, handle_file
+
+    from ui.app import build_app
+    from ui.serve import launch
+
+    name = f"DOE_JANE_{uuid.uuid4().hex[:8]}.nii.gz"
+    (tmp_path / name).write_bytes((tiny_ct / rows[2]["nifti"]).read_bytes())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = build_app(engine)
+    launch(app, engine, port=port, prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        out = client.predict(handle_file(str(tmp_path / name)), "abdomen", 3,
+                             api_name="/on_vol_upload")
+        assert "similar volumes" in out[0] and "DOE" not in out[0]
+        assert not list(Path(app.GRADIO_CACHE).rglob(name))
+    finally:
+        app.close()
