@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ from vlm.io.windows import VOI_FUNCTIONS, apply_lut
 logger = logging.getLogger(__name__)
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: ``ImageMeta.spacing_source`` of a file whose PixelSpacing is zero, negative or not finite
+INVALID_PIXEL_SPACING = "invalid PixelSpacing"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -111,6 +114,15 @@ def _float(value: Any, default: float | None = None) -> float | None:
         return default
 
 
+def _first_float(*values: Any) -> float | None:
+    """The first of ``values`` that is a number (a stated 0 stays 0, not "absent")."""
+    for value in values:
+        f = _float(value)
+        if f is not None:
+            return f
+    return None
+
+
 def _floats(value: Any) -> tuple[float, ...]:
     if value is None:
         return ()
@@ -126,8 +138,8 @@ def _floats(value: Any) -> tuple[float, ...]:
 
 
 def _positive(values: tuple[float, ...]) -> tuple[float, ...]:
-    """A spacing is usable only if every component is a positive number."""
-    return values if values and all(v > 0 for v in values) else ()
+    """A spacing is usable only if every component is a positive, finite number."""
+    return values if values and all(0 < v < math.inf for v in values) else ()
 
 
 def _functional(ds: Dataset, sequence: str, keyword: str, frame: int = 0) -> Any:
@@ -247,12 +259,16 @@ def dicom_meta(ds: Dataset, *, frames: int = 1, pseudonymizer: Pseudonymizer | N
                keep_identifiers: bool = False, **overrides: Any) -> ImageMeta:
     """The de-identified metadata record of a dataset (allow-list + keyed pseudonyms)."""
     pseudo = pseudonymizer or default_pseudonymizer()
-    spacing = _positive(_floats(ds.get("PixelSpacing")) or _floats(
-        _functional(ds, "PixelMeasuresSequence", "PixelSpacing")))
+    stated = _floats(ds.get("PixelSpacing")) or _floats(
+        _functional(ds, "PixelMeasuresSequence", "PixelSpacing"))
+    spacing = _positive(stated)
     source = "PixelSpacing" if spacing else None
     if not spacing:
         spacing = _positive(_floats(ds.get("ImagerPixelSpacing")))
-        source = "ImagerPixelSpacing" if spacing else None
+        # a zero, negative or non-finite PixelSpacing is recorded as such, never as 1 mm:
+        # read_series refuses it
+        source = ("ImagerPixelSpacing" if spacing
+                  else INVALID_PIXEL_SPACING if stated else None)
     iop = _floats(ds.get("ImageOrientationPatient")) or _floats(
         _functional(ds, "PlaneOrientationSequence", "ImageOrientationPatient"))
     ipp = _floats(ds.get("ImagePositionPatient")) or _floats(
@@ -274,9 +290,9 @@ def dicom_meta(ds: Dataset, *, frames: int = 1, pseudonymizer: Pseudonymizer | N
         samples_per_pixel=int(ds.get("SamplesPerPixel") or 1),
         bits_stored=int(ds.get("BitsStored")) if ds.get("BitsStored") else None,
         pixel_spacing=(spacing[0], spacing[1]) if len(spacing) >= 2 else None,
-        spacing_source=source if len(spacing) >= 2 else None,
-        slice_thickness=_float(ds.get("SliceThickness")) or _float(
-            _functional(ds, "PixelMeasuresSequence", "SliceThickness")),
+        spacing_source=source if len(spacing) >= 2 or not spacing else None,
+        slice_thickness=_first_float(ds.get("SliceThickness"), _functional(
+            ds, "PixelMeasuresSequence", "SliceThickness")),
         image_orientation=iop if len(iop) == 6 else None,
         image_position=(ipp[0], ipp[1], ipp[2]) if len(ipp) == 3 else None,
         manufacturer=_text(ds, "Manufacturer"),

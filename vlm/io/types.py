@@ -48,7 +48,9 @@ class ImageMeta:
     samples_per_pixel: int = 1
     bits_stored: int | None = None
     pixel_spacing: tuple[float, float] | None = None  # (row spacing, column spacing) in mm
-    spacing_source: str | None = None  # PixelSpacing | ImagerPixelSpacing | affine | None
+    # PixelSpacing | ImagerPixelSpacing | affine | None, or "invalid PixelSpacing" (stated but
+    # zero, negative or not finite: pixel_spacing is None then)
+    spacing_source: str | None = None
     slice_thickness: float | None = None
     image_orientation: tuple[float, ...] | None = None  # DICOM row and column cosines (LPS)
     image_position: tuple[float, float, float] | None = None  # mm, LPS

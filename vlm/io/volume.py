@@ -71,7 +71,7 @@ def read_series(source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
             missing slices (a gap in the positions) or non-uniform spacing.
         ImageReadError: a slice that cannot be read.
     """
-    from vlm.io.dicom import read_dicom
+    from vlm.io.dicom import INVALID_PIXEL_SPACING, read_dicom
 
     files = _series_files(source)
     where = Path(os.path.commonpath([str(f) for f in files])) if len(files) > 1 else files[0]
@@ -93,17 +93,31 @@ def read_series(source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
         raise SeriesError(where, "slices lack ImageOrientationPatient/ImagePositionPatient, "
                                  "so their order in space is unknown")
     iop = np.asarray(orientations, dtype=np.float64)  # (N, 6)
+    ipp = np.asarray(positions, dtype=np.float64)  # (N, 3)
+    for name, values in (("ImageOrientationPatient", iop), ("ImagePositionPatient", ipp)):
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        if bad.size:
+            raise SeriesError(files[int(bad[0])], f"{name} is not finite (NaN or infinite) "
+                                                  f"in {bad.size} of {len(images)} slices")
     if np.abs(iop - iop[0]).max() > ORIENTATION_TOLERANCE:
         raise SeriesError(where, "inconsistent orientation: slices have different "
                                  "ImageOrientationPatient values")
     row_dir, col_dir = _unit(iop[0, :3]), _unit(iop[0, 3:])
     normal = _unit(np.cross(row_dir, col_dir))
-    ipp = np.asarray(positions, dtype=np.float64)  # (N, 3)
+    if np.linalg.norm(normal) < 0.5:  # a zero cosine, or row and column parallel
+        raise SeriesError(where, "ImageOrientationPatient has a zero or parallel row and "
+                                 "column direction, so the slice plane is unknown")
+    for f, im in zip(files, images, strict=True):
+        if im.meta.spacing_source == INVALID_PIXEL_SPACING:
+            raise SeriesError(f, "PixelSpacing is zero, negative or not finite; the voxel size "
+                                 "is unknown")
     dist = ipp @ normal
     order = np.argsort(dist, kind="stable")
     dist = dist[order]
     meta0 = images[order[0]].meta
     spacing_rc = meta0.pixel_spacing or (1.0, 1.0)
+    if meta0.pixel_spacing is None:
+        logger.warning("%s: no PixelSpacing; assuming 1 mm pixels", where)
     if len(images) > 1:
         steps = np.diff(dist)
         if np.any(steps < 1e-3):
@@ -122,7 +136,11 @@ def read_series(source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
         if np.abs(in_plane - in_plane[0]).max() > 0.5 * max(spacing_rc):
             logger.debug("slice origins drift in-plane (gantry tilt?); using the first origin")
     else:
-        step = float(meta0.slice_thickness or 1.0)
+        thickness = meta0.slice_thickness
+        if thickness is not None and not 0 < thickness < np.inf:
+            raise SeriesError(files[0], f"SliceThickness {thickness} is zero, negative or not "
+                                        "finite; the slice spacing is unknown")
+        step = float(thickness or 1.0)
     array = np.stack([images[i].pixels for i in order]).astype(np.float32)  # (N, rows, cols)
     affine = np.eye(4)
     affine[:3, 0] = normal * step           # k: slice index
@@ -138,9 +156,37 @@ def read_series(source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     return Volume(array=array, affine=affine, meta=meta)
 
 
+#: NIfTI ``xyzt_units`` spatial codes (as nibabel names them) -> millimetres per unit; an
+#: unset code ("unknown") is read as mm, as nibabel and most tools do
+NIFTI_MM_PER_UNIT = {"mm": 1.0, "meter": 1000.0, "micron": 1e-3, "unknown": 1.0}
+
+
+def _affine_in_mm(path: Path, img: Any, affine: np.ndarray) -> np.ndarray:
+    """The voxel -> world affine with the world in mm, whatever ``xyzt_units`` says the header
+    stores (NIfTI's pixdim and qform/sform are in that unit)."""
+    header = getattr(img, "header", None)
+    get_units = getattr(header, "get_xyzt_units", None)
+    if get_units is None:  # not a NIfTI header (Analyze, MGH, ...): mm by definition
+        return affine
+    try:
+        unit = str(get_units()[0])
+    except Exception:  # an undefined unit code: nibabel cannot name it
+        unit = "undefined"
+    scale = NIFTI_MM_PER_UNIT.get(unit)
+    if scale is None:
+        raise ImageReadError(path, f"the NIfTI header's spatial unit ({unit}) is not a length "
+                                   "(mm, meter or micron)")
+    if scale == 1.0:
+        return affine
+    out = affine.copy()
+    out[:3, :] *= scale  # directions, spacing and origin alike
+    return out
+
+
 def read_nifti(path: str | os.PathLike[str]) -> Volume:
     """Read a NIfTI (.nii / .nii.gz) volume into the canonical grid (values as scaled by the
-    header's scl_slope/scl_inter)."""
+    header's scl_slope/scl_inter; world coordinates converted to mm from the header's
+    ``xyzt_units``, so a volume stored in metres or microns gets its true voxel size)."""
     import nibabel as nib
 
     path = Path(path)
@@ -161,6 +207,7 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
         raise ImageReadError(path, f"expected a 3-D volume, got shape {data.shape}")
     if not np.all(np.isfinite(ras_affine)) or abs(np.linalg.det(ras_affine[:3, :3])) < 1e-12:
         raise ImageReadError(path, "the NIfTI affine is missing or singular")
+    ras_affine = _affine_in_mm(path, img, ras_affine)
     lps_affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ras_affine  # nibabel world is RAS
     array, affine = to_canonical(data, lps_affine)
     dz, dy, dx = np.linalg.norm(affine[:3, :3], axis=0)

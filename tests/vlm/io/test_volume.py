@@ -137,3 +137,73 @@ def test_bad_nifti_is_a_read_error(tmp_path):
     path.write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(ImageReadError, match=r"x\.nii\.gz"):
         read_nifti(path)
+
+
+@pytest.mark.parametrize(("unit", "mm_per_unit"), [("mm", 1.0), ("meter", 1000.0),
+                                                    ("micron", 1e-3), ("unknown", 1.0)])
+def test_nifti_units_are_converted_to_mm(tmp_path, unit, mm_per_unit):
+    affine = np.diag([-0.5, -0.5, 2.0, 1.0])
+    affine[:3, 3] = [10.0, 20.0, -30.0]
+    img = nib.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6), affine)
+    img.header.set_xyzt_units(unit)
+    path = tmp_path / f"{unit}.nii.gz"
+    nib.save(img, str(path))
+    vol = read_nifti(path)
+    assert vol.spacing == pytest.approx((2.0 * mm_per_unit, 0.5 * mm_per_unit,
+                                         0.5 * mm_per_unit))
+    # the origin is in the same unit as the spacing (LPS: x and y negated from RAS)
+    assert vol.meta.image_position[2] == pytest.approx(-30.0 * mm_per_unit)
+
+
+def test_nifti_with_an_undefined_spatial_unit_is_refused(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    img.header["xyzt_units"] = 5  # spatial code 5 is not defined by NIfTI-1
+    path = tmp_path / "odd.nii.gz"
+    nib.save(img, str(path))
+    with pytest.raises(ImageReadError, match=r"odd\.nii\.gz: .*spatial unit"):
+        read_nifti(path)
+
+
+@pytest.mark.parametrize("spacing", [[0.0, 0.0], [-0.7, 0.7], ["nan", "nan"], ["inf", "1"]])
+def test_unusable_pixel_spacing_is_refused_naming_the_file(ct_slice, tmp_path, spacing):
+    files = write_series(ct_slice, tmp_path, n=4)
+    ds = pydicom.dcmread(files[2])
+    ds.PixelSpacing = spacing
+    save_dataset(ds, files[2])
+    with pytest.raises(SeriesError, match="PixelSpacing is zero, negative or not finite") as err:
+        read_series(tmp_path)
+    assert str(err.value).startswith(f"{files[2]}: ")
+    assert "\n" not in str(err.value)
+
+
+def test_unusable_slice_thickness_of_one_slice_is_refused(ct_slice, tmp_path):
+    ds = copy.deepcopy(ct_slice)
+    for value in ("0", "-2", "nan"):
+        ds.SliceThickness = value
+        save_dataset(ds, tmp_path / "one.dcm")
+        with pytest.raises(SeriesError, match=r"SliceThickness .* zero, negative or not finite"):
+            read_series([tmp_path / "one.dcm"])
+    ds.SliceThickness = "3"
+    save_dataset(ds, tmp_path / "one.dcm")
+    assert read_series([tmp_path / "one.dcm"]).spacing[0] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(("keyword", "value"), [
+    ("ImagePositionPatient", ["nan", "0", "0"]),
+    ("ImagePositionPatient", ["0", "inf", "0"]),
+    ("ImageOrientationPatient", ["1", "0", "0", "0", "nan", "0"]),
+])
+def test_non_finite_position_or_orientation_is_one_line(ct_slice, tmp_path, keyword, value):
+    files = write_series(ct_slice, tmp_path, n=4)
+    ds = pydicom.dcmread(files[1])
+    setattr(ds, keyword, value)
+    save_dataset(ds, files[1])
+    with pytest.raises(SeriesError, match=f"{keyword} is not finite") as err:
+        read_series(tmp_path)
+    assert str(err.value).startswith(f"{files[1]}: ")
+
+
+def test_degenerate_orientation_is_refused(ct_slice, tmp_path):
+    write_series(ct_slice, tmp_path, n=4, orientation=(1, 0, 0, 1, 0, 0))
+    with pytest.raises(SeriesError, match="zero or parallel row and column"):
+        read_series(tmp_path)
