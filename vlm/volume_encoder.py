@@ -46,6 +46,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,15 +373,48 @@ class VolumeEncoder:
         return VolumeEncoding(profile_vector(scores), on_grid[pick], SCORE_LESION, findings)
 
 
+#: voxels of a volume resampled to a lesion-seg model's grid at most: 512^3, 1.5 m of body on
+#: each axis at the default 2.7-3.75 mm grid, 0.5 GiB as float32
+MAX_RESAMPLED_VOXELS = 512 ** 3
+#: a volume wider than this along any axis is not a scan (a whole body is about 2 m): its voxel
+#: size is wrong, and resampling it to the model grid would not end
+MAX_EXTENT_MM = 4000.0
+
+
 def resample_to_spacing(hu: np.ndarray, spacing: tuple[float, float, float],
                         target: tuple[float, float, float], tolerance: float = 0.05
                         ) -> np.ndarray:
     """(Z, Y, X) HU resampled (trilinear) from ``spacing`` to ``target`` mm; unchanged when every
-    axis is within ``tolerance`` (relative) already."""
+    axis is within ``tolerance`` (relative) already.
+
+    Raises:
+        RadLensError: a spacing that is not a positive finite number, a volume wider than
+            :data:`MAX_EXTENT_MM` along an axis or a resampled grid of more than
+            :data:`MAX_RESAMPLED_VOXELS` voxels (a voxel size such as 1e6 mm overflowed the
+            interpolation or would not finish).
+    """
+    for name, values in (("spacing", spacing), ("target spacing", target)):
+        if len(values) != 3 or not all(0 < float(v) < math.inf for v in values):
+            raise RadLensError(f"cannot resample: the {name} {tuple(values)} mm is not three "
+                              "positive finite numbers")
     ratio = [s / t for s, t in zip(spacing, target, strict=True)]
     if all(abs(r - 1.0) <= tolerance for r in ratio):
         return hu
-    size = [max(4, round(n * r)) for n, r in zip(hu.shape, ratio, strict=True)]
+    extent = [n * float(v) for n, v in zip(hu.shape, spacing, strict=True)]
+    if max(extent) > MAX_EXTENT_MM:
+        axis = "zyx"[int(np.argmax(extent))]
+        raise RadLensError(f"a volume of {'x'.join(map(str, hu.shape))} voxels at "
+                           f"{'x'.join(f'{float(v):g}' for v in spacing)} mm spans "
+                           f"{max(extent):.4g} mm along {axis}, more than any scan "
+                           f"({MAX_EXTENT_MM:g} mm): is the voxel size right?")
+    exact = [n * r for n, r in zip(hu.shape, ratio, strict=True)]
+    if math.prod(max(4.0, e) for e in exact) > MAX_RESAMPLED_VOXELS:
+        shown = "x".join(f"{e:.3g}" for e in exact)
+        raise RadLensError(f"a volume of {'x'.join(map(str, hu.shape))} voxels at "
+                          f"{'x'.join(f'{float(v):g}' for v in spacing)} mm would be {shown} "
+                          f"voxels on the model's {'x'.join(f'{float(v):g}' for v in target)} mm "
+                          f"grid (at most {MAX_RESAMPLED_VOXELS:,}): is the voxel size right?")
+    size = [max(4, round(e)) for e in exact]
     out = F.interpolate(torch.from_numpy(np.ascontiguousarray(hu, np.float32))[None, None],
                         size=size, mode="trilinear", align_corners=False)
     return out[0, 0].numpy()
