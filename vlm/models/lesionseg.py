@@ -62,6 +62,9 @@ class LesionSegConfig:
     frame_threshold_hu: float = -500.0  # body = voxels above this (coordinate frame)
 
     def __post_init__(self) -> None:
+        if int(self.width) < 1:  # a zero-channel convolution was an internal RuntimeError
+            raise ConfigError(f"the lesion-seg width (channels of the first block) must be at "
+                              f"least 1, got {self.width}")
         if not self.windows:
             raise ConfigError("a lesion-seg model needs at least one HU window")
         if int(self.top_k) < 1:

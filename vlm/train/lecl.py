@@ -230,6 +230,10 @@ def export_lecl(model_dir: str | os.PathLike[str], out: str | os.PathLike[str],
                             weights, state.get("summary"))
 
 
+#: slices per training batch at least: the projection MLPs' BatchNorm1d cannot train on one
+MIN_BATCH = 2
+
+
 def default_train_config(**changes: Any) -> TrainConfig:
     """LeCL: AdamW 3e-4 (short CPU runs), weight decay 1e-6 (official)."""
     return recipe_train_config(3e-4, 1e-6, **changes)
@@ -253,12 +257,22 @@ def train_lecl(data: str | os.PathLike[str] | CTDataset, out: str | os.PathLike[
     ds = data if isinstance(data, CTDataset) else CTDataset(data)
     cfg = dataclasses.replace(cfg or lecl_config("small"), lesion_weight=float(lesion_weight))
     train = train or default_train_config()
+    if train.batch_size < MIN_BATCH:  # before anything is built or written
+        raise ConfigError(f"LeCL trains with batch normalisation, which needs at least "
+                          f"{MIN_BATCH} slices per batch: batch size {train.batch_size} is "
+                          f"too small")
     volumes, val_volumes = ds.pretraining_split(volumes, val_volumes)
     torch.manual_seed(train.seed)
     model = LeCL(cfg).to(train.device)
     task = LeCLTask(model, ds, train, volumes, val_volumes)
-    if task.train_size() < 2:
+    n = task.train_size()
+    if n < 2:
         raise ConfigError("LeCL needs at least 2 training slices")
+    if n < train.batch_size * train.grad_accum and n % train.batch_size == 1:
+        # fewer slices than one step: the loop's last micro-batch would hold a single slice
+        raise ConfigError(f"{n} training slices in batches of {train.batch_size} leave a "
+                          "batch of one slice, which batch normalisation cannot train on: "
+                          "choose another batch size")
     logger.info("LeCL (w=%g): %d training slices", cfg.lesion_weight, task.train_size())
     return Trainer(model, task, train, Path(out), monitor="val_loss", monitor_mode="min").fit()
 

@@ -428,3 +428,47 @@ def test_copy_paste_moves_training_lesions_into_other_volumes(data):
         ls.LesionSegTask(model, data, train, vols, [], crop=16, paste={"brain": 0.5})
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
         ls.LesionSegTask(model, data, train, vols, [], crop=16, paste={name: 1.5})
+
+
+def test_width_below_one_is_refused_in_one_line(data, tmp_path, capsys):
+    """``--width 0`` built zero-channel convolutions and died as an internal RuntimeError at
+    the first step; width 1 is the smallest network that trains."""
+    from ui.cli import main
+
+    for width in (0, -3):
+        with pytest.raises(ConfigError, match=r"width .* must be at least 1"):
+            LesionSegConfig(width=width)
+    capsys.readouterr()
+    assert main(["train", "lesion-seg", "--data", str(data.root), "--out", str(tmp_path / "r"),
+                 "--width", "0", "--epochs", "1", "--batch-size", "2", "--crop", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "width" in err[0] and "at least 1" in err[0], err
+    assert not (tmp_path / "r").exists()
+    assert LesionSeg3D(LesionSegConfig(width=1))(torch.zeros(1, 5, 8, 8, 8)).shape[1] == 8
+
+
+def test_absurd_voxel_sizes_are_refused_before_resampling(run):
+    """A volume whose spacing claimed 1e6 mm asked the resampler for millions of slices (an
+    overflow, or a run that never ended); such sizes are one line, and an ordinary volume is
+    still resampled to the model grid."""
+    from vlm.errors import RadLensError
+    from vlm.io.types import ImageMeta, Volume
+    from vlm.volume_encoder import MAX_RESAMPLED_VOXELS, resample_to_spacing
+
+    target = TINY.spacing_mm
+    hu = _hu((8, 16, 16))
+    assert resample_to_spacing(hu, (7.5, 5.4688, 5.4688), target).shape == (16, 32, 32)
+    for spacing, why in (((1e6, 1.0, 1.0), r"spans 8e\+06 mm along z"),
+                         ((float("nan"), 1.0, 1.0), "not three positive finite"),
+                         ((0.0, 1.0, 1.0), "not three positive finite"),
+                         ((-2.0, 1.0, 1.0), "not three positive finite")):
+        with pytest.raises(RadLensError, match=why):
+            resample_to_spacing(hu, spacing, target)
+    with pytest.raises(RadLensError, match=f"at most {MAX_RESAMPLED_VOXELS:,}"):
+        resample_to_spacing(np.zeros((100, 600, 600), np.float32), (20.0, 5.0, 5.0),
+                            (1.0, 1.0, 1.0))
+    enc = VolumeEncoder.load(run[0])
+    affine = np.diag([1e6, 2.0, 2.0, 1.0])
+    meta = ImageMeta(source_format="nifti", rows=16, columns=16, frames=8)
+    with pytest.raises(RadLensError, match="is the voxel size right"):
+        enc.encode(Volume(array=hu, affine=affine, meta=meta))

@@ -342,3 +342,24 @@ def test_export_volume_model_reads_the_benchmark_before_writing(lecl_run, tmp_pa
         with pytest.raises(ConfigError, match=message):
             export_volume_model(out, dest, benchmark=bench)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+
+
+def test_train_lecl_refuses_a_batch_of_one_slice_before_writing(data, tmp_path, capsys):
+    """``--batch-size 1`` died in the projection MLP's BatchNorm1d ("Expected more than 1 value
+    per channel") as an internal error; it is refused in one line before the run folder is
+    made, and so is a tiny set whose only step would end in a batch of one slice."""
+    from ui.cli import main
+    from vlm.errors import ConfigError
+
+    capsys.readouterr()
+    assert main(["train", "lecl", "--data", str(data.root), "--out", str(tmp_path / "run"),
+                 "--preset", "tiny", "--epochs", "1", "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "batch normalisation" in err[0] and "batch size 1" in err[0], err
+    assert not (tmp_path / "run").exists()
+    # one volume = 32 slices; batches of 31, two per step: the second would hold one slice
+    train = lc.default_train_config(epochs=1, batch_size=31, grad_accum=2)
+    with pytest.raises(ConfigError, match="leave a batch of one slice"):
+        lc.train_lecl(data, tmp_path / "run2", lc.lecl_config("tiny"), train=train,
+                      volumes=[0])
+    assert not (tmp_path / "run2").exists()
