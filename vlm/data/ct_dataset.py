@@ -3,12 +3,15 @@
 A :class:`CTDataset` reads ``manifest.jsonl`` of a PhantomCT folder (see
 :mod:`vlm.data.phantom_ct`). Volumes are read once with :func:`vlm.io.read_volume` and cached as
 int16 HU arrays (``<root>/.cache/volumes/<volume_id>.npy``, memory-mapped on later reads), with
-their content hash next to them; the hash keys every derived cache (slice embeddings).
+their content hash next to them; the hash keys every derived cache (slice embeddings). A cached
+array is used only while its NIfTI file has the size and modification time it was cached from,
+so a data set regenerated or replaced under the same volume ids is read afresh.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -72,6 +75,7 @@ class CTDataset:
         self.rows: list[dict[str, Any]] = rows
         self.cache = cache
         self._hashes: dict[int, str] = {}
+        self._fresh: set[int] = set()  # cached arrays checked against their source file
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -87,10 +91,30 @@ class CTDataset:
     def _cache_path(self, i: int) -> Path:
         return self.cache_dir / "volumes" / f"{self.rows[i]['volume_id']}.npy"
 
+    def _source_stamp(self, i: int) -> str:
+        """Size and modification time of volume ``i``'s NIfTI file: a cached array is used only
+        while they are unchanged (the cache is named by volume id, which a regenerated or
+        replaced data set reuses for other pixels)."""
+        from vlm.errors import ImageReadError
+
+        source = self.root / self.rows[i]["nifti"]
+        try:
+            st = source.stat()
+        except OSError as exc:
+            raise ImageReadError(source, f"unreadable ({exc.strerror or exc})") from None
+        return json.dumps({"file": self.rows[i]["nifti"], "size": st.st_size,
+                           "mtime_ns": st.st_mtime_ns}, sort_keys=True)
+
     def volume(self, i: int) -> np.ndarray:
         """(Z, Y, X) HU of volume ``i`` as int16 (k = 0 most inferior, as the manifest)."""
         path = self._cache_path(i)
-        if self.cache and path.is_file():
+        if self.cache and i in self._fresh:
+            return np.load(path, mmap_mode="r")
+        stamp = self._source_stamp(i) if self.cache else ""
+        stamp_file = path.with_suffix(".source")
+        if (self.cache and path.is_file() and stamp_file.is_file()
+                and stamp_file.read_text() == stamp):
+            self._fresh.add(i)
             return np.load(path, mmap_mode="r")
         from vlm.io import read_volume
 
@@ -102,6 +126,9 @@ class CTDataset:
             np.save(tmp, arr)
             os.replace(tmp, path)
             path.with_suffix(".sha256").write_text(_digest(arr))
+            stamp_file.write_text(stamp)  # last: a cache without its stamp is rebuilt
+            self._hashes.pop(i, None)
+            self._fresh.add(i)
         return arr
 
     def volume_tensor(self, i: int) -> torch.Tensor:
@@ -112,8 +139,6 @@ class CTDataset:
         """sha256 (hex, 16 chars) of the manifest rows of ``volumes`` (their files, splits,
         lesions and labels, in order) and of a task's sampling ``settings``: a training run
         saved on other volumes or with other sampling is not resumed."""
-        import json
-
         rows = [self.rows[int(v)] for v in volumes]
         return hashlib.sha256(json.dumps([rows, settings], sort_keys=True, default=str)
                               .encode()).hexdigest()[:16]

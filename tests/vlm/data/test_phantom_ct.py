@@ -247,3 +247,72 @@ def test_contact_sheet(dataset, tmp_path):
     assert png.stat().st_size < 1_500_000
     with Image.open(png) as im:
         assert im.size[0] > 600 and im.size[1] > 300
+
+
+def test_regenerating_into_a_used_folder_leaves_nothing_stale(tmp_path):
+    """A second run into the same folder with fewer, shorter volumes left the first run's
+    extra slices in each series folder, its extra volumes and masks, and cached HU arrays
+    (keyed by volume id only) that training then read instead of the new volumes."""
+    from vlm.data.ct_dataset import CTDataset
+    from vlm.io import read_series
+
+    root = tmp_path / "pct"
+    generate_phantom_ct(root, n=3, shape=(24, 20, 20), seed=1, workers=1)
+    rows = list(read_jsonl(root / "manifest.jsonl"))
+    CTDataset(root).content_hash(0)  # fills .cache/volumes for volume 0
+    assert (root / ".cache" / "volumes" / f"{rows[0]['volume_id']}.npy").is_file()
+    (root / "notes.txt").write_text("mine")  # files of the user's own are left alone
+    (root / "dicom" / "README").write_text("mine")
+    generate_phantom_ct(root, n=2, shape=(16, 20, 20), seed=1, workers=1)
+    new = list(read_jsonl(root / "manifest.jsonl"))
+    assert [r["volume_id"] for r in new] == [r["volume_id"] for r in rows[:2]]
+    assert len(list((root / new[0]["dicom_dir"]).iterdir())) == 16
+    assert read_series(root / new[0]["dicom_dir"]).shape == (16, 20, 20)
+    for rel in (rows[2]["dicom_dir"], rows[2]["nifti"], rows[2]["masks"]["lung"]):
+        assert not (root / rel).exists(), rel
+    assert not (root / ".cache" / "volumes" / f"{rows[0]['volume_id']}.npy").exists()
+    ds = CTDataset(root)
+    assert ds.volume(0).shape == (16, 20, 20)
+    np.testing.assert_array_equal(ds.volume(0), _nifti_zyx(root / new[0]["nifti"]))
+    assert (root / "notes.txt").read_text() == "mine"
+    assert (root / "dicom" / "README").read_text() == "mine"
+
+
+def test_a_cached_volume_is_not_used_once_its_file_changed(tmp_path):
+    """The HU cache is checked against its NIfTI file's size and modification time, so a
+    volume replaced by other pixels under the same id is read again, and its content hash (the
+    key of the slice-embedding cache) follows."""
+    import os
+    import shutil
+
+    from vlm.data.ct_dataset import CTDataset
+
+    root = tmp_path / "pct"
+    generate_phantom_ct(root, n=2, shape=(16, 20, 20), seed=2, workers=1)
+    ds = CTDataset(root)
+    first, hash0, hash1 = np.array(ds.volume(0)), ds.content_hash(0), ds.content_hash(1)
+    assert CTDataset(root).content_hash(0) == hash0  # unchanged file: the cache is used
+    nifti0 = root / ds.rows[0]["nifti"]
+    shutil.copyfile(root / ds.rows[1]["nifti"], nifti0)
+    os.utime(nifti0, ns=(1, 1))  # a different stamp even on a coarse clock
+    again = CTDataset(root)
+    assert not np.array_equal(np.asarray(again.volume(0)), first)
+    np.testing.assert_array_equal(again.volume(0), again.volume(1))
+    assert again.content_hash(0) == hash1 != hash0
+
+
+def test_bad_phantom_ct_arguments_are_one_line(tmp_path, capsys):
+    """``--seed -1`` died in numpy's SeedSequence and ``--out`` naming a plain file in mkdir,
+    both as internal errors."""
+    from ui.cli import main
+
+    plain = tmp_path / "file"
+    plain.write_text("x")
+    for args, expect in ((["--out", str(tmp_path / "a"), "--seed", "-1"], "non-negative"),
+                         (["--out", str(plain)], "is a file, not a folder")):
+        capsys.readouterr()
+        assert main(["data", "phantom-ct", "--n", "1", "--shape", "16,16,16", "--workers", "1",
+                     "--no-contact-sheet", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expect in err[0], err
+    assert plain.read_text() == "x" and not (tmp_path / "a").exists()

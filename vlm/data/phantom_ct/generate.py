@@ -8,6 +8,11 @@ Layout written under ``out_dir``::
     masks/<volume_id>_lung.nii.gz        uint8 lung mask (recompute the emphysema score)
     manifest.jsonl                       one row per volume (byte-stable for a seed)
     summary.json                         counts and timing
+
+Generating into a folder used before first removes what an earlier run wrote there (the files
+above by their names, ``contact_sheet.png`` and the cached arrays in ``.cache/volumes/``), so no
+slice, volume, mask or cached array of another shape, seed or count survives; other files are
+left alone.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -32,11 +38,23 @@ from vlm.data.phantom_ct.lesions import slice_annotations
 from vlm.data.phantom_ct.render import RenderedVolume, render_volume
 from vlm.data.phantom_ct.tissues import LOCATION_CLASSES, body_mask
 from vlm.data.phantom_ct.writers import write_dicom_series, write_nifti
+from vlm.errors import RadLensError
 from vlm.io.dicom_write import uid_from
 
 logger = logging.getLogger(__name__)
 
 DATASET_NAME = "phantom_ct"
+#: a volume id of :func:`volume_ids` (any seed and index), the stem of every file it owns
+_VOLUME_ID = r"pct_s\d+_\d{5}"
+#: (folder, file names) the generator writes, temporary files included
+_OWNED_FILES = (
+    ("nifti", re.compile(rf"\.?{_VOLUME_ID}\.nii\.gz(\.tmp\.nii\.gz)?")),
+    ("masks", re.compile(rf"\.?{_VOLUME_ID}_(lesions|lung)\.nii\.gz(\.tmp\.nii\.gz)?")),
+    # vlm.data.ct_dataset's HU arrays, their hashes and source stamps
+    (".cache/volumes", re.compile(rf"{_VOLUME_ID}(\.tmp)?\.(npy|sha256|source)")),
+)
+_SLICE_FILE = re.compile(r"\.?\d{4}\.dcm(\.tmp)?")
+_TOP_FILES = ("manifest.jsonl", "summary.json", ".summary.json.tmp", "contact_sheet.png")
 
 
 def volume_ids(seed: int, index: int) -> dict[str, str]:
@@ -127,11 +145,23 @@ def generate_phantom_ct(out_dir: str | os.PathLike[str], n: int = 8,
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if int(seed) < 0:  # numpy's SeedSequence refused it deep in the first worker
+        raise RadLensError(f"the PhantomCT seed must be a non-negative integer, got {seed}")
     root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     shape = (int(shape[0]), int(shape[1]), int(shape[2]))
     fov = (float(fov_mm[0]), float(fov_mm[1]), float(fov_mm[2]))
     make_grid(shape, fov)  # validate early
+    if root.exists() and not root.is_dir():
+        raise RadLensError(f"{root} is a file, not a folder: give a new or PhantomCT folder "
+                           "as --out")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        removed = clear_previous_run(root)
+    except OSError as exc:
+        raise RadLensError(f"{root}: cannot prepare the output folder "
+                           f"({exc.strerror or exc})") from None
+    if removed:
+        logger.info("PhantomCT: removed %d files of an earlier run in %s", removed, root)
     workers = max(1, min(int(workers or os.cpu_count() or 1), n))
     tasks = [(str(root), int(seed), i, shape, fov) for i in range(n)]
     t0 = time.perf_counter()
@@ -150,6 +180,53 @@ def generate_phantom_ct(out_dir: str | os.PathLike[str], n: int = 8,
     logger.info("PhantomCT: %d volumes of %s in %.1f s (%.2f volumes/s) -> %s", n, shape,
                 seconds, summary["volumes_per_s"], root)
     return summary
+
+
+def clear_previous_run(root: Path) -> int:
+    """Remove what an earlier generation wrote into ``root``: every volume, slice and mask file
+    named as this generator names them, their cached arrays (``.cache/volumes/<volume_id>.*``,
+    the one cache keyed by name; the others are keyed by content) and, when ``root`` holds a
+    PhantomCT manifest or summary, those and the contact sheet (the manifest first, so a folder
+    left half-regenerated is not taken for a data set). Returns how many files went."""
+    removed = 0
+    if _is_phantom_folder(root):
+        for name in _TOP_FILES:
+            path = root / name
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+                removed += 1
+    dicom = root / "dicom"
+    if dicom.is_dir():
+        for folder in sorted(dicom.iterdir()):
+            if (folder.is_symlink() or not folder.is_dir()
+                    or not re.fullmatch(_VOLUME_ID, folder.name)):
+                continue
+            for f in folder.iterdir():
+                if _SLICE_FILE.fullmatch(f.name) and not f.is_dir():
+                    f.unlink()
+                    removed += 1
+            if not any(folder.iterdir()):
+                folder.rmdir()
+    for sub, pattern in _OWNED_FILES:
+        if (root / sub).is_dir() and not (root / sub).is_symlink():
+            for f in (root / sub).iterdir():
+                if pattern.fullmatch(f.name) and not f.is_dir():
+                    f.unlink()
+                    removed += 1
+    return removed
+
+
+def _is_phantom_folder(root: Path) -> bool:
+    """Whether ``root``'s summary or first manifest row says PhantomCT wrote it."""
+    for name in ("summary.json", "manifest.jsonl"):
+        try:
+            with open(root / name, encoding="utf-8") as fh:
+                first = json.loads(fh.read() if name == "summary.json" else fh.readline())
+        except (OSError, ValueError):
+            continue
+        if isinstance(first, dict) and first.get("dataset") == DATASET_NAME:
+            return True
+    return False
 
 
 def _summary(rows: list[dict[str, Any]], seconds: float, workers: int,
