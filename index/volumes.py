@@ -15,7 +15,14 @@ What counts as a volume:
 Idempotent and resumable like :mod:`index.ingest`: a volume's content hash (sha256 of its file,
 or of the sorted file hashes of a series) is looked up before reading, so a rerun adds nothing
 twice; a generation is saved every ``save_every`` volumes. A bad volume never stops the run: it
-is listed once in ``volume_ingest_report.json`` (mode 0600) in the index folder.
+is listed once in ``volume_ingest_report.json`` (mode 0600) in the index folder, and so are
+what the search passed over: a DICOM series of fewer than :data:`MIN_SERIES_SLICES` slices, a
+second copy of a series (the same SeriesInstanceUID and SOPInstanceUIDs in another folder; the
+first copy, by path, is indexed), an unreadable folder, and a symbolic link to a folder, which
+is not followed (as the image ingest's walk does not follow it: a link can
+lead out of the archive or round in a cycle); files that are not regular files (FIFOs, sockets,
+devices) are never opened. A source with no volume at all is an error
+(:class:`NoVolumesError`) raised before any index is created or opened.
 
 Catalog rows hold pseudonyms only (study/series pseudonyms from DICOM, a keyed pseudonym of the
 path unless ``keep_paths``). The index folder keeps, per volume, a thumbnail (middle axial slice,
@@ -60,6 +67,10 @@ STACK_MAX_SLICES = 256
 NOT_DICOM_SUFFIXES = {".json", ".jsonl", ".txt", ".md", ".csv", ".npy", ".npz", ".png", ".jpg",
                       ".jpeg", ".tif", ".tiff", ".bmp", ".html", ".zip", ".gz", ".pt", ".sqlite",
                       ".py", ".log"}
+
+
+class NoVolumesError(RadLensError):
+    """A source holds nothing to index as a volume (raised before the index is touched)."""
 
 
 @dataclass
@@ -129,8 +140,11 @@ def _dataset_sources(root: Path, rows: list[dict[str, Any]]) -> list[VolumeSourc
             extra["modality"] = row["modality"]
         series = root / row["dicom_dir"] if isinstance(row.get("dicom_dir"), str) else None
         if series is not None and series.is_dir():
-            files = sorted(p for p in series.iterdir() if p.is_file()
-                           and not p.name.startswith("."))
+            try:
+                files = sorted(p for p in series.iterdir() if p.is_file()
+                               and not p.name.startswith("."))
+            except OSError:  # listed as a failure by content_hash (no files)
+                files = []
             out.append(VolumeSource("dicom-series", series, files, extra))
         elif isinstance(row.get("nifti"), str):
             out.append(VolumeSource("nifti", root / row["nifti"], [root / row["nifti"]], extra))
@@ -139,12 +153,16 @@ def _dataset_sources(root: Path, rows: list[dict[str, Any]]) -> list[VolumeSourc
     return out
 
 
-def group_series(files: list[Path]) -> list[VolumeSource]:
-    """DICOM files -> one source per series of at least :data:`MIN_SERIES_SLICES` positioned,
-    single-frame slices (headers only; unreadable or non-DICOM files are skipped)."""
+def group_series(files: list[Path]) -> tuple[list[VolumeSource], list[dict[str, str]]]:
+    """DICOM files -> one source per series of positioned, single-frame slices (headers only;
+    unreadable or non-DICOM files are skipped, and so are files without a position, which are
+    2-D images), and the series passed over, as report rows: fewer than
+    :data:`MIN_SERIES_SLICES` slices, or a second copy of slices already seen (a file whose
+    SOPInstanceUID an earlier file of the series has, by path; the first is kept, so a series
+    split over several folders is still one volume)."""
     from vlm.io.dicom import load_dataset
 
-    groups: dict[str, list[Path]] = {}
+    groups: dict[str, list[tuple[Path, str]]] = {}
     for path in files:
         try:
             ds = load_dataset(path, stop_before_pixels=True)
@@ -153,24 +171,61 @@ def group_series(files: list[Path]) -> list[VolumeSource]:
         if ("ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds
                 or int(ds.get("NumberOfFrames") or 1) > 1):
             continue
-        groups.setdefault(str(ds.get("SeriesInstanceUID") or ""), []).append(path)
-    out = []
+        sop = str(ds.get("SOPInstanceUID") or "").strip()
+        groups.setdefault(str(ds.get("SeriesInstanceUID") or ""), []).append((path, sop))
+    out: list[VolumeSource] = []
+    skipped: list[dict[str, str]] = []
     for members in groups.values():
-        if len(members) >= MIN_SERIES_SLICES:
-            members = sorted(members)
-            folder = Path(os.path.commonpath([str(p.parent) for p in members]))
-            out.append(VolumeSource("dicom-series", folder, members))
-    return out
+        kept: list[Path] = []
+        first_of: dict[str, Path] = {}  # SOPInstanceUID -> the file kept for it
+        copies: dict[Path, list[Path]] = {}  # folder -> its files that repeat a kept slice
+        for path, sop in sorted(members):
+            if sop and sop in first_of:
+                copies.setdefault(path.parent, []).append(path)
+                continue
+            if sop:
+                first_of[sop] = path
+            kept.append(path)
+        folder = _folder_of(kept)
+        for where, repeated in copies.items():
+            skipped.append({"path": str(where), "reason": (
+                f"duplicate: {len(repeated)} slice(s) repeat the series already taken from "
+                f"{folder} (same SeriesInstanceUID and SOPInstanceUIDs); not indexed twice")})
+        if len(kept) < MIN_SERIES_SLICES:
+            skipped.append({"path": str(kept[0] if len(kept) == 1 else folder), "reason": (
+                f"a DICOM series of {len(kept)} slice(s): a volume needs at least "
+                f"{MIN_SERIES_SLICES}; not indexed as a volume")})
+            continue
+        out.append(VolumeSource("dicom-series", folder, kept))
+    return out, skipped
+
+
+def _folder_of(files: list[Path]) -> Path:
+    return Path(os.path.commonpath([str(p.parent) for p in files]))
 
 
 def find_volumes(source: str | os.PathLike[str]) -> list[VolumeSource]:
     """Every volume under ``source`` (a folder, a NIfTI file or a series folder), by path."""
+    return discover_volumes(source)[0]
+
+
+def discover_volumes(source: str | os.PathLike[str]
+                     ) -> tuple[list[VolumeSource], list[dict[str, str]]]:
+    """:func:`find_volumes`, and what it passed over as report rows (``path``, ``reason``):
+    unreadable folders, symbolic links to folders (not followed), short series and second
+    copies of a series (see :func:`group_series`)."""
     src = Path(source)
     if src.is_file():
-        return [VolumeSource("nifti", src, [src])] if is_nifti(src) else []
+        return ([VolumeSource("nifti", src, [src])] if is_nifti(src) else []), []
     found: list[VolumeSource] = []
     loose: list[Path] = []
-    for root, dirs, files in os.walk(src):
+    skipped: list[dict[str, str]] = []
+
+    def unreadable(exc: OSError) -> None:
+        skipped.append({"path": str(exc.filename or src),
+                        "reason": f"unreadable folder ({exc.strerror or exc})"})
+
+    for root, dirs, files in os.walk(src, onerror=unreadable):
         here = Path(root)
         if is_index_folder(here):  # an index kept inside the archive: not volumes
             dirs[:] = []
@@ -180,17 +235,29 @@ def find_volumes(source: str | os.PathLike[str]) -> list[VolumeSource]:
             found.extend(_dataset_sources(here, rows))
             dirs[:] = []
             continue
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        kept = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            if (here / name).is_symlink():
+                skipped.append({"path": str(here / name), "reason": (
+                    "a symbolic link to a folder: not followed (pass its target as a source "
+                    "of its own)")})
+            else:
+                kept.append(name)
+        dirs[:] = kept
         for name in sorted(files):
             path = here / name
             if name.startswith(".") or name in SKIP_NAMES:
+                continue
+            if not path.is_file():  # a FIFO, socket, device or broken link: never opened
+                logger.info("not a regular file, skipped: %s", path)
                 continue
             if is_nifti(path):
                 found.append(VolumeSource("nifti", path, [path]))
             elif path.suffix.lower() not in NOT_DICOM_SUFFIXES:
                 loose.append(path)
-    found.extend(group_series(loose))
-    return sorted(found, key=lambda s: str(s.path))
+    series, passed_over = group_series(loose)
+    found.extend(series)
+    return sorted(found, key=lambda s: str(s.path)), skipped + passed_over
 
 
 def content_hash(src: VolumeSource) -> str:
@@ -284,6 +351,7 @@ def ingest_volumes(encoder: VolumeEncoder, source: str | os.PathLike[str],
 
     Raises:
         ConfigError: the index's ``volume`` collection was filled by another model.
+        NoVolumesError: ``source`` holds no volume to index (nothing is created or opened).
     """
     src, dest = Path(source), Path(out)
     if not src.exists():
@@ -291,6 +359,13 @@ def ingest_volumes(encoder: VolumeEncoder, source: str | os.PathLike[str],
     if is_index_folder(src):
         raise RadLensError(f"{src} is a RadLens index, not an archive: pass the folder of "
                            "volumes as --source")
+    start = time.time()
+    sources, skipped = discover_volumes(src)
+    if not sources:
+        first = f"; {len(skipped)} passed over, the first: {skipped[0]['path']}: " \
+                f"{skipped[0]['reason']}" if skipped else ""
+        raise NoVolumesError(f"{src}: no volumes to index (NIfTI files, DICOM series of at "
+                             f"least {MIN_SERIES_SLICES} slices or a PhantomCT folder){first}")
     model = collection_model(encoder)
     if (dest / "CURRENT").exists():
         ix = IndexFolder.open(dest, mode="w")
@@ -303,9 +378,12 @@ def ingest_volumes(encoder: VolumeEncoder, source: str | os.PathLike[str],
     except BaseException:
         ix.close()
         raise
-    report = VolumeIngestReport(source=str(src))
+    report = VolumeIngestReport(source=str(src), failed=list(skipped))
+    for row in skipped:
+        logger.warning("skipped: %s: %s", row["path"], row["reason"])
     try:
-        stop = _run(encoder, model, ix, src, report, save_every, progress, keep_paths)
+        stop = _run(encoder, model, ix, src, sources, report, save_every, progress, keep_paths,
+                    start)
     finally:
         report_file = dest / REPORT_FILE
         report_file.write_text(json.dumps(report.to_dict(), indent=1))
@@ -331,16 +409,14 @@ def _failure(src: VolumeSource, exc: BaseException) -> dict[str, str]:
 
 
 def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: Path,
-         report: VolumeIngestReport, save_every: int, progress: bool, keep_paths: bool
-         ) -> StopRequest:
+         sources: list[VolumeSource], report: VolumeIngestReport, save_every: int,
+         progress: bool, keep_paths: bool, start: float) -> StopRequest:
     from tqdm import tqdm
 
     from vlm.io.deid import default_pseudonymizer
 
     pseudo = default_pseudonymizer()
     root = src if src.is_dir() else src.parent
-    start = time.time()
-    sources = find_volumes(src)
     known = ix.catalog.content_hashes(VOLUME)
     since_save = 0
     seen = 0

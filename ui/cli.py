@@ -126,9 +126,12 @@ def _ingest_summary(report: IngestReport | VolumeIngestReport, report_file: Path
 
 
 def _ingest_volumes(volume_model: str, source: Path, out: Path, progress: bool,
-                    keep_paths: bool = False, save_every: int = 16, device: str = "cpu") -> bool:
-    """Index the volumes; prints the summary line. Returns True if some volumes failed."""
-    from index.volumes import REPORT_FILE, VOLUME, ingest_volumes
+                    keep_paths: bool = False, save_every: int = 16, device: str = "cpu",
+                    required: bool = True) -> bool:
+    """Index the volumes; prints the summary line. Returns True if some volumes failed.
+    A source without volumes is an error, unless not ``required`` (``index add`` with the
+    index's own volume model: a folder of 2-D images only), where it is a one-line note."""
+    from index.volumes import REPORT_FILE, VOLUME, NoVolumesError, ingest_volumes
     from vlm.errors import Interrupted
     from vlm.inference import check_device
     from vlm.volume_encoder import VolumeEncoder
@@ -138,6 +141,11 @@ def _ingest_volumes(volume_model: str, source: Path, out: Path, progress: bool,
     try:
         report = ingest_volumes(encoder, source, out, progress=progress, keep_paths=keep_paths,
                                 save_every=save_every)
+    except NoVolumesError as none:
+        if required:
+            raise
+        print(f"radlens: note: {none}; the volume collection is unchanged", file=sys.stderr)
+        return False
     except Interrupted as stopped:
         _ingest_summary(stopped.report, out / REPORT_FILE, **names)
         raise
@@ -190,7 +198,9 @@ def index_build(
     LeCL slice embeddings taken relative to an air slice, or of its DrasCLR patch features,
     L2-normalised), a thumbnail and slice previews. Give either or both (images are indexed
     first). Exit 3 if some files or volumes could not be read (listed in OUT/ingest_report.json,
-    OUT/volume_ingest_report.json).
+    OUT/volume_ingest_report.json, with the short series, second copies of a series or of a
+    volume's voxels, and symbolic links to folders that were passed over); exit 2, with the
+    index untouched, if --volume-model finds no volume at all.
     """
     from vlm.errors import RadLensError
 
@@ -242,7 +252,8 @@ def index_add(
         failed |= _ingest(chosen, source, index, batch_size, workers, progress,
                           device=device, amp=amp, allow_empty=bool(chosen_volume))
     if chosen_volume:
-        failed |= _ingest_volumes(chosen_volume, source, index, progress, device=device)
+        failed |= _ingest_volumes(chosen_volume, source, index, progress, device=device,
+                                  required=volume_model is not None)
     if failed:
         raise typer.Exit(code=3)
 

@@ -328,3 +328,90 @@ def test_ctrl_c_saves_the_volumes_done_and_a_rerun_adds_the_rest(archive, tmp_pa
     monkeypatch.setattr(enc, "encode", encode)
     rest = ingest_volumes(enc, archive["pct"], tmp_path / "idx", progress=False)
     assert rest.added == N - 3 and rest.already_indexed == 3 and not rest.interrupted
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_source_without_volumes_is_an_error_and_leaves_the_index_alone(archive, tmp_path,
+                                                                          capsys):
+    """A folder with no volume built an empty index (or added nothing to one) with exit 0;
+    now it is one line and exit 2, no index is created and an existing one is not touched.
+    ``index add`` on an index with a volume collection but no --volume-model takes a folder of
+    2-D images only as a note, since it did not ask for volumes."""
+    cxr = archive["root"] / "cxr"
+    args = ["--volume-model", "random:lecl-tiny", "--no-progress"]
+    code, lines, err = _run(capsys, ["index", "build", "--source", str(cxr), "--out",
+                                     str(tmp_path / "new"), *args])
+    assert code == 2 and lines == [] and len(err) == 1, err
+    assert "no volumes to index" in err[0] and str(cxr) in err[0]
+    assert not (tmp_path / "new").exists()
+    idx = tmp_path / "idx"
+    assert _run(capsys, ["index", "build", "--source", str(archive["case_a"]), "--out",
+                         str(idx), *args])[0] == 0
+    before = _files(idx)
+    for argv in (["index", "build", "--source", str(cxr), "--out", str(idx), *args],
+                 ["index", "add", "--index", str(idx), "--source", str(cxr), *args]):
+        code, lines, err = _run(capsys, argv)
+        assert code == 2 and len(err) == 1 and "no volumes to index" in err[0], err
+    code, lines, err = _run(capsys, ["index", "add", "--index", str(idx), "--source", str(cxr),
+                                     "--no-progress"])
+    assert code == 0 and len(err) == 1 and err[0].startswith("radlens: note:"), err
+    assert _files(idx) == before
+
+
+def test_short_series_second_copies_links_and_unreadable_folders_are_listed(
+        archive, tmp_path, monkeypatch):
+    """Series of fewer than 3 slices were dropped without a word; a series present in two
+    folders (same SeriesInstanceUID, re-saved bytes) was merged into one series with every
+    position twice and failed in both copies; symbolic links to folders and unreadable
+    folders were passed over silently. Now the first copy is indexed and the rest are report
+    rows with their reasons (a FIFO among the slices is not opened, nor listed)."""
+    import pydicom
+
+    from vlm.volume_encoder import VolumeEncoder
+
+    pct, rows = archive["pct"], archive["rows"]
+    src = tmp_path / "src"
+    shutil.copytree(pct / rows[3]["dicom_dir"], src / "a" / "series")
+    copy = src / "b" / "copy"
+    copy.mkdir(parents=True)
+    for f in sorted((src / "a" / "series").iterdir()):  # the same slices, re-saved
+        ds = pydicom.dcmread(f)
+        ds.InstitutionName = "re-export"
+        ds.save_as(copy / f.name)
+    short = src / "short"
+    short.mkdir()
+    for f in sorted((pct / rows[4]["dicom_dir"]).iterdir())[:2]:
+        shutil.copy(f, short / f.name)
+    os.symlink(pct / rows[5]["dicom_dir"], src / "linked")
+    os.mkfifo(src / "a" / "pipe.dcm")
+    locked = src / "locked"
+    shutil.copytree(pct / rows[6]["dicom_dir"], locked)
+    scandir = os.scandir
+
+    def refuse_locked(path=".", *a, **k):  # a folder this user may not list (tests run as
+        if Path(path) == locked:           # root, who may list any folder)
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path, *a, **k)
+
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    report = ingest_volumes(VolumeEncoder.load("random:lecl-tiny"), src, tmp_path / "idx",
+                            progress=False, keep_paths=True)
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert report.added == 1
+    failed = {Path(f["path"]).relative_to(src).as_posix(): f["reason"] for f in report.failed}
+    assert set(failed) == {"b/copy", "short", "linked", "locked"}, failed
+    assert failed["b/copy"].startswith("duplicate:") and str(src / "a" / "series") in \
+        failed["b/copy"]
+    assert "2 slice(s)" in failed["short"] and "at least 3" in failed["short"]
+    assert "symbolic link" in failed["linked"] and "not followed" in failed["linked"]
+    assert failed["locked"] == "unreadable folder (Permission denied)"
+    ix = IndexFolder.open(tmp_path / "idx")
+    (item,) = ix.catalog.get_many(ix.catalog.filter_ids(VOLUME).tolist())
+    assert item is not None and item.source_uri == "a/series"
+    ix.close()
+    saved = json.loads((tmp_path / "idx" / REPORT_FILE).read_text())
+    assert len(saved["failed"]) == 4
