@@ -20,10 +20,21 @@ import numpy as np
 
 from index.catalog import CatalogItem
 from index.folder import CollectionModel, Hit, IndexFolder
-from index.volumes import VOLUME, VolumeSource, content_hash, find_volumes, read_source
+from index.volumes import (
+    VOLUME,
+    VolumeSource,
+    content_hash,
+    find_volumes,
+    read_source,
+    voxel_hash,
+)
 from vlm.errors import ConfigError, RadLensError
 from vlm.io import Volume, is_nifti
 from vlm.volume_encoder import VolumeEncoder, VolumeEncoding
+
+#: extra results asked for, so that rows with the query's voxels can be left out (ingest keeps
+#: one row per voxel hash; more come only from indexes built before it recorded them)
+TWIN_ROWS = 4
 
 
 @dataclass
@@ -35,6 +46,9 @@ class VolumeQuery:
     volume: Volume | None = None
     encoding: VolumeEncoding | None = None
     content_hash: str | None = None
+    #: :func:`index.volumes.voxel_hash`: rows with the same voxels (its copy in another
+    #: format) are left out of the results like its own row
+    voxel_hash: str | None = None
 
 
 def query_source(path: str | os.PathLike[str]) -> VolumeSource:
@@ -99,13 +113,16 @@ class VolumeSearch:
         if not coll.contains(int(item_id)):
             raise RadLensError(f"volume #{item_id} is not in the index")
         item = self.index.catalog.get(int(item_id))
+        voxels = (item.extra or {}).get("voxel_hash") if item else None
         return VolumeQuery(coll.vectors([int(item_id)])[0], item=item,
-                           content_hash=item.content_hash if item else None)
+                           content_hash=item.content_hash if item else None,
+                           voxel_hash=voxels if isinstance(voxels, str) else None)
 
     def query_volume(self, volume: Volume, digest: str | None = None) -> VolumeQuery:
         """A volume read elsewhere (e.g. an upload), encoded with the collection's model."""
         enc = self.encoder.encode(volume)
-        return VolumeQuery(enc.vector, volume=volume, encoding=enc, content_hash=digest)
+        return VolumeQuery(enc.vector, volume=volume, encoding=enc, content_hash=digest,
+                           voxel_hash=voxel_hash(volume))
 
     def query_path(self, path: str | os.PathLike[str]) -> VolumeQuery:
         """A NIfTI file or DICOM series folder, read and encoded."""
@@ -114,17 +131,25 @@ class VolumeSearch:
 
     # ------------------------------------------------------------------ search
     def search(self, query: VolumeQuery, k: int = 10, **filters: Any) -> list[Hit]:
-        """Top-``k`` similar volumes, best first, without the query's own row(s)."""
+        """Top-``k`` similar volumes, best first, without the query's own row(s): the rows of
+        its file content and those of its voxels (the same volume indexed from another format,
+        which would otherwise be the top hit at a score of about 1)."""
         own = {query.item.id} if query.item is not None else set()
         if query.content_hash:
             own |= {it.id for it in self.index.catalog.find_by_hash(query.content_hash,
                                                                     collection=VOLUME)}
         encoded = query.item is None  # a stored vector needs no model check
         hits = self.index.search(
-            VOLUME, query.vector[None], k=int(k) + len(own),
+            VOLUME, query.vector[None], k=int(k) + len(own) + (TWIN_ROWS if query.voxel_hash
+                                                                else 0),
             expect_model=self.model.model_name if encoded else None,
             expect_config_hash=self.model.config_hash if encoded else None, **filters)[0]
-        return [h for h in hits if h.id not in own][: int(k)]
+        return [h for h in hits if h.id not in own and not self._twin(h, query)][: int(k)]
+
+    @staticmethod
+    def _twin(hit: Hit, query: VolumeQuery) -> bool:
+        return bool(query.voxel_hash and hit.item is not None
+                    and (hit.item.extra or {}).get("voxel_hash") == query.voxel_hash)
 
     def close(self) -> None:
         self.index.close()

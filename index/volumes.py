@@ -18,8 +18,10 @@ twice; a generation is saved every ``save_every`` volumes. A bad volume never st
 is listed once in ``volume_ingest_report.json`` (mode 0600) in the index folder, and so are
 what the search passed over: a DICOM series of fewer than :data:`MIN_SERIES_SLICES` slices, a
 second copy of a series (the same SeriesInstanceUID and SOPInstanceUIDs in another folder; the
-first copy, by path, is indexed), an unreadable folder, and a symbolic link to a folder, which
-is not followed (as the image ingest's walk does not follow it: a link can
+first copy, by path, is indexed), a volume with the same voxels as one already indexed (a NIfTI
+copy of an indexed DICOM series, see :func:`voxel_hash`; DICOM series are read before NIfTI
+files, so the copy with the DICOM metadata is kept), an unreadable folder, and a symbolic link
+to a folder, which is not followed (as the image ingest's walk does not follow it: a link can
 lead out of the archive or round in a cycle); files that are not regular files (FIFOs, sockets,
 devices) are never opened. A source with no volume at all is an error
 (:class:`NoVolumesError`) raised before any index is created or opened.
@@ -260,6 +262,20 @@ def discover_volumes(source: str | os.PathLike[str]
     return sorted(found, key=lambda s: str(s.path)), skipped + passed_over
 
 
+def voxel_hash(volume: Volume) -> str:
+    """sha256 of a volume's shape and voxel values (to 0.001, slice by slice) on the canonical
+    grid: a DICOM series and its NIfTI copy read to the same volume, so they share it, while
+    their file-based :func:`content_hash` differs. Recorded with every row (``extra``) so that
+    the copy is not indexed twice and a query does not find its own copy."""
+    arr = volume.array
+    digest = hashlib.sha256(f"voxels:{tuple(arr.shape)}".encode())
+    for k in range(arr.shape[0]):
+        q = np.round(np.asarray(arr[k], dtype=np.float64) * 1000.0)
+        q = np.clip(np.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0), -2.0 ** 62, 2.0 ** 62)
+        digest.update(q.astype("<i8").tobytes())
+    return digest.hexdigest()
+
+
 def content_hash(src: VolumeSource) -> str:
     """sha256 of a NIfTI file's bytes, or of the sorted file hashes of a series."""
     if src.kind == "nifti":
@@ -408,6 +424,19 @@ def _failure(src: VolumeSource, exc: BaseException) -> dict[str, str]:
     return {"path": str(src.path), "reason": " ".join(reason.split())}
 
 
+class _Duplicate(RadLensError):
+    """The volume's voxels are those of a volume already indexed."""
+
+
+def _known_voxels(ix: IndexFolder) -> dict[str, str]:
+    """voxel hash -> "volume #id" of the rows that recorded one (rows indexed before voxel
+    hashes were recorded have none, and are not matched)."""
+    ids = ix.catalog.filter_ids(VOLUME).tolist()
+    return {str(it.extra["voxel_hash"]): f"volume #{it.id}"
+            for it in ix.catalog.get_many(ids)
+            if it is not None and isinstance((it.extra or {}).get("voxel_hash"), str)}
+
+
 def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: Path,
          sources: list[VolumeSource], report: VolumeIngestReport, save_every: int,
          progress: bool, keep_paths: bool, start: float) -> StopRequest:
@@ -417,7 +446,10 @@ def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: P
 
     pseudo = default_pseudonymizer()
     root = src if src.is_dir() else src.parent
+    # DICOM series first: of a series and its NIfTI copy, the one with DICOM metadata is kept
+    sources = sorted(sources, key=lambda s: (s.kind != "dicom-series", str(s.path)))
     known = ix.catalog.content_hashes(VOLUME)
+    voxels = _known_voxels(ix)
     since_save = 0
     seen = 0
     with stop_on_signal("saving the index after this volume") as stop:
@@ -431,6 +463,11 @@ def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: P
                     report.already_indexed += 1
                     continue
                 volume = read_source(vs)
+                voxel_digest = voxel_hash(volume)
+                if voxel_digest in voxels:
+                    raise _Duplicate(f"duplicate: the same voxels as {voxels[voxel_digest]}, "
+                                     "already indexed (a copy in another format?); not "
+                                     "indexed twice")
                 t0 = time.time()
                 enc = encoder.encode(volume)
                 report.encode_seconds += time.time() - t0
@@ -439,13 +476,15 @@ def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: P
                                        "(empty or constant volume?)")
                 uri = (os.path.relpath(vs.path, root) if keep_paths
                        else pseudo("src", os.path.abspath(vs.path)))
-                ix.add(VOLUME, enc.vector[None], [_row(ix.path, vs, volume, enc, digest, uri)],
-                       model=model)
+                row = _row(ix.path, vs, volume, enc, digest, uri)
+                row["extra"]["voxel_hash"] = voxel_digest
+                ix.add(VOLUME, enc.vector[None], [row], model=model)
             except Exception as exc:
                 report.failed.append(_failure(vs, exc))
                 logger.warning("skipped a volume: %s", report.failed[-1]["reason"])
                 continue
             known.add(digest)
+            voxels[voxel_digest] = str(vs.path)
             report.added += 1
             since_save += 1
             if since_save >= save_every:

@@ -415,3 +415,50 @@ def test_short_series_second_copies_links_and_unreadable_folders_are_listed(
     ix.close()
     saved = json.loads((tmp_path / "idx" / REPORT_FILE).read_text())
     assert len(saved["failed"]) == 4
+
+
+def test_a_nifti_copy_of_an_indexed_series_is_not_its_twin_in_search(archive, tmp_path):
+    """The same volume as a DICOM series and as NIfTI has two file hashes, so both were
+    indexed and a query with one returned the other first, at a score of 1. Ingest now keeps
+    one row per voxel content (the DICOM series, read first) and lists the copy; a query
+    leaves out the rows with its own voxels as it leaves out its own row."""
+    from index.volume_search import VolumeSearch
+    from index.volumes import read_source, voxel_hash
+    from vlm.volume_encoder import VolumeEncoder
+
+    pct, rows = archive["pct"], archive["rows"]
+    src = tmp_path / "src"
+    for i in (6, 7, 8):
+        shutil.copytree(pct / rows[i]["dicom_dir"], src / f"ct{i}")
+    shutil.copy(pct / rows[6]["nifti"], src / "a_copy_of_ct6.nii.gz")  # sorts first
+    twin = find_volumes(src / "a_copy_of_ct6.nii.gz")[0]
+    assert voxel_hash(read_source(twin)) == voxel_hash(read_source(find_volumes(
+        src / "ct6")[0]))
+    enc = VolumeEncoder.load("random:lecl-tiny")
+    report = ingest_volumes(enc, src, tmp_path / "idx", progress=False, keep_paths=True)
+    assert report.added == 3
+    (failure,) = report.failed
+    assert failure["path"] == str(src / "a_copy_of_ct6.nii.gz")
+    assert failure["reason"].startswith("duplicate: the same voxels as") and "ct6" in \
+        failure["reason"]
+    again = ingest_volumes(enc, src, tmp_path / "idx", progress=False)  # listed each run
+    assert again.added == 0 and len(again.failed) == 1
+    # an index holding only the DICOM series: the NIfTI query does not find it as its twin
+    only_dicom = tmp_path / "only_dicom"
+    for i in (6, 7, 8):
+        shutil.copytree(pct / rows[i]["dicom_dir"], only_dicom / f"ct{i}")
+    ingest_volumes(enc, only_dicom, tmp_path / "idx2", progress=False, keep_paths=True)
+    for index in (tmp_path / "idx", tmp_path / "idx2"):
+        vs = VolumeSearch.open(index)
+        try:
+            for query in (src / "a_copy_of_ct6.nii.gz", src / "ct6"):
+                hits = vs.search(vs.query_path(query), k=5)
+                assert [h.item.source_uri for h in hits if h.item] == ["ct7", "ct8"] or \
+                    [h.item.source_uri for h in hits if h.item] == ["ct8", "ct7"], query
+                assert all(h.score < 0.9999 for h in hits)
+            (item,) = [it for it in vs.index.catalog.get_many(
+                vs.index.catalog.filter_ids(VOLUME).tolist()) if it and it.source_uri == "ct6"]
+            assert sorted(h.item.source_uri for h in vs.search(vs.query_item(item.id), k=5)
+                          if h.item) == ["ct7", "ct8"]
+        finally:
+            vs.close()

@@ -78,8 +78,10 @@ def test_nifti_and_zipped_series_uploads(engine, rows, tiny_ct, tmp_path):
     assert "DOE" not in study.label and "32×32×32" in study.label
     assert study.hu.shape == (32, 32, 32) and len(study.salient) == 5
     items, hits = h.similar_volumes(engine, study, 3)
-    assert hits[0].item.extra["dataset_id"] == rows[2]["volume_id"]  # its DICOM twin
-    assert hits[0].score > 0.99 and len(items) == 3
+    # its DICOM twin (the same voxels, indexed from the series) is the query itself: left out,
+    # as it was the top hit at a score of 1
+    assert rows[2]["volume_id"] not in {hit.item.extra["dataset_id"] for hit in hits}
+    assert len(items) == len(hits) == 3
     zipped = tmp_path / "SMITH_series.zip"
     with zipfile.ZipFile(zipped, "w") as zf:
         for f in sorted((tiny_ct / rows[2]["dicom_dir"]).iterdir()):
