@@ -134,7 +134,7 @@ def walk(source: Path, datasets: dict[str, dict[str, dict[str, Any]]] | None = N
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
         except OSError as e:
-            note(folder, f"folder not read: {e.strerror or e}")
+            note(folder, f"unreadable folder ({e.strerror or e})")
             continue
         if is_index_folder(folder):  # an index kept inside the archive: its thumbnails are not
             continue                 # archive images, its catalog and vectors no images at all

@@ -214,8 +214,9 @@ def find_volumes(source: str | os.PathLike[str]) -> list[VolumeSource]:
 def discover_volumes(source: str | os.PathLike[str]
                      ) -> tuple[list[VolumeSource], list[dict[str, str]]]:
     """:func:`find_volumes`, and what it passed over as report rows (``path``, ``reason``):
-    unreadable folders, symbolic links to folders (not followed), short series and second
-    copies of a series (see :func:`group_series`)."""
+    unreadable folders, broken links, FIFOs, sockets and devices, short series and second
+    copies of a series (see :func:`group_series`). Linked folders are followed, each real
+    folder once, as the image walk (:func:`index.ingest.walk`) does."""
     src = Path(source)
     if src.is_file():
         return ([VolumeSource("nifti", src, [src])] if is_nifti(src) else []), []
@@ -227,8 +228,19 @@ def discover_volumes(source: str | os.PathLike[str]
         skipped.append({"path": str(exc.filename or src),
                         "reason": f"unreadable folder ({exc.strerror or exc})"})
 
-    for root, dirs, files in os.walk(src, onerror=unreadable):
+    walked: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(src, onerror=unreadable, followlinks=True):
         here = Path(root)
+        try:
+            st = os.stat(here)
+        except OSError as exc:
+            unreadable(exc)
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in walked:  # linked twice, or a link to a parent folder
+            dirs[:] = []
+            continue
+        walked.add((st.st_dev, st.st_ino))
         if is_index_folder(here):  # an index kept inside the archive: not volumes
             dirs[:] = []
             continue
@@ -237,21 +249,15 @@ def discover_volumes(source: str | os.PathLike[str]
             found.extend(_dataset_sources(here, rows))
             dirs[:] = []
             continue
-        kept = []
-        for name in sorted(d for d in dirs if not d.startswith(".")):
-            if (here / name).is_symlink():
-                skipped.append({"path": str(here / name), "reason": (
-                    "a symbolic link to a folder: not followed (pass its target as a source "
-                    "of its own)")})
-            else:
-                kept.append(name)
-        dirs[:] = kept
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             path = here / name
             if name.startswith(".") or name in SKIP_NAMES:
                 continue
-            if not path.is_file():  # a FIFO, socket, device or broken link: never opened
-                logger.info("not a regular file, skipped: %s", path)
+            if not path.is_file():  # never opened: reading a FIFO would wait forever
+                skipped.append({"path": str(path), "reason": (
+                    "not a regular file (a FIFO, socket or device): not read" if path.exists()
+                    else "broken symbolic link")})
                 continue
             if is_nifti(path):
                 found.append(VolumeSource("nifti", path, [path]))

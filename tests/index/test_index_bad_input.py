@@ -71,7 +71,7 @@ def test_walk_lists_what_it_cannot_read_and_follows_links_once(tmp_path, monkeyp
     reasons = {Path(p["path"]).relative_to(root).as_posix(): p["reason"] for p in problems}
     assert reasons["broken.dcm"] == "broken symbolic link"
     assert reasons["pipe.dcm"].startswith("not a regular file (a FIFO")
-    assert reasons["locked"] == "folder not read: Permission denied"
+    assert reasons["locked"] == "unreadable folder (Permission denied)"
     assert "not valid JSON" in reasons["ds/manifest.jsonl"]
     assert "indexed as plain files" in reasons["ds/manifest.jsonl"]
     assert len(problems) == 4

@@ -367,8 +367,9 @@ def test_short_series_second_copies_links_and_unreadable_folders_are_listed(
     """Series of fewer than 3 slices were dropped without a word; a series present in two
     folders (same SeriesInstanceUID, re-saved bytes) was merged into one series with every
     position twice and failed in both copies; symbolic links to folders and unreadable
-    folders were passed over silently. Now the first copy is indexed and the rest are report
-    rows with their reasons (a FIFO among the slices is not opened, nor listed)."""
+    folders were passed over silently. Now the first copy is indexed, a linked folder is
+    followed (once: a link back to the top ends there, as in the image walk) and the rest are
+    report rows with their reasons (a FIFO among the slices is listed, never opened)."""
     import pydicom
 
     from vlm.volume_encoder import VolumeEncoder
@@ -387,6 +388,7 @@ def test_short_series_second_copies_links_and_unreadable_folders_are_listed(
     for f in sorted((pct / rows[4]["dicom_dir"]).iterdir())[:2]:
         shutil.copy(f, short / f.name)
     os.symlink(pct / rows[5]["dicom_dir"], src / "linked")
+    os.symlink(src, src / "a" / "loop")
     os.mkfifo(src / "a" / "pipe.dcm")
     locked = src / "locked"
     shutil.copytree(pct / rows[6]["dicom_dir"], locked)
@@ -401,17 +403,17 @@ def test_short_series_second_copies_links_and_unreadable_folders_are_listed(
     report = ingest_volumes(VolumeEncoder.load("random:lecl-tiny"), src, tmp_path / "idx",
                             progress=False, keep_paths=True)
     monkeypatch.setattr(os, "scandir", scandir)
-    assert report.added == 1
+    assert report.added == 2  # a/series and the linked one
     failed = {Path(f["path"]).relative_to(src).as_posix(): f["reason"] for f in report.failed}
-    assert set(failed) == {"b/copy", "short", "linked", "locked"}, failed
+    assert set(failed) == {"b/copy", "short", "a/pipe.dcm", "locked"}, failed
     assert failed["b/copy"].startswith("duplicate:") and str(src / "a" / "series") in \
         failed["b/copy"]
     assert "2 slice(s)" in failed["short"] and "at least 3" in failed["short"]
-    assert "symbolic link" in failed["linked"] and "not followed" in failed["linked"]
+    assert failed["a/pipe.dcm"] == "not a regular file (a FIFO, socket or device): not read"
     assert failed["locked"] == "unreadable folder (Permission denied)"
     ix = IndexFolder.open(tmp_path / "idx")
-    (item,) = ix.catalog.get_many(ix.catalog.filter_ids(VOLUME).tolist())
-    assert item is not None and item.source_uri == "a/series"
+    items = ix.catalog.get_many(ix.catalog.filter_ids(VOLUME).tolist())
+    assert sorted(it.source_uri for it in items if it is not None) == ["a/series", "linked"]
     ix.close()
     saved = json.loads((tmp_path / "idx" / REPORT_FILE).read_text())
     assert len(saved["failed"]) == 4
