@@ -191,3 +191,23 @@ def test_data_card_documents_vocabulary_and_contrast_ranges():
             lo, hi = cells[3].split("(")[0].replace("−", "-").split("–")
             documented[cells[0]] = (float(lo), float(hi))
     assert documented == {k: tuple(v) for k, v in CONTRAST_RANGE.items()}
+
+
+@pytest.mark.parametrize(("args", "expect"), [
+    (["--size", "0"], "image size must be 64 to 4096 pixels, got 0"),  # ZeroDivisionError
+    (["--size", "100000"], "image size must be 64 to 4096 pixels, got 100000"),  # 10 GB
+    (["--seed", "-1"], "seed must be a non-negative integer, got -1"),
+    (["--out-is-a-file"], "is a file, not a folder"),
+])
+def test_bad_generator_options_are_one_line_before_any_work(tmp_path, capsys, args, expect):
+    from ui.cli import main
+
+    out = tmp_path / "out"
+    if args == ["--out-is-a-file"]:
+        out.write_text("a file the user keeps")
+        args = []
+    code = main(["data", "phantom-cxr", "--out", str(out), "--n", "1", "--workers", "1", *args])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("radlens: error: "), err
+    assert expect in err[0]
+    assert not out.is_dir()

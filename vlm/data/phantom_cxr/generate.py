@@ -29,6 +29,7 @@ from vlm.data.iu_reports import Report, frontal_image, load_reports, map_mesh_te
 from vlm.data.manifest import split_for, write_jsonl
 from vlm.data.phantom_cxr.anatomy import load_lung_masks
 from vlm.data.phantom_cxr.study import render_study
+from vlm.errors import RadLensError
 from vlm.io.dicom_write import build_dataset, save_dataset, uid_from
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,11 @@ def _render_one(args: tuple[Report, str, int, int]) -> dict[str, Any]:
     }
 
 
+#: image sides ``generate_phantom_cxr`` renders: below 64 pixels the anatomy is a few pixels
+#: wide; a real radiograph is about 3,000 pixels on a side
+MIN_SIZE, MAX_SIZE = 64, 4096
+
+
 def generate_phantom_cxr(out_dir: str | os.PathLike[str], n: int | None = None,
                          size: int = 512, seed: int = 0, workers: int | None = None,
                          *, report_ids: Iterable[str] | None = None) -> dict[str, Any]:
@@ -120,9 +126,21 @@ def generate_phantom_cxr(out_dir: str | os.PathLike[str], n: int | None = None,
     Returns:
         The summary also written to ``summary.json``.
     """
+    if not MIN_SIZE <= int(size) <= MAX_SIZE:  # 0 divided by zero; 100000 asked for 10 GB
+        raise RadLensError(f"the PhantomCXR image size must be {MIN_SIZE} to {MAX_SIZE} "
+                           f"pixels, got {size}")
+    if int(seed) < 0:  # numpy's SeedSequence refused it deep in the first worker
+        raise RadLensError(f"the PhantomCXR seed must be a non-negative integer, got {seed}")
     t0 = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise RadLensError(f"{out} is a file, not a folder: give a new or PhantomCXR folder "
+                           "as --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RadLensError(f"{out}: cannot create the output folder ({exc.strerror or exc})"
+                           ) from None
     wanted = set(report_ids) if report_ids is not None else None
     todo: list[Report] = []
     skipped: list[dict[str, Any]] = []
