@@ -48,6 +48,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,13 @@ import torch.nn.functional as F
 
 from vlm.errors import ConfigError, RadLensError
 from vlm.io.types import Volume
-from vlm.models.checkpoint import load_torch_state, update_with_weights
+from vlm.models.checkpoint import (
+    check_export_target,
+    load_torch_state,
+    read_json_object,
+    replace_folder,
+    update_with_weights,
+)
 from vlm.models.clear import ClearConfig, ClearMIL, LeCL
 from vlm.models.drasclr import DrasCLR
 from vlm.models.lesionseg import LesionSeg3D
@@ -434,9 +442,12 @@ def _read_benchmark(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read the benchmark ({exc.strerror or exc})") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: the benchmark is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the benchmark must be a JSON object (the output of "
-                          f"radlens eval-volumes or benchmarks/volume_retrieval.py)")
+    reps = data.get("representations", {}) if isinstance(data, dict) else None
+    if not isinstance(reps, dict) or not all(isinstance(v, dict) for v in reps.values()):
+        # valid JSON of another shape was an internal AttributeError half-way through
+        raise ConfigError(f"{path}: the benchmark must be a JSON object whose "
+                          "'representations' map names to objects (the output of radlens "
+                          "eval-volumes or benchmarks/volume_retrieval.py)")
     return data
 
 
@@ -448,12 +459,12 @@ def export_volume_model(run: str | os.PathLike[str], out: str | os.PathLike[str]
     ``lecl.pt`` with the float16 slice encoder only, ``clear_mil.pt`` / ``clear_mil.json``,
     ``MODEL_CARD.md`` (with the ``radlens eval-volumes`` JSON when ``benchmark`` is given).
     A lesion-seg run goes to :func:`vlm.train.lesionseg.export_lesionseg` (``benchmark``: a
-    ``volume_retrieval.json`` for its card; ``top_k``: its volume read-out, see there)."""
-    import shutil
+    ``volume_retrieval.json`` for its card; ``top_k``: its volume read-out, see there).
 
-    from vlm.models.card import volume_model_card
+    The export is written into a new folder beside ``out`` and put in place when complete;
+    ``out`` must be new, empty or an earlier volume-model export, and neither the run nor a
+    folder holding it (see :func:`vlm.models.checkpoint.check_export_target`)."""
     from vlm.train.lecl import CHECKPOINT as LECL_FILE
-    from vlm.train.lecl import export_lecl, read_checkpoint
     from vlm.train.lesionseg import CHECKPOINT as LESION_FILE
     from vlm.train.lesionseg import export_lesionseg
 
@@ -461,28 +472,53 @@ def export_volume_model(run: str | os.PathLike[str], out: str | os.PathLike[str]
     # read before anything is written: a mistyped --benchmark used to fail after the export
     # had replaced the weights, leaving them beside the previous export's model card
     data = _read_benchmark(benchmark) if benchmark is not None else None
-    if _find(src, LESION_FILE) is not None:
-        export_lesionseg(src, dest, evaluation=data, commands=commands, notes=notes,
-                         top_k=top_k)
-        return dest
-    if top_k is not None:
+    found = _find(src, LESION_FILE)
+    lesion = found is not None
+    if top_k is not None and not lesion:
         raise ConfigError(f"{src}: --top-k is the read-out of a lesion-seg run, and this is "
                           "not one")
-    if _find(src, LECL_FILE) is None:
-        raise ConfigError(f"{src}: no {LECL_FILE}; only LeCL runs are packaged (a DrasCLR run "
-                          "folder is used as it is)")
-    dest.mkdir(parents=True, exist_ok=True)
+    found = found or _find(src, LECL_FILE)
+    if found is None:
+        raise ConfigError(f"{src}: no {LECL_FILE}; only LeCL and lesion-seg runs are packaged "
+                          "(a DrasCLR run folder is used as it is)")
+    # --out set to the run (or its best/) deleted the CLEAR head it was about to copy; a
+    # folder of something else (an image checkpoint) got a LeCL config.json over its own
+    check_export_target(dest, [src, found.parent],
+                        lambda p: (p / LECL_FILE).is_file() or (p / LESION_FILE).is_file(),
+                        "a RadLens volume model")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        if lesion:
+            export_lesionseg(src, tmp, evaluation=data, commands=commands, notes=notes,
+                             top_k=top_k)
+        else:
+            _export_lecl_folder(src, tmp, data, commands, with_head, notes)
+        for path in (tmp, *tmp.rglob("*")):  # mkdtemp made the folder private to its owner
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        replace_folder(tmp, dest)  # the previous export stays whole until this one is ready
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _export_lecl_folder(src: Path, dest: Path, data: dict[str, Any] | None,
+                        commands: list[str] | None, with_head: bool,
+                        notes: list[str] | None) -> None:
+    """The LeCL half of :func:`export_volume_model`, written into the new folder ``dest``."""
+    from vlm.models.card import volume_model_card
+    from vlm.train.lecl import CHECKPOINT as LECL_FILE
+    from vlm.train.lecl import export_lecl, read_checkpoint
+
     export_lecl(src, dest)
     head_summary = None
     mil = _find(src, CLEAR_MIL_CHECKPOINT) if with_head else None
-    for stale in (CLEAR_MIL_CHECKPOINT, "clear_mil.json"):
-        (dest / stale).unlink(missing_ok=True)
     if mil is not None:
         shutil.copyfile(mil, dest / CLEAR_MIL_CHECKPOINT)
         info = mil.parent / "clear_mil.json"
         if info.is_file():
             shutil.copyfile(info, dest / "clear_mil.json")
-            head_summary = json.loads(info.read_text())
+            head_summary = read_json_object(info, "a CLEAR head summary")
     state = read_checkpoint(dest, LECL_FILE, "train_lecl")
     bench = None
     if data is not None:
@@ -494,4 +530,3 @@ def export_volume_model(run: str | os.PathLike[str], out: str | os.PathLike[str]
     card = volume_model_card("lecl", state["config"], state.get("summary"), head_summary, bench,
                              commands, enc.config_hash, notes)
     (dest / "MODEL_CARD.md").write_text(card)
-    return dest

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,11 @@ def export_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
 
     src, dst = Path(src), Path(dst)
     meta = read_checkpoint_meta(src)
+    check_export_target(dst, src, is_checkpoint, "a RadLens image checkpoint")
+    metrics = None
+    ev = Path(eval_dir) if eval_dir is not None else None
+    if ev is not None and (ev / "eval.json").is_file():  # read before anything is written
+        metrics = read_json_object(ev / "eval.json", "an evaluation ('radlens eval --out')")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent if dst.parent.exists()
                                 else None))
     try:
@@ -185,13 +191,8 @@ def export_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
         meta["dtype"] = "float16" if half else meta.get("dtype", "float32")
-        metrics = None
-        if eval_dir is not None:
-            ev = Path(eval_dir)
-            if (ev / "calibration.json").is_file():
-                shutil.copyfile(ev / "calibration.json", tmp / "calibration.json")
-            if (ev / "eval.json").is_file():
-                metrics = json.loads((ev / "eval.json").read_text())
+        if ev is not None and (ev / "calibration.json").is_file():
+            shutil.copyfile(ev / "calibration.json", tmp / "calibration.json")
         (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         card = model_card(ModelConfig.from_dict(meta["model"]), training=meta.get("training"),
                           metrics=metrics, commands=commands)
@@ -201,9 +202,54 @@ def export_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
         dst.parent.mkdir(parents=True, exist_ok=True)
         for path in (tmp, *tmp.rglob("*")):  # mkdtemp made the folder private to its owner
             path.chmod(0o755 if path.is_dir() else 0o644)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        replace_folder(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def check_export_target(dst: Path, src: Path | Sequence[Path],
+                        is_export: Callable[[Path], bool], kind: str) -> None:
+    """Refuse an export destination whose replacement would lose something: the source itself
+    or a folder that holds it (``--out`` set to the run folder deleted the run), a file, or a
+    non-empty folder that is not an earlier export (``--out ~`` would have been deleted).
+
+    Raises:
+        ConfigError: One line naming ``dst`` and why.
+    """
+    target = dst.resolve()
+    for source in ([src] if isinstance(src, Path) else src):
+        if target == source.resolve() or target in source.resolve().parents:
+            raise ConfigError(f"--out {dst} is, or holds, the model being exported ({source}): "
+                              "give a new folder")
+    if dst.exists() and not dst.is_dir():
+        raise ConfigError(f"--out {dst} is a file, not a folder: give a new folder")
+    if dst.is_dir() and any(dst.iterdir()) and not is_export(dst):
+        raise ConfigError(f"--out {dst} holds other files and is not {kind}: give a new "
+                          "folder (an earlier export there is replaced)")
+
+
+def replace_folder(new: Path, dst: Path) -> None:
+    """Put folder ``new`` at ``dst``; an old ``dst`` stays whole until ``new`` is in place
+    (renamed aside, then removed), so a kill in between loses neither."""
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        os.replace(dst, old)
+    try:
+        os.replace(new, dst)
+    except OSError:
+        if old.exists():
+            os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold an object, or a one-line ConfigError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not readable as {what} ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not {what} (a JSON object is expected)")
+    return data

@@ -229,10 +229,11 @@ def train_clear_head(data: str | os.PathLike[str] | CTDataset,
     from vlm.volume_encoder import save_clear_mil
 
     given = cfg or ClearConfig()
-    if not (given.epochs >= 1 and given.batch_size >= 1 and math.isfinite(given.lr)
+    if not (given.epochs >= 1 and given.batch_size >= 2 and math.isfinite(given.lr)
             and given.lr > 0):
-        # --epochs 0 wrote an untrained head over a trained one, with exit 0
-        raise ConfigError(f"CLEAR training needs epochs >= 1, batch size >= 1 and a finite "
+        # --epochs 0 wrote an untrained head over a trained one, with exit 0; so did
+        # --batch-size 1, as every one-bag batch is skipped (a step needs two bags)
+        raise ConfigError(f"CLEAR training needs epochs >= 1, batch size >= 2 and a finite "
                           f"lr > 0 (got {given.epochs}, {given.batch_size}, {given.lr})")
     ds = data if isinstance(data, CTDataset) else CTDataset(data)
     split = np.array([r["split"] for r in ds.rows])

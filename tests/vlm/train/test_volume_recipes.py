@@ -307,10 +307,12 @@ def test_eval_volumes_refuses_a_fold_count_before_pretraining(data, tmp_path, ca
 
 
 @pytest.mark.parametrize("args", [["--epochs", "0"], ["--epochs", "-5"], ["--lr", "0"],
-                                  ["--lr", "-1"], ["--batch-size", "0"]])
+                                  ["--lr", "-1"], ["--batch-size", "0"],
+                                  ["--batch-size", "1"]])
 def test_train_clear_refuses_settings_no_head_can_train_on(data, lecl_run, args, capsys):
     """``--epochs 0`` wrote an untrained ABMIL over the trained one with exit 0 (the volume
-    index then used its attention); ``--lr -1`` and ``--batch-size 0`` were internal errors."""
+    index then used its attention), and so did ``--batch-size 1`` (every one-bag batch was
+    skipped); ``--lr -1`` and ``--batch-size 0`` were internal errors."""
     from ui.cli import main
 
     out, _ = lecl_run
@@ -342,6 +344,48 @@ def test_export_volume_model_reads_the_benchmark_before_writing(lecl_run, tmp_pa
         with pytest.raises(ConfigError, match=message):
             export_volume_model(out, dest, benchmark=bench)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+
+
+def test_export_volume_model_never_replaces_what_it_should_not(lecl_run, tmp_path):
+    """``--out`` set to the run deleted its CLEAR head before copying it; a folder of
+    something else got a LeCL config.json over its own; benchmark JSON of another shape was
+    an internal error half-way through the export. Each is one line and nothing changes."""
+    import shutil
+
+    from vlm.errors import ConfigError
+    from vlm.volume_encoder import _find, export_volume_model
+
+    out, _ = lecl_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+
+    def snapshot(folder):
+        return {p.relative_to(folder).as_posix(): p.read_bytes()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = snapshot(run)
+    found = _find(run, "lecl.pt")
+    assert found is not None
+    for dest in {run, found.parent}:
+        with pytest.raises(ConfigError, match="is, or holds, the model being exported"):
+            export_volume_model(run, dest)
+    other = tmp_path / "image_checkpoint"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"weights of another model")
+    with pytest.raises(ConfigError, match="holds other files and is not a RadLens volume"):
+        export_volume_model(run, other)
+    assert snapshot(other) == {"model.safetensors": b"weights of another model"}
+    for shape in ('{"representations": [1, 2]}', '{"representations": {"a": 3}}'):
+        (tmp_path / "odd.json").write_text(shape)
+        with pytest.raises(ConfigError, match="'representations' map names to objects"):
+            export_volume_model(run, tmp_path / "fresh", benchmark=tmp_path / "odd.json")
+    assert not (tmp_path / "fresh").exists()
+    assert snapshot(run) == before
+    dest = export_volume_model(run, tmp_path / "exp")
+    (dest / "stale.txt").write_text("from the first export")
+    export_volume_model(run, dest, with_head=False)  # an earlier export is replaced whole
+    assert not (dest / "stale.txt").exists() and (dest / "MODEL_CARD.md").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary left"
 
 
 def test_train_lecl_refuses_a_batch_of_one_slice_before_writing(data, tmp_path, capsys):
