@@ -16,6 +16,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -161,8 +162,12 @@ def generate_phantom_cxr(out_dir: str | os.PathLike[str], n: int | None = None,
     if workers == 1:
         rows = [_render_one(j) for j in jobs]
     else:
-        # fork shares the parsed reports and lung masks; elsewhere workers reload them (cached).
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        # fork shares the parsed reports and lung masks; elsewhere workers reload them
+        # (cached). Only from a single-threaded process: a fork copies the locks other threads
+        # hold (a web server's, a logging handler's) and the child can wait on them forever,
+        # as the whole test session did after a test had launched the app in a thread.
+        single = threading.active_count() == 1
+        method = "fork" if single and "fork" in mp.get_all_start_methods() else "spawn"
         ctx = mp.get_context(method)
         with ctx.Pool(workers) as pool:
             rows = list(pool.imap(_render_one, jobs, chunksize=8))
