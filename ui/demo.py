@@ -215,6 +215,10 @@ def build_demo_index(data_dir: Path, model: Path = SHIPPED_MODEL, limit: int | N
     chosen = volume_model or default_volume_model()
     if (index / "CURRENT").exists():
         built, wanted = _index_config_hash(index), checkpoint_fingerprint(model)
+        if built != wanted or (volumes > 0 and chosen is not None
+                               and (index / VOLUME_REPORT).is_file()
+                               and not _volume_model_matches(index, chosen)):
+            _check_demo_built(index, archive)  # never delete an index the user built
         if built != wanted:
             # a checkout that ships a different default model: the old demo index would be
             # refused at serve time, and it holds nothing but the regenerable demo archive
@@ -235,6 +239,25 @@ def build_demo_index(data_dir: Path, model: Path = SHIPPED_MODEL, limit: int | N
     if volumes > 0 and chosen is not None:
         build_demo_volumes(data_dir, index, chosen, volumes, volume_shape, progress)
     return index
+
+
+def _check_demo_built(index: Path, archive: Path) -> None:
+    """Refuse to rebuild ``index`` unless the demo filled it from ``archive`` (its last
+    ingest report says so): an index of the user's own at ``--out/index`` was deleted.
+
+    Raises:
+        RadLensError: naming the folder and what to do.
+    """
+    from vlm.errors import RadLensError
+
+    try:
+        source = json.loads((index / "ingest_report.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    if not source or Path(source).resolve() != archive.resolve():
+        raise RadLensError(f"{index} holds an index the demo did not build (from "
+                           f"{source or 'an unknown source'}), made with another model: move "
+                           "it away or give the demo another --out")
 
 
 def default_volume_model() -> Path | None:

@@ -81,3 +81,26 @@ def test_reader_demo_reads_every_real_file(tmp_path, capsys):
     assert (tmp_path / "previews.png").is_file()
     rows = (tmp_path / "summary.jsonl").read_text().splitlines()
     assert len(rows) == 9
+
+
+def test_demo_never_deletes_an_index_it_did_not_build(tmp_path):
+    """``demo --out DIR`` deleted ``DIR/index`` whenever its model differed from the demo's,
+    even an index the user had built there from another archive (notes and all)."""
+    from index.ingest import ingest
+    from tests.tiny_cxr import make_tiny_cxr
+    from vlm.errors import RadLensError
+    from vlm.inference import Encoder
+
+    mine, demo_model = tmp_path / "mine", tmp_path / "model"
+    save_checkpoint(create_model("lrclr-tiny"), mine, get_tokenizer("lrclr-tiny"), card="#")
+    save_checkpoint(create_model("lrclr-tiny"), demo_model, get_tokenizer("lrclr-tiny"),
+                    card="#")
+    index = tmp_path / "demo" / "index"
+    ingest(Encoder(mine), make_tiny_cxr(tmp_path / "own", n=3, size=64), index,
+           progress=False, workers=0)
+    (index / "NOTES.txt").write_text("my notes")
+    before = sorted(p.name for p in index.iterdir())
+    with pytest.raises(RadLensError, match="holds an index the demo did not build"):
+        build_demo_index(tmp_path / "demo", demo_model, limit=2, progress=False, volumes=0)
+    assert sorted(p.name for p in index.iterdir()) == before
+    assert (index / "NOTES.txt").read_text() == "my notes"
