@@ -186,6 +186,9 @@ def read_current(folder: Path) -> str:
     except NotADirectoryError:  # was an internal error
         raise IndexFormatError(f"{folder} is a file, not a RadLens index folder: check the "
                                "path") from None
+    except UnicodeDecodeError:  # binary bytes in CURRENT: was an internal error
+        raise IndexCorruptError(f"{folder / CURRENT} names no generation (not text): restore "
+                                "the file or rebuild the index") from None
     if not _GEN.match(name) or name.endswith(".tmp"):
         raise IndexCorruptError(f"{folder / CURRENT} names no generation ({name!r}): restore "
                                 "the file or rebuild the index")

@@ -289,8 +289,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "hash-password":
-            if ":" in args.user or not args.user.strip():
-                raise RadLensError("user names cannot be empty or contain ':'")
+            user = args.user
+            # the auth file reads 'user:hash' lines, '#' starts a comment and names are
+            # stripped: a newline split the line, '#carol' could never sign in
+            if (":" in user or not user.strip() or not user.isprintable()
+                    or user.startswith("#") or user != user.strip()):
+                raise RadLensError("user names cannot be empty, contain ':' or control "
+                                   "characters, start with '#' or with spaces")
             if args.stdin:
                 password = sys.stdin.readline().rstrip("\n")
             else:

@@ -247,3 +247,19 @@ def test_a_huge_k_on_a_small_index_costs_nothing(tmp_path):
         assert len(few) == 5 and all(h.item.year == 2004 for h in few)
     finally:
         ix.close()
+
+
+def test_binary_bytes_in_current_are_one_line(tmp_path):
+    _small_index(tmp_path / "ix")
+    (tmp_path / "ix" / persist.CURRENT).write_bytes(b"\xff\xfe")  # a UnicodeDecodeError
+    with pytest.raises(IndexCorruptError, match="names no generation"):
+        IndexFolder.open(tmp_path / "ix")
+
+
+def test_pretrained_weights_that_are_no_weights_are_one_line(tmp_path):
+    from vlm.models import create_model as build
+
+    for name, content in (("plain.pt", b"hi\n"), ("cut.safetensors", b"\x08\x00\x00")):
+        (tmp_path / name).write_bytes(content)  # the text file was an internal KeyError: 105
+        with pytest.raises(ConfigError, match="not readable as model weights"):
+            build("lrclr-tiny", pretrained=str(tmp_path / name))

@@ -299,6 +299,10 @@ def test_password_hash_round_trip_and_auth_file(tmp_path, monkeypatch, capsys):
     with pytest.raises(RadLensError, match="not found"):
         serve.load_auth_file(tmp_path / "missing.txt")
     assert serve.main(["hash-password", "a:b", "--stdin"]) == 2
+    # a newline split the printed line (the file was then refused), '#carol' read as a
+    # comment and ' dave' stripped on load: each could never sign in
+    for user in ("a\nb", "#carol", " dave", "eve\t"):
+        assert serve.main(["hash-password", user, "--stdin"]) == 2, repr(user)
 
 
 def test_served_app_needs_login_and_serves_only_index_files(tiny_engine, tmp_path):

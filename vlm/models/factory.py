@@ -119,12 +119,20 @@ def load_open_clip_weights(model: LRCLR, path: Path) -> None:
             raise ConfigError(f"{path}: no open_clip weights ({' or '.join(OPEN_CLIP_FILES)})")
         path = found[0]
     raw: Any
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        raw = load_file(str(path))
-    else:
-        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+            raw = load_file(str(path))
+        else:  # weights only: a foreign pickle runs no code here
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # a text file was an internal KeyError, a truncated one others
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ConfigError(f"{path}: not readable as model weights ({reason}): give a RadLens "
+                          "checkpoint folder or open_clip weights (.bin, .pt, .safetensors)"
+                          ) from None
     if isinstance(raw, dict) and "state_dict" in raw:
         raw = raw["state_dict"]
     if not isinstance(raw, dict):
