@@ -17,6 +17,21 @@ class RadLensError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))  # always one line
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own reduce calls ``cls(*self.args)``: a subclass whose constructor takes
+        # other arguments (ImageReadError(path, reason)) then failed to unpickle in the parent
+        # of a worker process, which broke the whole process pool. Rebuild without __init__.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[RadLensError], args: tuple[Any, ...], state: dict[str, Any]
+             ) -> RadLensError:
+    """Unpickle a :class:`RadLensError` (any subclass) with its message and attributes."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class ImageReadError(RadLensError):
     """A file could not be read as an image (corrupt, unsupported, no pixel data, ...)."""
