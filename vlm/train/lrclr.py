@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from vlm.data.cxr_dataset import CXRDataset
+from vlm.data.cxr_dataset import CXRDataset, check_workers
 from vlm.data.transforms import Preprocess
 from vlm.losses import LRCLRLoss
 from vlm.models.card import model_card
@@ -183,7 +183,9 @@ class LRCLRTask:
 def train_lrclr(data: str | os.PathLike[str], model_name: str, out: str | os.PathLike[str],
                 cfg: TrainConfig, pretrained: str | None = None, workers: int | None = None
                 ) -> dict[str, Any]:
-    """Train on ``data`` (a PhantomCXR folder), writing ``out/best`` and ``out/last``."""
+    """Train on ``data`` (a PhantomCXR folder), writing ``out/best`` and ``out/last``.
+    ``workers``: decode processes (None: all cores; 0: this process)."""
+    check_workers(workers)  # before the model is built
     torch.manual_seed(cfg.seed)
     model = create_model(model_name, pretrained=pretrained, device=cfg.device)
     if torch.device(cfg.device).type == "cpu":  # a bf16 step of a CNN tower: 1.3x here
