@@ -211,3 +211,39 @@ def test_bad_generator_options_are_one_line_before_any_work(tmp_path, capsys, ar
     assert code == 2 and len(err) == 1 and err[0].startswith("radlens: error: "), err
     assert expect in err[0]
     assert not out.is_dir()
+
+
+def test_regenerating_into_a_used_folder_leaves_nothing_stale(tmp_path):
+    """A second run with a smaller --n left the first run's extra DICOMs and masks in place,
+    and CXRDataset served the first run's 64-pixel images from its cache (keyed by file names)
+    after a rerun at another --size."""
+    from vlm.data.cxr_dataset import CXRDataset, _load_one
+    from vlm.models.config import PreprocessConfig
+
+    root = tmp_path / "cxr"
+    generate_phantom_cxr(root, n=4, size=64, seed=0, workers=1)
+    rows = list(read_jsonl(root / "manifest.jsonl"))
+    split = rows[0]["split"]
+    pre = PreprocessConfig(image_size=64)
+    old = np.array(CXRDataset(root, split, pre, workers=0).images)
+    assert list((root / ".cache").glob("images-*.npy"))
+    mine = [root / "notes.txt", root / "dicom" / "README", root / "masks" / "mine.png",
+            root / ".cache" / "mine.npy", root / "dicom" / "own" / "x.dcm"]
+    for path in mine:  # files of the user's own are left alone
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    generate_phantom_cxr(root, n=2, size=256, seed=0, workers=1)
+    new = list(read_jsonl(root / "manifest.jsonl"))
+    assert [r["file"] for r in new] == [r["file"] for r in rows[:2]]
+    assert sorted(p.relative_to(root).as_posix() for p in root.glob("dicom/IU-*/*")) == sorted(
+        r["file"] for r in new)
+    assert not (root / rows[3]["file"]).parent.exists()
+    masks = {f["mask"] for r in new for f in r["findings"]}
+    assert {p.relative_to(root).as_posix() for p in root.glob("masks/CXR*")} == masks
+    assert not list((root / ".cache").glob("images-*"))
+    assert all(p.read_text() == "mine" for p in mine)
+    assert json.loads((root / "summary.json").read_text())["dataset"] == "phantom_cxr"
+    ds = CXRDataset(root, [r["split"] for r in new], pre, workers=0)
+    fresh = np.stack([_load_one((str(root / r["file"]), vars(pre)))[0] for r in ds.rows])
+    np.testing.assert_array_equal(np.asarray(ds.images), fresh)
+    assert not np.array_equal(np.asarray(ds.images)[0], old[0])

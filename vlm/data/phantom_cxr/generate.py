@@ -7,6 +7,11 @@ Layout under ``out_dir``::
     manifest.jsonl                      one row per rendered study (see data_cards/phantom_cxr.md)
     skipped.jsonl                       every report not rendered, with its reason
     summary.json                        counts, timing
+
+Generating into a folder used before first removes what an earlier run wrote there (the files
+above by their names, ``contact_sheet.png`` and the decoded-image caches ``.cache/images-*``),
+so no study, mask or cached image of another size, seed or count survives; other files are left
+alone.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -36,6 +42,15 @@ from vlm.io.dicom_write import build_dataset, save_dataset, uid_from
 logger = logging.getLogger(__name__)
 
 GENERATOR = "radlens-phantom-cxr-v1"
+DATASET_NAME = "phantom_cxr"
+#: the folders and files the generator (and CXRDataset's cache) write, temporary files included
+_PATIENT_DIR = re.compile(r"IU-PT-[0-9A-F]{10}")
+_STUDY_FILE = re.compile(r"\.?IU-ST-[0-9A-F]{10}\.dcm(\.tmp)?")
+_MASK_FILE = re.compile(r"CXR\d+(_\d+)?_IM-\d{4}(-\d+)+__\d+\.png")
+_CACHE_FILE = re.compile(r"\.?images-[0-9a-f]{16}(\.\d+\.tmp\.npy|\.npy|\.skipped\.json"
+                         r"(\.\d+\.tmp)?)")
+_TOP_FILES = ("manifest.jsonl", "skipped.jsonl", "summary.json", ".manifest.jsonl.tmp",
+              ".skipped.jsonl.tmp", "contact_sheet.png")
 
 
 def pseudonym(prefix: str, uid: str) -> str:
@@ -139,9 +154,12 @@ def generate_phantom_cxr(out_dir: str | os.PathLike[str], n: int | None = None,
                            "as --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        removed = clear_previous_run(out)
     except OSError as exc:
-        raise RadLensError(f"{out}: cannot create the output folder ({exc.strerror or exc})"
+        raise RadLensError(f"{out}: cannot prepare the output folder ({exc.strerror or exc})"
                            ) from None
+    if removed:
+        logger.info("PhantomCXR: removed %d files of an earlier run in %s", removed, out)
     wanted = set(report_ids) if report_ids is not None else None
     todo: list[Report] = []
     skipped: list[dict[str, Any]] = []
@@ -176,7 +194,7 @@ def generate_phantom_cxr(out_dir: str | os.PathLike[str], n: int | None = None,
     seconds = time.perf_counter() - t0
     labels = Counter(label for row in rows for label in row["labels"])
     summary = {
-        "rendered": len(rows), "skipped": len(skipped),
+        "dataset": DATASET_NAME, "rendered": len(rows), "skipped": len(skipped),
         "skipped_by_reason": dict(Counter(s["reason"] for s in skipped)),
         "labels": dict(sorted(labels.items())),
         "normal_or_unmapped": sum(1 for row in rows if not row["labels"]),
@@ -188,3 +206,59 @@ def generate_phantom_cxr(out_dir: str | os.PathLike[str], n: int | None = None,
     logger.info("PhantomCXR: %d rendered, %d skipped in %.1f s", len(rows), len(skipped),
                 seconds)
     return summary
+
+
+def clear_previous_run(root: Path) -> int:
+    """Remove what an earlier generation wrote into ``root``: every study DICOM and finding mask
+    named as this generator names them (``dicom/IU-PT-*/IU-ST-*.dcm``, ``masks/<IU image
+    id>__<k>.png``; a patient folder only once empty), CXRDataset's decoded images of them
+    (``.cache/images-*``) and, when ``root`` holds a PhantomCXR manifest or summary, those, the
+    skipped list and the contact sheet (the manifest first, so a folder left half-regenerated
+    is not taken for a data set). Returns how many files went."""
+    removed = 0
+    if _is_phantom_folder(root):
+        for name in _TOP_FILES:
+            path = root / name
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+                removed += 1
+    dicom = root / "dicom"
+    if dicom.is_dir() and not dicom.is_symlink():
+        for folder in sorted(dicom.iterdir()):
+            if (folder.is_symlink() or not folder.is_dir()
+                    or not _PATIENT_DIR.fullmatch(folder.name)):
+                continue
+            for f in folder.iterdir():
+                if _STUDY_FILE.fullmatch(f.name) and not f.is_dir():
+                    f.unlink()
+                    removed += 1
+            if not any(folder.iterdir()):
+                folder.rmdir()
+    for sub, pattern in (("masks", _MASK_FILE), (".cache", _CACHE_FILE)):
+        if (root / sub).is_dir() and not (root / sub).is_symlink():
+            for f in (root / sub).iterdir():
+                if pattern.fullmatch(f.name) and not f.is_dir():
+                    f.unlink()
+                    removed += 1
+    return removed
+
+
+def _is_phantom_folder(root: Path) -> bool:
+    """Whether ``root``'s summary or first manifest row says PhantomCXR wrote it (summaries
+    before ``dataset`` was recorded are known by their fields)."""
+    try:
+        summary = json.loads((root / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    if isinstance(summary, dict) and (summary.get("dataset") == DATASET_NAME or {
+            "rendered", "skipped_by_reason", "normal_or_unmapped"} <= summary.keys()):
+        return True
+    try:
+        with open(root / "manifest.jsonl", encoding="utf-8") as fh:
+            first = json.loads(fh.readline())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(first, dict) and isinstance(first.get("file"), str)
+            and "report_uid" in first and "lung_mask" in first
+            and re.fullmatch(r"dicom/IU-PT-[0-9A-F]{10}/IU-ST-[0-9A-F]{10}\.dcm", first["file"])
+            is not None)
