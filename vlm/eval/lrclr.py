@@ -109,6 +109,10 @@ def evaluate(model_path: str | os.PathLike[str], data: str | os.PathLike[str],
         # the default method's scores; "grounding_patch": the patch-cosine method's
         "grounding": {"method": "gradient", **grounding["gradient"]},
         "grounding_patch": {"method": "patch", **grounding["patch"]},
+        # findings left out of both grounding scores because their mask cannot be read, and
+        # studies left out of every score because their image cannot be read
+        "grounding_skipped_masks": grounding["gradient"]["skipped_masks"],
+        "unreadable_images": len(test.skipped) + len(val.skipped),
     }
     if out_dir is not None:
         write_outputs(Path(out_dir), result, labels, probs, findings, model, tokenizer, test, zs)
@@ -121,12 +125,16 @@ def _grounding(model: LRCLR, tokenizer: Any, ds: CXRDataset, img: ImageEmbedding
     per: dict[str, dict[str, dict[str, list[float]]]] = {m: {} for m in GROUNDING_METHODS}
     reference = zs.reference_embedding()
     done = 0
+    unread: list[str] = []  # masks that cannot be read: left out, counted, one warning
     for i, row in enumerate(ds.rows):
         for f in row.get("findings", []):
             mask_file = f.get("mask")
             if not mask_file or f["finding"] not in zs.prompts.findings:
                 continue
-            mask = np.asarray(Image.open(ds.root / mask_file)) > 0
+            mask = _read_mask(ds.root / mask_file)
+            if isinstance(mask, str):
+                unread.append(f"{mask_file}: {mask}")
+                continue
             if not mask.any():
                 continue
             phrase = zs.prompts.findings[f["finding"]].phrase(
@@ -152,7 +160,28 @@ def _grounding(model: LRCLR, tokenizer: Any, ds: CXRDataset, img: ImageEmbedding
             done += 1
         if limit and done >= limit:
             break
-    return {method: _grounding_summary(found) for method, found in per.items()}
+    if unread:
+        logger.warning("grounding leaves out %d findings whose mask cannot be read: %s%s",
+                       len(unread), "; ".join(unread[:10]),
+                       f"; and {len(unread) - 10} more" if len(unread) > 10 else "")
+    return {method: {**_grounding_summary(found), "skipped_masks": len(unread)}
+            for method, found in per.items()}
+
+
+def _read_mask(path: Path) -> np.ndarray | str:
+    """A finding's mask as a 2-D bool array, or why it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            mask = np.asarray(im) > 0
+    except FileNotFoundError:
+        return "no such file"
+    except Image.UnidentifiedImageError:
+        return "not an image file"
+    except OSError as exc:  # a truncated file, a folder, no permission
+        return " ".join(f"unreadable ({exc.strerror or exc})".split())
+    if mask.ndim != 2:
+        return f"not a single-channel mask (shape {list(mask.shape)})"
+    return mask
 
 
 def _grounding_summary(per: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
@@ -230,6 +259,12 @@ def markdown_table(result: dict[str, Any]) -> str:
     if p and p["pointing_game"] is not None:
         lines.append(f"Patch-cosine method: pointing game {p['pointing_game']:.3f} (mask), "
                      f"{p['pointing_game_box']:.3f} (box); mIoU {p['miou']:.3f}.")
+    if result.get("grounding_skipped_masks"):
+        lines.append(f"{result['grounding_skipped_masks']} findings are left out of grounding: "
+                     "their mask cannot be read.")
+    if result.get("unreadable_images"):
+        lines.append(f"{result['unreadable_images']} studies are left out of every score: "
+                     "their image cannot be read.")
     return "\n".join(lines) + "\n"
 
 
