@@ -68,6 +68,7 @@ class CTDataset:
         if not manifest.is_file():
             raise ConfigError(f"{self.root}: no manifest.jsonl; generate PhantomCT data first")
         rows = list(read_jsonl(manifest))
+        _check_rows(self.root, rows)
         if splits is not None:
             rows = [r for r in rows if r["split"] in set(splits)]
         if not rows:
@@ -212,6 +213,30 @@ class CTDataset:
             time=np.array([float(r["time"]) for r in rows]),
             event=np.array([int(r["event"]) for r in rows], dtype=np.int64),
         )
+
+
+#: the fields of a PhantomCT manifest row every CT recipe reads
+REQUIRED_FIELDS = ("volume_id", "split", "nifti", "shape")
+
+
+def _check_rows(root: Path, rows: list[dict[str, Any]]) -> None:
+    """One line naming what is wrong when ``root``'s manifest is not PhantomCT's (a PhantomCXR
+    folder given to a CT recipe was an internal KeyError: 'volume_id' or 'shape')."""
+    for n, row in enumerate(rows, 1):
+        missing = [k for k in REQUIRED_FIELDS if not isinstance(row, dict) or k not in row]
+        if missing:
+            if all(isinstance(r, dict) and missing[0] not in r for r in rows):
+                why = f"manifest rows have no {missing[0]}"
+            else:
+                why = f"manifest row {n} has no {', '.join(missing)}"
+            raise ConfigError(f"{root} is not a PhantomCT folder ({why}); generate one with "
+                              "'radlens data phantom-ct --out DIR'")
+        shape = row["shape"]
+        if (not isinstance(shape, list) or len(shape) != 3
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                           for v in shape)):
+            raise ConfigError(f"{root}: manifest row {n} ({row['volume_id']}) has shape "
+                              f"{shape!r}, not three positive voxel counts")
 
 
 def _digest(arr: np.ndarray) -> str:

@@ -242,9 +242,9 @@ def run_volume_benchmark(data: str | os.PathLike[str], out: str | os.PathLike[st
     from vlm.train import drasclr as dr
     from vlm.train import lecl as lc
 
+    ds = CTDataset(data)  # not a PhantomCT folder: one line before OUT is created
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ds = CTDataset(data)
     ep = ds.endpoints()
     patient_folds(ep.patients, folds, seed)  # a fold count the data cannot fill: refused now,
     # not after the whole pre-training budget (--folds 0 was a ZeroDivisionError at the end)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -316,3 +317,35 @@ def test_bad_phantom_ct_arguments_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expect in err[0], err
     assert plain.read_text() == "x" and not (tmp_path / "a").exists()
+
+
+def test_a_phantom_cxr_folder_given_to_the_ct_recipes_is_one_line(tmp_path, capsys):
+    """``train drasclr``, ``train lecl`` and ``eval-volumes`` on a PhantomCXR folder died in
+    CTDataset with an internal KeyError: 'volume_id' (or 'shape')."""
+    from tests.tiny_cxr import make_tiny_cxr
+    from ui.cli import main
+    from vlm.data.ct_dataset import CTDataset
+    from vlm.data.manifest import write_jsonl
+    from vlm.errors import ConfigError
+
+    cxr = make_tiny_cxr(tmp_path / "cxr", n=4, size=48)
+    for args in (["train", "drasclr", "--data", str(cxr), "--out", str(tmp_path / "a")],
+                 ["train", "lecl", "--data", str(cxr), "--out", str(tmp_path / "b")],
+                 ["eval-volumes", "--data", str(cxr), "--out", str(tmp_path / "c")]):
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"radlens: error: {cxr} is not a PhantomCT folder (manifest rows have "
+                       "no volume_id); generate one with 'radlens data phantom-ct --out DIR'"]
+    assert not (tmp_path / "c").exists()
+    pct = tmp_path / "pct"
+    pct.mkdir()
+    good = {"volume_id": "pct_s0_00000", "split": "train", "nifti": "nifti/x.nii.gz",
+            "shape": [4, 4, 4]}
+    for rows, expect in (
+            ([good, {k: v for k, v in good.items() if k != "shape"}],
+             "is not a PhantomCT folder (manifest row 2 has no shape)"),
+            ([{**good, "shape": [4, 4]}], "has shape [4, 4], not three positive voxel counts")):
+        write_jsonl(pct / "manifest.jsonl", rows)
+        with pytest.raises(ConfigError, match=re.escape(expect)):
+            CTDataset(pct)
