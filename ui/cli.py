@@ -428,7 +428,9 @@ def train_lrclr_cmd(
     amp: Annotated[str | None, typer.Option(help="bf16 or fp16 mixed precision.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     seed: Annotated[int, typer.Option()] = 0,
-    workers: Annotated[int | None, typer.Option(help="Decode workers.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Decode processes for the image cache; 0 decodes in this process (default: all "
+             "cores).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train LRCLR (or the plain-CLIP baseline config); resumes if OUT has a saved state."""
