@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vlm.errors import ManifestError
+from vlm.errors import ManifestError, RadLensError
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
@@ -66,3 +67,56 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
                     raise ManifestError(f"{path}:{line_no}: not valid JSON ({exc.msg}); "
                                         f"regenerate the data set or mend that line"
                                         ) from None
+
+
+def remove_generated(root: Path, top_files: Sequence[str], folder: re.Pattern[str],
+                     folder_file: re.Pattern[str],
+                     owned: Sequence[tuple[str, re.Pattern[str]]]) -> int:
+    """Remove what an earlier run of a data set generator wrote into ``root``, by the
+    generator's own names only: ``top_files``, the files matching ``folder_file`` in the
+    ``dicom/`` sub-folders matching ``folder`` (each removed once empty), and per ``(sub,
+    pattern)`` of ``owned`` the matching files in ``root/sub``. Linked folders are not
+    entered. Returns how many files went."""
+    removed = 0
+    for name in top_files:
+        path = root / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            removed += 1
+    dicom = root / "dicom"
+    if dicom.is_dir() and not dicom.is_symlink():
+        for sub in sorted(dicom.iterdir()):
+            if sub.is_symlink() or not sub.is_dir() or not folder.fullmatch(sub.name):
+                continue
+            for f in sub.iterdir():
+                if folder_file.fullmatch(f.name) and not f.is_dir():
+                    f.unlink()
+                    removed += 1
+            if not any(sub.iterdir()):
+                sub.rmdir()
+    for sub_name, pattern in owned:
+        where = root / sub_name
+        if where.is_dir() and not where.is_symlink():
+            for f in where.iterdir():
+                if pattern.fullmatch(f.name) and not f.is_dir():
+                    f.unlink()
+                    removed += 1
+    return removed
+
+
+def prepare_output(root: Path, dataset: str, clear: Callable[[Path], int]) -> int:
+    """Create a generator's output folder and ``clear`` an earlier run's files from it;
+    returns how many went.
+
+    Raises:
+        RadLensError: ``root`` is a file, or cannot be created or cleared (one line).
+    """
+    if root.exists() and not root.is_dir():
+        raise RadLensError(f"{root} is a file, not a folder: give a new or {dataset} folder "
+                           "as --out")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return clear(root)
+    except OSError as exc:
+        raise RadLensError(f"{root}: cannot prepare the output folder ({exc.strerror or exc})"
+                           ) from None

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm.data.manifest import split_for, write_jsonl
+from vlm.data.manifest import prepare_output, remove_generated, split_for, write_jsonl
 from vlm.data.phantom_ct.coords import body_frame, to_body_frame
 from vlm.data.phantom_ct.endpoints import location_labels, simulate_survival
 from vlm.data.phantom_ct.geometry import DEFAULT_FOV_MM, Grid, make_grid
@@ -151,15 +151,7 @@ def generate_phantom_ct(out_dir: str | os.PathLike[str], n: int = 8,
     shape = (int(shape[0]), int(shape[1]), int(shape[2]))
     fov = (float(fov_mm[0]), float(fov_mm[1]), float(fov_mm[2]))
     make_grid(shape, fov)  # validate early
-    if root.exists() and not root.is_dir():
-        raise RadLensError(f"{root} is a file, not a folder: give a new or PhantomCT folder "
-                           "as --out")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        removed = clear_previous_run(root)
-    except OSError as exc:
-        raise RadLensError(f"{root}: cannot prepare the output folder "
-                           f"({exc.strerror or exc})") from None
+    removed = prepare_output(root, "PhantomCT", clear_previous_run)
     if removed:
         logger.info("PhantomCT: removed %d files of an earlier run in %s", removed, root)
     workers = max(1, min(int(workers or os.cpu_count() or 1), n))
@@ -188,32 +180,9 @@ def clear_previous_run(root: Path) -> int:
     the one cache keyed by name; the others are keyed by content) and, when ``root`` holds a
     PhantomCT manifest or summary, those and the contact sheet (the manifest first, so a folder
     left half-regenerated is not taken for a data set). Returns how many files went."""
-    removed = 0
-    if _is_phantom_folder(root):
-        for name in _TOP_FILES:
-            path = root / name
-            if path.is_file() or path.is_symlink():
-                path.unlink()
-                removed += 1
-    dicom = root / "dicom"
-    if dicom.is_dir():
-        for folder in sorted(dicom.iterdir()):
-            if (folder.is_symlink() or not folder.is_dir()
-                    or not re.fullmatch(_VOLUME_ID, folder.name)):
-                continue
-            for f in folder.iterdir():
-                if _SLICE_FILE.fullmatch(f.name) and not f.is_dir():
-                    f.unlink()
-                    removed += 1
-            if not any(folder.iterdir()):
-                folder.rmdir()
-    for sub, pattern in _OWNED_FILES:
-        if (root / sub).is_dir() and not (root / sub).is_symlink():
-            for f in (root / sub).iterdir():
-                if pattern.fullmatch(f.name) and not f.is_dir():
-                    f.unlink()
-                    removed += 1
-    return removed
+    return remove_generated(root, _TOP_FILES if _is_phantom_folder(root) else (),
+                            re.compile(_VOLUME_ID), _SLICE_FILE,
+                            _OWNED_FILES)
 
 
 def _is_phantom_folder(root: Path) -> bool:

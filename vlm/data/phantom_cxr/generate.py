@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from vlm.data.iu_reports import Report, frontal_image, load_reports, map_mesh_terms
-from vlm.data.manifest import split_for, write_jsonl
+from vlm.data.manifest import prepare_output, remove_generated, split_for, write_jsonl
 from vlm.data.phantom_cxr.anatomy import load_lung_masks
 from vlm.data.phantom_cxr.study import render_study
 from vlm.errors import RadLensError
@@ -149,15 +149,7 @@ def generate_phantom_cxr(out_dir: str | os.PathLike[str], n: int | None = None,
         raise RadLensError(f"the PhantomCXR seed must be a non-negative integer, got {seed}")
     t0 = time.perf_counter()
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise RadLensError(f"{out} is a file, not a folder: give a new or PhantomCXR folder "
-                           "as --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        removed = clear_previous_run(out)
-    except OSError as exc:
-        raise RadLensError(f"{out}: cannot prepare the output folder ({exc.strerror or exc})"
-                           ) from None
+    removed = prepare_output(out, "PhantomCXR", clear_previous_run)
     if removed:
         logger.info("PhantomCXR: removed %d files of an earlier run in %s", removed, out)
     wanted = set(report_ids) if report_ids is not None else None
@@ -215,32 +207,9 @@ def clear_previous_run(root: Path) -> int:
     (``.cache/images-*``) and, when ``root`` holds a PhantomCXR manifest or summary, those, the
     skipped list and the contact sheet (the manifest first, so a folder left half-regenerated
     is not taken for a data set). Returns how many files went."""
-    removed = 0
-    if _is_phantom_folder(root):
-        for name in _TOP_FILES:
-            path = root / name
-            if path.is_file() or path.is_symlink():
-                path.unlink()
-                removed += 1
-    dicom = root / "dicom"
-    if dicom.is_dir() and not dicom.is_symlink():
-        for folder in sorted(dicom.iterdir()):
-            if (folder.is_symlink() or not folder.is_dir()
-                    or not _PATIENT_DIR.fullmatch(folder.name)):
-                continue
-            for f in folder.iterdir():
-                if _STUDY_FILE.fullmatch(f.name) and not f.is_dir():
-                    f.unlink()
-                    removed += 1
-            if not any(folder.iterdir()):
-                folder.rmdir()
-    for sub, pattern in (("masks", _MASK_FILE), (".cache", _CACHE_FILE)):
-        if (root / sub).is_dir() and not (root / sub).is_symlink():
-            for f in (root / sub).iterdir():
-                if pattern.fullmatch(f.name) and not f.is_dir():
-                    f.unlink()
-                    removed += 1
-    return removed
+    return remove_generated(root, _TOP_FILES if _is_phantom_folder(root) else (),
+                            _PATIENT_DIR, _STUDY_FILE,
+                            (("masks", _MASK_FILE), (".cache", _CACHE_FILE)))
 
 
 def _is_phantom_folder(root: Path) -> bool:
