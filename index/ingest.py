@@ -111,8 +111,8 @@ def walk(source: Path, datasets: dict[str, dict[str, dict[str, Any]]] | None = N
     folder walked once (a link loop ends there). What cannot be walked is appended to
     ``problems`` as ``{"path", "reason"}`` instead of being skipped silently: a folder that
     cannot be listed, a broken link, a FIFO, socket or device (reading a FIFO would wait
-    forever), a data set manifest that cannot be read (its folder is then walked as plain
-    files).
+    forever), a data set manifest that cannot be read (its folder is then left out: indexed
+    as plain files, its images would later be known without their reports).
     """
     def note(path: str, reason: str) -> None:
         if problems is not None:
@@ -142,9 +142,11 @@ def walk(source: Path, datasets: dict[str, dict[str, dict[str, Any]]] | None = N
             try:
                 rows = _manifest_rows(Path(folder))
             except ManifestError as bad:
-                rows = {}
+                # not indexed as plain files: a rerun after the fix would find them known
+                # and never attach their reports and labels
                 note(os.path.join(folder, "manifest.jsonl"),
-                     f"{bad}; the folder is indexed as plain files, without its reports")
+                     f"{bad}; its data set folder is not indexed until the manifest is fixed")
+                continue
             if rows:
                 datasets[folder] = rows
                 yield from (Path(p) for p in sorted(rows))
