@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import getpass
 import hashlib
 import hmac
@@ -20,7 +21,7 @@ import math
 import os
 import secrets
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,19 +222,28 @@ def private_temp_dir() -> Path:
     return path
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM (a service manager's stop) ends the server as Ctrl-C does: gradio closes it
-    and the exit handlers run, so :func:`private_temp_dir` is removed (SIGTERM's default
-    ends the process without them)."""
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """While the server runs, SIGTERM (a service manager's stop) ends it as Ctrl-C does:
+    gradio closes it and the exit handlers run, so :func:`private_temp_dir` is removed
+    (SIGTERM's default ends the process without them). The previous handler is restored on
+    the way out: left installed, it outlived a test's stubbed server and turned a later
+    test's SIGTERM into a KeyboardInterrupt that ended the whole test session."""
     import signal
     import threading
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    if (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
-        signal.signal(signal.SIGTERM, stop)
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def serve(index: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 7860,
@@ -264,10 +274,10 @@ def serve(index: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int =
 
     engine = Engine.open(index, model=model)
     app = build_app(engine, max_upload_mb=max_upload_mb, ingest_roots=ingest_roots)
-    if not prevent_thread_lock:
-        _stop_on_sigterm()
-    return launch(app, engine, host=host, port=port, auth=auth, max_upload_mb=max_upload_mb,
-                  prevent_thread_lock=prevent_thread_lock, quiet=False)
+    with contextlib.nullcontext() if prevent_thread_lock else _stop_on_sigterm():
+        return launch(app, engine, host=host, port=port, auth=auth,
+                      max_upload_mb=max_upload_mb, prevent_thread_lock=prevent_thread_lock,
+                      quiet=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

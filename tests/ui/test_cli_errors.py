@@ -145,6 +145,7 @@ def test_serving_beyond_this_machine_unauthenticated_needs_the_flag(capsys, tmp_
 def test_the_demo_still_serves_on_this_machine_only(capsys, monkeypatch, tiny_model,
                                                     tiny_engine):
     """The demo has no login: it must bind 127.0.0.1, which needs no --auth-file."""
+    import signal
     import socket
 
     import ui.demo
@@ -154,6 +155,9 @@ def test_the_demo_still_serves_on_this_machine_only(capsys, monkeypatch, tiny_mo
 
     def fake_launch(app, engine, **kwargs):
         launched.update(kwargs)
+        launched["sigterm"] = signal.getsignal(signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
 
     monkeypatch.setattr(ui.demo, "build_demo_index", lambda out, checkpoint: tiny_engine.index.path)
     monkeypatch.setattr(ui.serve, "launch", fake_launch)
@@ -163,3 +167,7 @@ def test_the_demo_still_serves_on_this_machine_only(capsys, monkeypatch, tiny_mo
     assert main(["demo", "--model", str(tiny_model), "--port", str(port)]) == 0
     assert launched["host"] == "127.0.0.1" and launched["auth"] is None
     assert launched["port"] == port
+    # SIGTERM stops the server while it runs, and only then: the handler left installed
+    # turned a later test's SIGTERM into a KeyboardInterrupt that ended the test session
+    assert launched["sigterm"] is not before or before is not signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before
