@@ -198,9 +198,10 @@ def index_build(
     LeCL slice embeddings taken relative to an air slice, or of its DrasCLR patch features,
     L2-normalised), a thumbnail and slice previews. Give either or both (images are indexed
     first). Exit 3 if some files or volumes could not be read (listed in OUT/ingest_report.json,
-    OUT/volume_ingest_report.json, with the short series, second copies of a series or of a
-    volume's voxels, and symbolic links to folders that were passed over); exit 2, with the
-    index untouched, if --volume-model finds no volume at all.
+    OUT/volume_ingest_report.json, with the folders, FIFOs and broken links the walk could not
+    read, the short series and second copies of a series or of a volume's voxels; linked
+    folders are followed); exit 2, with no index created or changed, if SOURCE holds no image
+    (--model alone) or --volume-model finds no volume at all.
     """
     from vlm.errors import RadLensError
 
