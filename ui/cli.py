@@ -368,8 +368,8 @@ def data_phantom_cxr(
                  ] = None,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 512,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same data).")] = 0,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (default: all cores).")
-                       ] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Worker processes; 0 renders in this process (default: all cores).")] = None,
     contact_sheet: Annotated[bool, typer.Option(help="Also write contact_sheet.png.")] = True,
 ) -> None:
     """PhantomCXR: real IU reports and MeSH labels, rendered radiographs, exact masks."""
@@ -387,8 +387,8 @@ def data_phantom_ct(
     n: Annotated[int, typer.Option(min=1, help="Number of volumes.")] = 100,
     shape: Annotated[str, typer.Option(help="Z,Y,X voxels.")] = "128,128,128",
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same data).")] = 0,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (default: all cores).")
-                       ] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Worker processes; 0 renders in this process (default: all cores).")] = None,
     contact_sheet: Annotated[bool, typer.Option(help="Also write contact_sheet.png.")] = True,
 ) -> None:
     """PhantomCT: chest-abdomen CT volumes with lesions, emphysema and anatomical coordinates."""

@@ -120,3 +120,17 @@ def prepare_output(root: Path, dataset: str, clear: Callable[[Path], int]) -> in
     except OSError as exc:
         raise RadLensError(f"{root}: cannot prepare the output folder ({exc.strerror or exc})"
                            ) from None
+
+
+def worker_count(workers: int | None, jobs: int) -> int:
+    """Processes for a generator's ``jobs``: None means all cores, 0 and 1 this process
+    (``--workers 0`` meant all cores, a negative count one, both without a word).
+
+    Raises:
+        RadLensError: a negative ``workers``.
+    """
+    if workers is not None and workers < 0:
+        raise RadLensError(f"--workers must be 0 (this process) or a number of processes, got "
+                           f"{workers}")
+    wanted = (os.cpu_count() or 1) if workers is None else max(int(workers), 1)
+    return max(1, min(wanted, max(jobs, 1)))

@@ -31,3 +31,17 @@ def test_jsonl_roundtrip_is_byte_stable(tmp_path):
     assert p1.read_bytes() == p2.read_bytes()
     assert list(read_jsonl(p1)) == rows
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_worker_count_means_what_the_option_says(monkeypatch):
+    import os
+
+    from vlm.data.manifest import worker_count
+    from vlm.errors import RadLensError
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert worker_count(None, 100) == 8 and worker_count(None, 3) == 3
+    assert worker_count(0, 100) == 1  # this process (it meant all cores)
+    assert worker_count(4, 100) == 4 and worker_count(4, 0) == 1
+    with pytest.raises(RadLensError, match="got -2"):  # it ran one worker in silence
+        worker_count(-2, 100)

@@ -197,6 +197,7 @@ def test_data_card_documents_vocabulary_and_contrast_ranges():
     (["--size", "0"], "image size must be 64 to 4096 pixels, got 0"),  # ZeroDivisionError
     (["--size", "100000"], "image size must be 64 to 4096 pixels, got 100000"),  # 10 GB
     (["--seed", "-1"], "seed must be a non-negative integer, got -1"),
+    (["--workers", "-2"], "--workers must be 0 (this process) or a number of processes"),
     (["--out-is-a-file"], "is a file, not a folder"),
 ])
 def test_bad_generator_options_are_one_line_before_any_work(tmp_path, capsys, args, expect):

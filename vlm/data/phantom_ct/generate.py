@@ -30,7 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from vlm.data.manifest import prepare_output, remove_generated, split_for, write_jsonl
+from vlm.data.manifest import (
+    prepare_output,
+    remove_generated,
+    split_for,
+    worker_count,
+    write_jsonl,
+)
 from vlm.data.phantom_ct.coords import body_frame, to_body_frame
 from vlm.data.phantom_ct.endpoints import location_labels, simulate_survival
 from vlm.data.phantom_ct.geometry import DEFAULT_FOV_MM, Grid, make_grid
@@ -145,6 +151,7 @@ def generate_phantom_ct(out_dir: str | os.PathLike[str], n: int = 8,
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    worker_count(workers, 1)  # a negative --workers: refused before any file is touched
     if int(seed) < 0:  # numpy's SeedSequence refused it deep in the first worker
         raise RadLensError(f"the PhantomCT seed must be a non-negative integer, got {seed}")
     root = Path(out_dir)
@@ -154,7 +161,7 @@ def generate_phantom_ct(out_dir: str | os.PathLike[str], n: int = 8,
     removed = prepare_output(root, "PhantomCT", clear_previous_run)
     if removed:
         logger.info("PhantomCT: removed %d files of an earlier run in %s", removed, root)
-    workers = max(1, min(int(workers or os.cpu_count() or 1), n))
+    workers = worker_count(workers, n)
     tasks = [(str(root), int(seed), i, shape, fov) for i in range(n)]
     t0 = time.perf_counter()
     if workers == 1:

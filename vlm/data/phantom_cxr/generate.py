@@ -33,7 +33,13 @@ import numpy as np
 from PIL import Image
 
 from vlm.data.iu_reports import Report, frontal_image, load_reports, map_mesh_terms
-from vlm.data.manifest import prepare_output, remove_generated, split_for, write_jsonl
+from vlm.data.manifest import (
+    prepare_output,
+    remove_generated,
+    split_for,
+    worker_count,
+    write_jsonl,
+)
 from vlm.data.phantom_cxr.anatomy import load_lung_masks
 from vlm.data.phantom_cxr.study import render_study
 from vlm.errors import RadLensError
@@ -145,6 +151,7 @@ def generate_phantom_cxr(out_dir: str | os.PathLike[str], n: int | None = None,
     if not MIN_SIZE <= int(size) <= MAX_SIZE:  # 0 divided by zero; 100000 asked for 10 GB
         raise RadLensError(f"the PhantomCXR image size must be {MIN_SIZE} to {MAX_SIZE} "
                            f"pixels, got {size}")
+    worker_count(workers, 1)  # a negative --workers: refused before any file is touched
     if int(seed) < 0:  # numpy's SeedSequence refused it deep in the first worker
         raise RadLensError(f"the PhantomCXR seed must be a non-negative integer, got {seed}")
     t0 = time.perf_counter()
@@ -167,7 +174,7 @@ def generate_phantom_cxr(out_dir: str | os.PathLike[str], n: int | None = None,
             skipped.append({"report_uid": report.uid, "reason": reason,
                             "labels": report.labels})
     load_lung_masks()  # once in the parent; forked workers inherit it
-    workers = max(1, min(workers or os.cpu_count() or 1, max(len(todo), 1)))
+    workers = worker_count(workers, len(todo))
     jobs = [(r, str(out), size, seed) for r in todo]
     if workers == 1:
         rows = [_render_one(j) for j in jobs]
