@@ -20,11 +20,10 @@ what the search passed over: a DICOM series of fewer than :data:`MIN_SERIES_SLIC
 second copy of a series (the same SeriesInstanceUID and SOPInstanceUIDs in another folder; the
 first copy, by path, is indexed), a volume with the same voxels as one already indexed (a NIfTI
 copy of an indexed DICOM series, see :func:`voxel_hash`; DICOM series are read before NIfTI
-files, so the copy with the DICOM metadata is kept), an unreadable folder, and a symbolic link
-to a folder, which is not followed (as the image ingest's walk does not follow it: a link can
-lead out of the archive or round in a cycle); files that are not regular files (FIFOs, sockets,
-devices) are never opened. A source with no volume at all is an error
-(:class:`NoVolumesError`) raised before any index is created or opened.
+files, so the copy with the DICOM metadata is kept), an unreadable folder, a broken link, and a
+file that is not a regular file (FIFO, socket, device), which is never opened. Linked folders
+are followed, each real folder once, as in the image ingest's walk. A source with no volume at
+all is an error (:class:`NoVolumesError`) raised before any index is created or opened.
 
 Catalog rows hold pseudonyms only (study/series pseudonyms from DICOM, a keyed pseudonym of the
 path unless ``keep_paths``). The index folder keeps, per volume, a thumbnail (middle axial slice,
@@ -400,9 +399,8 @@ def ingest_volumes(encoder: VolumeEncoder, source: str | os.PathLike[str],
     except BaseException:
         ix.close()
         raise
+    # listed once, by the caller (the CLI prints each failure on stderr), as image ingest does
     report = VolumeIngestReport(source=str(src), failed=list(skipped))
-    for row in skipped:
-        logger.warning("skipped: %s: %s", row["path"], row["reason"])
     try:
         stop = _run(encoder, model, ix, src, sources, report, save_every, progress, keep_paths,
                     start)
@@ -487,7 +485,7 @@ def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: P
                 ix.add(VOLUME, enc.vector[None], [row], model=model)
             except Exception as exc:
                 report.failed.append(_failure(vs, exc))
-                logger.warning("skipped a volume: %s", report.failed[-1]["reason"])
+                logger.info("skipped a volume: %s", report.failed[-1]["reason"])
                 continue
             known.add(digest)
             voxels[voxel_digest] = str(vs.path)
