@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from index.folder import IndexFolder, is_index_folder
+from index.walk import folders
 from vlm.allocator import tune_allocator
 from vlm.errors import Interrupted, ManifestError, RadLensError
 from vlm.inference import Encoder
@@ -42,7 +43,6 @@ KILL_ENV = "RADLENS_TEST_KILL_AFTER_SAVES"  # tests: SIGKILL self after this man
 INTERRUPT_ENV = "RADLENS_TEST_INTERRUPT_AFTER_BATCHES"  # tests: Ctrl-C after this many batches
 THUMB_SIZE = 512  # what the app shows; originals are never served
 THUMB_QUALITY = 92
-SKIP_NAMES = {"DICOMDIR", "manifest.jsonl", "summary.json", "skipped.jsonl"}
 SKIP_SUFFIXES = {".json", ".jsonl", ".txt", ".md", ".csv", ".npy", ".nii", ".gz", ".html"}
 
 
@@ -103,16 +103,16 @@ def _manifest_rows(root: Path) -> dict[str, dict[str, Any]]:
 
 def walk(source: Path, datasets: dict[str, dict[str, dict[str, Any]]] | None = None,
          problems: list[dict[str, str]] | None = None) -> Iterator[Path]:
-    """Image files under ``source``, folders and files in name order.
+    """Image files under ``source``, folders and files in name order (:func:`index.walk.folders`:
+    links followed, each folder once, hidden entries and index folders passed over).
 
     In a data set folder (a ``manifest.jsonl`` listing ``file`` rows) the files its manifest
     lists, and their rows are put in ``datasets`` by folder; elsewhere every regular file
-    (hidden files, reports and NIfTI volumes are skipped). Symbolic links are followed, each
-    folder walked once (a link loop ends there). What cannot be walked is appended to
-    ``problems`` as ``{"path", "reason"}`` instead of being skipped silently: a folder that
-    cannot be listed, a broken link, a FIFO, socket or device (reading a FIFO would wait
-    forever), a data set manifest that cannot be read (its folder is then left out: indexed
-    as plain files, its images would later be known without their reports).
+    (reports and NIfTI volumes are skipped). What cannot be walked is appended to ``problems``
+    as ``{"path", "reason"}`` instead of being skipped silently: a folder that cannot be
+    listed, a broken link, a FIFO, socket or device, a data set manifest that cannot be read
+    (its folder is then left out: indexed as plain files, its images would later be known
+    without their reports).
     """
     def note(path: str, reason: str) -> None:
         if problems is not None:
@@ -122,56 +122,24 @@ def walk(source: Path, datasets: dict[str, dict[str, dict[str, Any]]] | None = N
         yield source
         return
     datasets = {} if datasets is None else datasets
-    walked: set[tuple[int, int]] = set()
-    stack = [str(source)]
-    while stack:
-        folder = stack.pop()
-        try:
-            st = os.stat(folder)
-            if (st.st_dev, st.st_ino) in walked:  # linked twice, or a link to a parent
-                continue
-            walked.add((st.st_dev, st.st_ino))
-            with os.scandir(folder) as listing:
-                entries = sorted(listing, key=lambda e: e.name)
-        except OSError as e:
-            note(folder, f"unreadable folder ({e.strerror or e})")
-            continue
-        if is_index_folder(folder):  # an index kept inside the archive: its thumbnails are not
-            continue                 # archive images, its catalog and vectors no images at all
-        if any(e.name == "manifest.jsonl" for e in entries):
+    for folder in folders(source, note):
+        if folder.has_manifest:
             try:
-                rows = _manifest_rows(Path(folder))
+                rows = _manifest_rows(Path(folder.path))
             except ManifestError as bad:
                 # not indexed as plain files: a rerun after the fix would find them known
                 # and never attach their reports and labels
-                note(os.path.join(folder, "manifest.jsonl"),
+                note(str(folder.manifest),
                      f"{bad}; its data set folder is not indexed until the manifest is fixed")
+                folder.prune()
                 continue
             if rows:
-                datasets[folder] = rows
+                datasets[folder.path] = rows
                 yield from (Path(p) for p in sorted(rows))
+                folder.prune()
                 continue
-        subfolders = []
-        for entry in entries:
-            name = entry.name
-            if name.startswith("."):
-                continue
-            try:
-                is_dir, is_file = entry.is_dir(), entry.is_file()
-            except OSError as e:
-                note(entry.path, f"not read: {e.strerror or e}")
-                continue
-            if is_dir:
-                subfolders.append(entry.path)
-            elif name in SKIP_NAMES or os.path.splitext(name)[1].lower() in SKIP_SUFFIXES:
-                continue
-            elif is_file:
-                yield Path(entry.path)
-            elif not os.path.exists(entry.path):
-                note(entry.path, "broken symbolic link")
-            else:
-                note(entry.path, "not a regular file (a FIFO, socket or device): not read")
-        stack.extend(reversed(subfolders))
+        yield from (Path(f) for f in folder.files
+                    if os.path.splitext(f)[1].lower() not in SKIP_SUFFIXES)
 
 
 def file_hash(path: Path) -> str:

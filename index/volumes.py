@@ -48,7 +48,8 @@ import numpy as np
 from index import persist
 from index.catalog import CatalogItem
 from index.folder import CollectionModel, IndexFolder, is_index_folder
-from index.ingest import SKIP_NAMES, file_hash
+from index.ingest import file_hash
+from index.walk import folders
 from vlm.errors import ConfigError, Interrupted, RadLensError
 from vlm.interrupt import StopRequest, stop_on_signal
 from vlm.io import Volume, is_nifti, read_nifti, read_series, render
@@ -213,9 +214,10 @@ def find_volumes(source: str | os.PathLike[str]) -> list[VolumeSource]:
 def discover_volumes(source: str | os.PathLike[str]
                      ) -> tuple[list[VolumeSource], list[dict[str, str]]]:
     """:func:`find_volumes`, and what it passed over as report rows (``path``, ``reason``):
-    unreadable folders, broken links, FIFOs, sockets and devices, short series and second
-    copies of a series (see :func:`group_series`). Linked folders are followed, each real
-    folder once, as the image walk (:func:`index.ingest.walk`) does."""
+    unreadable folders, broken links, FIFOs, sockets and devices, a data set manifest that
+    cannot be read (its folder is left out until it is fixed), short series and second copies
+    of a series (see :func:`group_series`). The folders are walked by the rules the image walk
+    follows too (:func:`index.walk.folders`: links followed, each real folder once)."""
     src = Path(source)
     if src.is_file():
         return ([VolumeSource("nifti", src, [src])] if is_nifti(src) else []), []
@@ -223,41 +225,27 @@ def discover_volumes(source: str | os.PathLike[str]
     loose: list[Path] = []
     skipped: list[dict[str, str]] = []
 
-    def unreadable(exc: OSError) -> None:
-        skipped.append({"path": str(exc.filename or src),
-                        "reason": f"unreadable folder ({exc.strerror or exc})"})
+    def note(path: str, reason: str) -> None:
+        skipped.append({"path": path, "reason": reason})
 
-    walked: set[tuple[int, int]] = set()
-    for root, dirs, files in os.walk(src, onerror=unreadable, followlinks=True):
-        here = Path(root)
-        try:
-            st = os.stat(here)
-        except OSError as exc:
-            unreadable(exc)
-            dirs[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in walked:  # linked twice, or a link to a parent folder
-            dirs[:] = []
-            continue
-        walked.add((st.st_dev, st.st_ino))
-        if is_index_folder(here):  # an index kept inside the archive: not volumes
-            dirs[:] = []
-            continue
-        rows = _manifest_volume_rows(here)
-        if rows:
-            found.extend(_dataset_sources(here, rows))
-            dirs[:] = []
-            continue
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            path = here / name
-            if name.startswith(".") or name in SKIP_NAMES:
+    for folder in folders(src, note):
+        here = Path(folder.path)
+        if folder.has_manifest:
+            try:
+                rows = _manifest_volume_rows(here)
+            except ConfigError as bad:  # a damaged manifest (ManifestError) or an unreadable one
+                # as the image walk: not read as loose files, which a rerun after the fix
+                # would find known and never attach their labels to
+                note(str(folder.manifest),
+                     f"{bad}; its data set folder is not indexed until the manifest is fixed")
+                folder.prune()
                 continue
-            if not path.is_file():  # never opened: reading a FIFO would wait forever
-                skipped.append({"path": str(path), "reason": (
-                    "not a regular file (a FIFO, socket or device): not read" if path.exists()
-                    else "broken symbolic link")})
+            if rows:
+                found.extend(_dataset_sources(here, rows))
+                folder.prune()
                 continue
+        for name in folder.files:
+            path = Path(name)
             if is_nifti(path):
                 found.append(VolumeSource("nifti", path, [path]))
             elif path.suffix.lower() not in NOT_DICOM_SUFFIXES:

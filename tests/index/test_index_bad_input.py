@@ -75,6 +75,16 @@ def test_walk_lists_what_it_cannot_read_and_follows_links_once(tmp_path, monkeyp
     assert "not valid JSON" in reasons["ds/manifest.jsonl"]
     assert "not indexed until the manifest is fixed" in reasons["ds/manifest.jsonl"]
     assert len(problems) == 4
+    # the volume walk follows the same rules and lists the same problems (it raised on the
+    # damaged manifest, and passed the FIFO's and the links' rules through code of its own)
+    from index.volumes import discover_volumes
+
+    volumes, skipped = discover_volumes(root)
+    assert volumes == []  # single files that are not NIfTI: no series of enough slices
+    assert sorted((p["path"], p["reason"]) for p in skipped
+                  if p["path"] != str(root / "a" / "one.dcm")
+                  and p["path"] != str(root / "linked" / "two.dcm")) == sorted(
+        (p["path"], p["reason"]) for p in problems)
 
 
 def test_build_lists_walk_problems_once_and_refuses_an_empty_source(model_dir, tmp_path,
