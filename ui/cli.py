@@ -48,6 +48,20 @@ def _path(value: str) -> Path:
     return Path(value)
 
 
+def _out_folder(value: str) -> Path:
+    """An output folder option's value, refused up front when it, or a folder above it, is a
+    file (training and evaluation found that out at their first write, minutes in)."""
+    path = _path(value)
+    for above in (path, *path.parents):
+        if above.exists():
+            if not above.is_dir():
+                where = "" if above == path else f" (in {path})"
+                raise typer.BadParameter(f"{above} is a file, not a folder{where}: give a new "
+                                         "or existing folder")
+            break
+    return path
+
+
 @app.callback()
 def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
@@ -410,7 +424,8 @@ def data_phantom_ct(
 @train_app.command("lrclr")
 def train_lrclr_cmd(
     data: Annotated[Path, typer.Option(help="PhantomCXR-style folder with manifest.jsonl.")],
-    out: Annotated[Path, typer.Option(help="Run folder (best/, last/, train_state.pt).")],
+    out: Annotated[Path, typer.Option(
+        parser=_out_folder, help="Run folder (best/, last/, train_state.pt).")],
     model: Annotated[str, typer.Option(help="Model config name or JSON.")] = "lrclr-r18",
     pretrained: Annotated[str | None, typer.Option(
         help="Start from weights: RadLens checkpoint or open_clip weights (path, local-dir:, "
@@ -451,7 +466,7 @@ def train_lrclr_cmd(
 @train_app.command("lecl")
 def train_lecl_cmd(
     data: Annotated[Path, typer.Option(help="PhantomCT-style folder with manifest.jsonl.")],
-    out: Annotated[Path, typer.Option(help="Run folder.")],
+    out: Annotated[Path, typer.Option(parser=_out_folder, help="Run folder.")],
     lesion_weight: Annotated[float, typer.Option(help="w of LeCL; 0 = plain MoCo v3.")] = 10.0,
     preset: Annotated[str, typer.Option(help="Model size preset (tiny|small|r18).")] = "small",
     epochs: Annotated[int, typer.Option()] = 20,
@@ -484,7 +499,7 @@ def train_lecl_cmd(
 @train_app.command("drasclr")
 def train_drasclr_cmd(
     data: Annotated[Path, typer.Option(help="PhantomCT-style folder with manifest.jsonl.")],
-    out: Annotated[Path, typer.Option(help="Run folder.")],
+    out: Annotated[Path, typer.Option(parser=_out_folder, help="Run folder.")],
     plain: Annotated[bool, typer.Option("--plain", help="Unconditioned convolutions "
                                                         "(the baseline).")] = False,
     preset: Annotated[str, typer.Option(help="Model size preset (tiny|small).")] = "small",
@@ -521,7 +536,8 @@ def _location_numbers(items: list[str] | None, option: str) -> dict[str, float]:
 def train_lesionseg_cmd(
     data: Annotated[Path, typer.Option(help="PhantomCT-style folder with manifest.jsonl and "
                                             "lesion masks.")],
-    out: Annotated[Path, typer.Option(help="Run folder (best/, last/, train_state.pt).")],
+    out: Annotated[Path, typer.Option(
+        parser=_out_folder, help="Run folder (best/, last/, train_state.pt).")],
     width: Annotated[int, typer.Option(help="Channels of the first block.")] = 16,
     epochs: Annotated[int, typer.Option(help="Epochs of 100 steps.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 4,
@@ -577,8 +593,8 @@ def train_clear_cmd(
     data: Annotated[Path, typer.Option(help="PhantomCT-style folder with manifest.jsonl.")],
     slice_model: Annotated[Path, typer.Option(help="LeCL run or checkpoint folder.")],
     out: Annotated[Path | None, typer.Option(
-        help="Where clear_mil.pt goes (default: the slice-model folder, where the volume "
-             "encoder finds it).")] = None,
+        parser=_out_folder, help="Where clear_mil.pt goes (default: the slice-model folder, "
+                                 "where the volume encoder finds it).")] = None,
     epochs: Annotated[int, typer.Option()] = 64,
     lr: Annotated[float, typer.Option()] = 1e-3,
     batch_size: Annotated[int, typer.Option()] = 16,
@@ -598,7 +614,8 @@ def train_clear_cmd(
 @app.command("eval-volumes")
 def eval_volumes_cmd(
     data: Annotated[Path, typer.Option(help="PhantomCT-style folder with manifest.jsonl.")],
-    out: Annotated[Path, typer.Option(help="Output folder (JSON + markdown table).")],
+    out: Annotated[Path, typer.Option(
+        parser=_out_folder, help="Output folder (JSON + markdown table).")],
     budget_minutes: Annotated[float, typer.Option(help="Total pre-training budget, split "
                                                        "equally over the four encoders.")
                               ] = 20.0,
@@ -668,7 +685,8 @@ def eval_cmd(
     model: Annotated[str, typer.Option(help="Checkpoint folder (or config name).")],
     data: Annotated[Path, typer.Option(help="PhantomCXR-style folder with manifest.jsonl.")],
     split: Annotated[str, typer.Option(help="Split to score.")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Write eval.json, eval.md and plots here.")
+    out: Annotated[Path | None, typer.Option(
+        parser=_out_folder, help="Write eval.json, eval.md and plots here.")
                    ] = None,
     prompts: Annotated[Path | None, typer.Option(help="Prompt-set JSON (default: built-in).")
                        ] = None,
@@ -714,7 +732,8 @@ def serve(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo data and index.")
+    out: Annotated[Path, typer.Option(
+        parser=_out_folder, help="Folder for the demo data and index.")
                    ] = Path("data/demo"),
     model: Annotated[Path | None, typer.Option(help="Checkpoint (default: the shipped one).")
                      ] = None,

@@ -171,3 +171,28 @@ def test_the_demo_still_serves_on_this_machine_only(capsys, monkeypatch, tiny_mo
     # turned a later test's SIGTERM into a KeyboardInterrupt that ended the test session
     assert launched["sigterm"] is not before or before is not signal.SIG_DFL
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "lrclr", "--data", "D", "--model", "lrclr-tiny"],
+    ["train", "lecl", "--data", "D"],
+    ["train", "drasclr", "--data", "D"],
+    ["train", "lesion-seg", "--data", "D"],
+    ["train", "clear", "--data", "D", "--slice-model", "S"],
+    ["eval", "--model", "M", "--data", "D"],
+    ["eval-volumes", "--data", "D"],
+    ["demo"],
+])
+@pytest.mark.parametrize("below", [False, True])
+def test_an_out_folder_that_is_a_file_is_refused_before_any_work(capsys, tmp_path, args,
+                                                                 below):
+    """``train lrclr --out FILE/run`` trained until its first checkpoint, ``eval --out FILE``
+    scored the whole split, before the bare errno text came."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = afile / "run" if below else afile
+    code = main([*args, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{afile} is a file, not a folder" in err
+    assert afile.read_text() == "x"
