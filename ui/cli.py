@@ -40,15 +40,17 @@ def _number_pair(text: str, sep: str, option: str) -> tuple[float, float]:
         raise RadLensError(f"{option} {text!r}: expected two numbers LO{sep}HI") from None
 
 
-def _path(value: str) -> Path:
-    """A path option's value; an empty one is refused (``Path("")`` is the current folder:
-    ``--source ""`` used to index whatever folder the command ran in)."""
+def _path(value: str | Path) -> Path:
+    """A path option's value (or its default); an empty one is refused (``Path("")`` is the
+    current folder: ``--source ""`` used to index whatever folder the command ran in)."""
+    if isinstance(value, Path):
+        return value
     if not value.strip():
         raise typer.BadParameter("an empty path: give a file or folder")
     return Path(value)
 
 
-def _out_folder(value: str) -> Path:
+def _out_folder(value: str | Path) -> Path:
     """An output folder option's value, refused up front when it, or a folder above it, is a
     file (training and evaluation found that out at their first write, minutes in)."""
     path = _path(value)
