@@ -22,7 +22,7 @@ from index.volume_search import VolumeSearch
 from index.volumes import VOLUME
 from vlm.errors import RadLensError
 from vlm.grounding import Grounding
-from vlm.inference import Encoder
+from vlm.inference import Encoder, readable
 from vlm.io import ImageData, read_image
 from vlm.zeroshot import PromptSet
 
@@ -175,7 +175,7 @@ class Engine:
     def search_image(self, image: ImageData | str | os.PathLike[str], k: int = 10,
                      regions: bool = True, **filters: Any) -> list[Result]:
         """Image -> top-k similar studies, with the indexed regions that matched best."""
-        img = image if isinstance(image, ImageData) else read_image(image)
+        img = image if isinstance(image, ImageData) else readable(read_image(image), str(image))
         (enc,) = self.encoder.encode_images([img])
         results = self._search(enc.vector, k, filters)
         if regions and len(enc.region_vectors) and REGION in self.index.collections():

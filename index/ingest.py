@@ -274,6 +274,9 @@ def decode_file(path: str, digest: str, pre_cfg: PreprocessConfig, data: bytes |
         image = read_image(path, data=data)
         if image.meta.frames > 1:
             image = image.frame(image.meta.frames // 2)
+        problem = image.content_problem()
+        if problem:  # its vector would rank among the rest like any other image's
+            return {"path": path, "error": f"{problem}: not indexed"}
         pre = Preprocess(pre_cfg)
         unit = pre.unit(image)  # the VOI pass, shared by the model input and the thumbnail
         x, box = pre.one_channel(unit.numpy())

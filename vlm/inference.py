@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from vlm.amp import AMP_CHOICES, cpu_bf16_flags
 from vlm.amp import autocast as amp_autocast
 from vlm.data.transforms import Letterbox, Preprocess
-from vlm.errors import ConfigError
+from vlm.errors import ConfigError, ImageReadError
 from vlm.grounding import METHODS as GROUNDING_METHODS
 from vlm.grounding import Grounding, ground, ground_gradient
 from vlm.io import ImageData
@@ -32,6 +32,18 @@ from vlm.models.outputs import ImageEmbedding
 from vlm.zeroshot import PromptSet, ZeroShotClassifier, load_calibration
 
 logger = logging.getLogger(__name__)
+
+
+def readable(image: ImageData, name: str = "image") -> ImageData:
+    """``image``, if a model can read it (see :meth:`ImageData.content_problem`).
+
+    Raises:
+        ImageReadError: it is blank or too small, named ``name`` (a path, where there is one).
+    """
+    problem = image.content_problem()
+    if problem:
+        raise ImageReadError(name, problem)
+    return image
 
 
 def check_device(device: str) -> str:
@@ -153,7 +165,7 @@ class Encoder:
     def _embed(self, images: Sequence[ImageData]) -> tuple[ImageEmbedding, list[Letterbox]]:
         tensors, boxes = [], []
         for image in images:
-            x, box = self.preprocess(image)
+            x, box = self.preprocess(readable(image))
             tensors.append(x)
             boxes.append(box)
         return self.encode_tensor(torch.stack(tensors).to(self.device, self.dtype)), boxes
@@ -221,7 +233,7 @@ class Encoder:
         if method == "patch":
             emb, boxes = self._embed([image])
             return [ground(emb, text, boxes[0]) for text in texts]
-        x, box = self.preprocess(image)
+        x, box = self.preprocess(readable(image))
         x = x[None].to(self.device, self.dtype)
         reference = self.zeroshot.reference_embedding()
         return [ground_gradient(self.model, x, text, reference, box) for text in texts]

@@ -273,3 +273,31 @@ def test_pretrained_weights_that_are_no_weights_are_one_line(tmp_path):
         (tmp_path / name).write_bytes(content)  # the text file was an internal KeyError: 105
         with pytest.raises(ConfigError, match="not readable as model weights"):
             build("lrclr-tiny", pretrained=str(tmp_path / name))
+
+
+def test_blank_and_tiny_images_are_listed_not_indexed_and_refused_as_queries(
+        model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    src = make_tiny_cxr(tmp_path / "src", n=4, size=64)
+    (src / "manifest.jsonl").unlink()  # a plain folder: every file is walked
+    Image.new("L", (64, 64), 0).save(src / "zero_filled.png")
+    Image.new("L", (8, 8), 200).save(src / "icon.png")
+    idx = tmp_path / "idx"
+    code = main(["index", "build", "--model", str(model_dir), "--source", str(src),
+                 "--out", str(idx), "--no-progress", "--workers", "0"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 3  # finished, with files passed over
+    report = json.loads((idx / "ingest_report.json").read_text())
+    reasons = {Path(f["path"]).name: f["reason"] for f in report["failed"]}
+    assert reasons == {
+        "zero_filled.png": "blank (every pixel is 0): no image content: not indexed",
+        "icon.png": "too small to read (8x8 pixels; at least 16 a side): not indexed"}
+    assert report["added"] == 4
+    assert sum("zero_filled.png" in line for line in err) == 1
+    code = main(["search", "--index", str(idx), "--image", str(src / "zero_filled.png")])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.splitlines() == [
+        f"radlens: error: {src / 'zero_filled.png'}: blank (every pixel is 0): no image "
+        "content"]

@@ -6,9 +6,9 @@ import torch
 
 import vlm  # noqa: F401
 from tests.vlm.io.conftest import sample_file
-from vlm.errors import ConfigError
+from vlm.errors import ConfigError, ImageReadError
 from vlm.inference import Encoder
-from vlm.io import read_image
+from vlm.io import ImageData, ImageMeta, read_image
 from vlm.models import create_model, get_tokenizer, save_checkpoint
 
 
@@ -113,3 +113,35 @@ def test_bf16_autocast_encoding_is_close_to_fp32_and_fp16_is_for_gpus(encoder, t
         Encoder(folder, amp="fp16")
     with pytest.raises(ConfigError, match="unknown amp 'int8'"):
         Encoder(folder, amp="int8")
+
+
+@pytest.mark.parametrize(("pixels", "frames", "problem"), [
+    (np.zeros((64, 64), np.float32), 1, "blank (every pixel is 0)"),
+    (np.full((3, 64, 64), 812.0, np.float32), 3, "blank (every pixel is 812)"),
+    (np.full((64, 64), np.nan, np.float32), 1, "blank (no pixel has a finite value)"),
+    (np.arange(8 * 40, dtype=np.float32).reshape(8, 40), 1, "too small to read (40x8 pixels"),
+    (np.ones((1, 1, 3), np.float32), 1, "too small to read (1x1 pixels"),
+])
+def test_blank_and_tiny_images_are_refused_not_encoded(encoder, pixels, frames, problem):
+    """A zero-filled export or a 1x1 upload encoded to a unit vector like any other, and a
+    search by it returned a confident ranking of the archive."""
+    colour = pixels.ndim == 3 and frames == 1
+    image = ImageData(pixels, ImageMeta("png", frames=frames,
+                                        samples_per_pixel=3 if colour else 1))
+    assert problem in image.content_problem()
+    for call in (lambda: encoder.encode_images([image]), lambda: encoder.classify(image),
+                 lambda: encoder.ground(image, ["left lung"]),
+                 lambda: encoder.ground(image, ["left lung"], method="patch")):
+        with pytest.raises(ImageReadError, match=r"^image: (blank|too small)"):
+            call()
+
+
+def test_images_with_content_pass_whatever_their_layout():
+    rng = np.random.default_rng(0)
+    one_pixel_apart = np.zeros((64, 64), np.float32)
+    one_pixel_apart[10, 13] = 1.0  # outside the sparse sample: the full pass finds it
+    for pixels, meta in ((one_pixel_apart, ImageMeta("png")),
+                         (rng.random((2, 16, 16), np.float32), ImageMeta("dicom", frames=2)),
+                         (rng.random((16, 20, 3), np.float32),
+                          ImageMeta("png", samples_per_pixel=3))):
+        assert ImageData(pixels, meta).content_problem() is None

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+#: the smallest image side, in pixels, that a model is asked to read
+MIN_IMAGE_SIDE = 16
 
 @dataclass(frozen=True)
 class VOIWindow:
@@ -117,6 +119,31 @@ class ImageData:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.pixels.shape)
+
+    def content_problem(self) -> str | None:
+        """Why this image holds nothing a model can read, or None: smaller than
+        :data:`MIN_IMAGE_SIDE` pixels a side, or blank (every pixel the same value, e.g. a
+        zero-filled export). Such an image still encodes to a unit vector, and that vector
+        ranked an archive like any other."""
+        frames = self.meta.frames > 1
+        height, width = self.pixels.shape[1:3] if frames else self.pixels.shape[:2]
+        if min(height, width) < MIN_IMAGE_SIDE:
+            return (f"too small to read ({width}x{height} pixels; at least {MIN_IMAGE_SIDE} a "
+                    "side)")
+        flat = self.pixels.reshape(-1)
+        sample = flat[::97]  # most images differ within a sparse sample: no full pass
+        if sample.size and sample.min() < sample.max():
+            return None
+        if flat.size:
+            lo, hi = flat.min(), flat.max()
+            if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN or infinity somewhere
+                finite = flat[np.isfinite(flat)]
+                if not finite.size:
+                    return "blank (no pixel has a finite value): no image content"
+                lo, hi = finite.min(), finite.max()
+            if lo == hi:
+                return f"blank (every pixel is {float(lo):g}): no image content"
+        return None
 
     def frame(self, index: int = 0) -> ImageData:
         """One frame of a multi-frame image (the image itself if single-frame)."""
