@@ -14,7 +14,8 @@ Two methods, same output (:class:`Grounding`):
   phrase. One forward and one backward pass per phrase; model parameters get no gradient.
   The outermost 4 px of the input-gradient map are zeroed: convolution zero padding gives them
   large gradients for any phrase. The stage, sigma, border and the square root were chosen on
-  the PhantomCXR validation split (README, "Grounding").
+  the PhantomCXR validation split (docs/lrclr_results.md, "Grounding: the read-out was the
+  bottleneck").
 * ``"patch"`` (:func:`ground`, the BioViL protocol sharpened by LRCLR's selected regions):
   cosine(projected patch embedding, phrase embedding) over the patch grid, optionally blended
   with the phrase's attention over the selected regions (each region spreads its weight over
@@ -23,7 +24,8 @@ Two methods, same output (:class:`Grounding`):
 
 Either map is upsampled to the model input and mapped back through the letterbox to the
 original image. The box is the bounding box of the thresholded map's connected component that
-holds the peak. Measured pointing game of both on PhantomCXR: README, "Grounding".
+holds the peak. Measured pointing game of both on PhantomCXR: the README's LRCLR results and
+docs/lrclr_results.md.
 """
 
 from __future__ import annotations
