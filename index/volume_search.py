@@ -28,7 +28,7 @@ from index.volumes import (
     read_source,
     voxel_hash,
 )
-from vlm.errors import ConfigError, RadLensError
+from vlm.errors import ConfigError, ImageReadError, RadLensError
 from vlm.io import Volume, is_nifti
 from vlm.volume_encoder import VolumeEncoder, VolumeEncoding
 
@@ -118,8 +118,16 @@ class VolumeSearch:
                            content_hash=item.content_hash if item else None,
                            voxel_hash=voxels if isinstance(voxels, str) else None)
 
-    def query_volume(self, volume: Volume, digest: str | None = None) -> VolumeQuery:
-        """A volume read elsewhere (e.g. an upload), encoded with the collection's model."""
+    def query_volume(self, volume: Volume, digest: str | None = None, name: str = "volume"
+                     ) -> VolumeQuery:
+        """A volume read elsewhere (e.g. an upload), encoded with the collection's model.
+
+        Raises:
+            ImageReadError: it is blank or too small to read (named ``name``).
+        """
+        problem = volume.content_problem()
+        if problem:
+            raise ImageReadError(name, problem)
         enc = self.encoder.encode(volume)
         return VolumeQuery(enc.vector, volume=volume, encoding=enc, content_hash=digest,
                            voxel_hash=voxel_hash(volume))
@@ -127,7 +135,7 @@ class VolumeSearch:
     def query_path(self, path: str | os.PathLike[str]) -> VolumeQuery:
         """A NIfTI file or DICOM series folder, read and encoded."""
         src = query_source(path)
-        return self.query_volume(read_source(src), content_hash(src))
+        return self.query_volume(read_source(src), content_hash(src), str(path))
 
     # ------------------------------------------------------------------ search
     def search(self, query: VolumeQuery, k: int = 10, **filters: Any) -> list[Hit]:

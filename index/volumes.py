@@ -455,6 +455,9 @@ def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: P
                     report.already_indexed += 1
                     continue
                 volume = read_source(vs)
+                problem = volume.content_problem()
+                if problem:  # its vector would rank among the rest like any other volume's
+                    raise RadLensError(f"{problem}: not indexed")
                 voxel_digest = voxel_hash(volume)
                 if voxel_digest in voxels:
                     raise _Duplicate(f"duplicate: the same voxels as {voxels[voxel_digest]}, "

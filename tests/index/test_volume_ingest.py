@@ -296,7 +296,9 @@ def test_a_volume_that_encodes_to_nothing_is_a_listed_failure(archive, tmp_path)
     report = ingest_volumes(VolumeEncoder.load("random:lecl-tiny"), src, tmp_path / "idx",
                             progress=False)
     assert report.added == 1 and [Path(f["path"]).name for f in report.failed] == ["air.nii.gz"]
-    assert "empty air" in report.failed[0]["reason"]
+    # constant: refused as blank before encoding (the encoder's own "empty air" refusal
+    # stays for volumes that are air but not one value)
+    assert report.failed[0]["reason"].startswith("blank (every voxel is -1024)")
 
 
 def test_ctrl_c_saves_the_volumes_done_and_a_rerun_adds_the_rest(archive, tmp_path,
@@ -464,3 +466,29 @@ def test_a_nifti_copy_of_an_indexed_series_is_not_its_twin_in_search(archive, tm
                           if h.item) == ["ct7", "ct8"]
         finally:
             vs.close()
+
+
+def test_blank_and_tiny_volumes_are_listed_not_indexed_and_refused_as_queries(
+        archive, tmp_path, capsys):
+    """A zero-filled NIfTI export and a 2x2x1 volume were encoded and indexed like any other
+    volume, and a search by the blank one ranked the archive."""
+    from vlm.volume_encoder import VolumeEncoder
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(archive["case_a"], src / "case_a.nii.gz")
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 32), np.int16), affine), src / "blank.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((2, 2, 1), 40, np.int16), affine), src / "tiny.nii.gz")
+    report = ingest_volumes(VolumeEncoder.load("random:lecl-tiny"), src, tmp_path / "idx",
+                            progress=False, keep_paths=True)
+    assert report.added == 1
+    assert {Path(f["path"]).name: f["reason"] for f in report.failed} == {
+        "blank.nii.gz": "blank (every voxel is 0): no image content: not indexed",
+        "tiny.nii.gz": "too small to read (1x2x2 voxels; at least 3 slices of 16x16): not "
+                       "indexed"}
+    code, out, err = _run(capsys, ["search", "--index", str(tmp_path / "idx"), "--volume",
+                                   str(src / "blank.nii.gz")])
+    assert code == 2 and out == []
+    assert err == [f"radlens: error: {src / 'blank.nii.gz'}: blank (every voxel is 0): no "
+                   "image content"]

@@ -10,6 +10,26 @@ import numpy as np
 
 #: the smallest image side, in pixels, that a model is asked to read
 MIN_IMAGE_SIDE = 16
+#: the fewest slices a volume needs (as a DICOM series needs to be grouped into one)
+MIN_VOLUME_SLICES = 3
+
+
+def _blank(values: np.ndarray, unit: str) -> str | None:
+    """Why ``values`` hold no image content (all equal, or none finite), or None."""
+    flat = values.reshape(-1)
+    sample = flat[::97]  # most images differ within a sparse sample: no full pass
+    if sample.size and sample.min() < sample.max():
+        return None
+    if flat.size:
+        lo, hi = flat.min(), flat.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN or infinity somewhere
+            finite = flat[np.isfinite(flat)]
+            if not finite.size:
+                return f"blank (no {unit} has a finite value): no image content"
+            lo, hi = finite.min(), finite.max()
+        if lo == hi:
+            return f"blank (every {unit} is {float(lo):g}): no image content"
+    return None
 
 @dataclass(frozen=True)
 class VOIWindow:
@@ -130,20 +150,7 @@ class ImageData:
         if min(height, width) < MIN_IMAGE_SIDE:
             return (f"too small to read ({width}x{height} pixels; at least {MIN_IMAGE_SIDE} a "
                     "side)")
-        flat = self.pixels.reshape(-1)
-        sample = flat[::97]  # most images differ within a sparse sample: no full pass
-        if sample.size and sample.min() < sample.max():
-            return None
-        if flat.size:
-            lo, hi = flat.min(), flat.max()
-            if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN or infinity somewhere
-                finite = flat[np.isfinite(flat)]
-                if not finite.size:
-                    return "blank (no pixel has a finite value): no image content"
-                lo, hi = finite.min(), finite.max()
-            if lo == hi:
-                return f"blank (every pixel is {float(lo):g}): no image content"
-        return None
+        return _blank(self.pixels, "pixel")
 
     def frame(self, index: int = 0) -> ImageData:
         """One frame of a multi-frame image (the image itself if single-frame)."""
@@ -164,6 +171,16 @@ class Volume:
     array: np.ndarray
     affine: np.ndarray
     meta: ImageMeta
+
+    def content_problem(self) -> str | None:
+        """Why this volume holds nothing a model can read, or None: fewer than
+        :data:`MIN_VOLUME_SLICES` slices, slices under :data:`MIN_IMAGE_SIDE` voxels a side,
+        or blank (every voxel the same value, e.g. a zero-filled export)."""
+        depth, height, width = self.array.shape
+        if depth < MIN_VOLUME_SLICES or min(height, width) < MIN_IMAGE_SIDE:
+            return (f"too small to read ({depth}x{height}x{width} voxels; at least "
+                    f"{MIN_VOLUME_SLICES} slices of {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE})")
+        return _blank(self.array, "voxel")
 
     @property
     def spacing(self) -> tuple[float, float, float]:
