@@ -90,8 +90,11 @@ def load_upload(path: str | os.PathLike[str] | None, max_bytes: int) -> Study:
         raise RadLensError(f"cannot read the upload ({type(exc).__name__})") from None
     if image.meta.frames > 1:  # the middle frame is the study; its size is what is checked
         image = image.frame(image.meta.frames // 2)  # ((F, H, W)[:2] refused < 8 frames)
-    if image.pixels.ndim == 1 or min(image.pixels.shape[:2]) < 8:
+    if image.pixels.ndim == 1:
         raise RadLensError("the upload is not a 2-D image")
+    problem = image.content_problem()  # blank or tiny: said now, not at the first button
+    if problem:
+        raise RadLensError(f"cannot use the upload: {problem}")
     m = image.meta
     label = " · ".join(str(v) for v in (m.instance_pseudonym or "upload", m.modality or
                                         m.source_format.upper(), f"{m.columns}×{m.rows}") if v)

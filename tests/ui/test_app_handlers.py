@@ -73,8 +73,13 @@ def test_multi_frame_upload_with_few_frames_opens_its_middle_frame(tmp_path):
     ds.Rows = ds.Columns = 4
     ds.PixelData = ds.PixelData[: 3 * 4 * 4 * ds.BitsAllocated // 8]
     ds.save_as(tiny)
-    with pytest.raises(RadLensError, match="not a 2-D image"):
+    with pytest.raises(RadLensError, match=r"^cannot use the upload: too small to read \(4x4"):
         h.load_upload(tiny, max_bytes=2**20)
+    from PIL import Image
+
+    Image.new("L", (64, 64), 0).save(tmp_path / "black.png")  # blank: said on upload
+    with pytest.raises(RadLensError, match=r"^cannot use the upload: blank \(every pixel is 0"):
+        h.load_upload(tmp_path / "black.png", max_bytes=2**20)
 
 
 @pytest.mark.parametrize("kind, expect", [
