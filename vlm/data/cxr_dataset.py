@@ -101,11 +101,14 @@ class CXRDataset:
             raise RadLensError(f"{self.root}: no manifest.jsonl (generate data with "
                                "'radlens data phantom-cxr --out DIR')")
         splits = {split} if isinstance(split, str) else set(split)
-        rows = [r for r in read_jsonl(manifest) if r.get("split") in splits]
+        every = list(read_jsonl(manifest))
+        rows = [r for r in every if r.get("split") in splits]
         if require_text:
             rows = [r for r in rows if row_text(r)]
         if not rows:
-            raise RadLensError(f"{manifest}: no rows in split {sorted(splits)}")
+            present = sorted({str(r["split"]) for r in every if r.get("split")})
+            raise RadLensError(f"{manifest}: no rows in split {sorted(splits)} (its splits: "
+                               f"{', '.join(present) or 'none'})")
         bad = next((r for r in rows if not isinstance(r.get("file"), str) or not r["file"]),
                    None)
         if bad is not None:

@@ -62,6 +62,13 @@ def test_a_split_with_no_readable_image_is_one_line(tmp_path):
         CXRDataset(root, "val", PRE, workers=0)
 
 
+def test_an_unknown_split_names_the_splits_there_are(tmp_path):
+    root = make_tiny_cxr(tmp_path / "d", n=10, size=48)
+    with pytest.raises(RadLensError, match=r"no rows in split \['tset'\] \(its splits: "
+                                           r"test, train, val\)$"):
+        CXRDataset(root, "tset", PRE, workers=0)
+
+
 def test_workers_zero_decodes_in_this_process_and_negative_is_refused(tmp_path, monkeypatch):
     """``workers or cpu_count()`` made 0 mean all cores."""
     root = make_tiny_cxr(tmp_path / "d", n=10, size=48)
