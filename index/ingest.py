@@ -482,6 +482,9 @@ def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathL
     if is_index_folder(src):
         raise RadLensError(f"{src} is a RadLens index, not an archive: pass the folder of "
                            "images as --source")
+    if workers is not None and workers < 0:
+        raise RadLensError(f"--workers must be 0 (decode in this process) or more, not "
+                           f"{workers}")
     if batch_size < 1 or save_every < 1:
         raise RadLensError(f"batch size and save interval must be at least 1 (got "
                            f"{batch_size} and {save_every})")

@@ -320,6 +320,15 @@ def search(
 
     if sum(q is not None for q in (text, image, volume)) != 1:
         raise RadLensError("give exactly one of --text, --image or --volume")
+    if (contrast is not None or raw) and text is None:
+        raise RadLensError("--contrast and --raw rank --text queries; an --image or --volume "
+                           "query takes neither")
+    if contrast is not None and raw:
+        raise RadLensError("give --contrast TEXT or --raw, not both (--raw ranks by plain "
+                           "cosine, without a contrast)")
+    if contrast is not None and not contrast.strip():
+        raise RadLensError("--contrast is empty: give the sentence to contrast with, or leave "
+                           "it out for the normal study")
     filters = parse_filters(filter_ or [])
     if volume is not None:
         _search_volume(index, volume, k, filters, volume_model, as_json)
@@ -329,7 +338,8 @@ def search(
         from index.engine import NORMAL_REFERENCE
 
         results = engine.search_text(text, k=k, contrast=None if raw else
-                                     (contrast or NORMAL_REFERENCE), **filters)
+                                     (NORMAL_REFERENCE if contrast is None else contrast),
+                                     **filters)
     else:
         results = engine.search_image(image, k=k, **filters)  # type: ignore[arg-type]
     if not results:

@@ -51,22 +51,30 @@ class PromptSet:
         """The default CXR prompts, or a user JSON file with the same layout."""
         if path is None:
             text = (resources.files("vlm.prompts") / "cxr_findings.json").read_text()
-        else:
-            text = Path(path).read_text()
         try:
+            if path is not None:  # a missing file stays an OSError: the CLI names the file
+                text = Path(path).read_bytes().decode("utf-8")
             doc = json.loads(text)
             normal = doc.get("normal")
             if normal is not None and not isinstance(normal, str):
                 raise TypeError("'normal' must be one string")
             findings = {}
+            if not isinstance(doc["findings"], dict) or not doc["findings"]:
+                raise TypeError("'findings' must name at least one finding")
             for name, v in doc["findings"].items():
                 negative = v.get("negative", [normal] if normal else None)
                 if negative is None:
                     raise KeyError(f"'{name}' has no 'negative' and the file no 'normal'")
+                for kind, texts in (("positive", v["positive"]), ("negative", negative)):
+                    # a bare string would become one prompt per character
+                    if (not isinstance(texts, list) or not texts
+                            or not all(isinstance(t, str) and t.strip() for t in texts)):
+                        raise TypeError(f"'{name}': '{kind}' must be a non-empty list of "
+                                        "non-empty strings")
                 findings[name] = FindingPrompts(list(v["positive"]), list(negative),
                                                 v.get("template", "{finding}"))
             return cls(findings, normal)
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # JSON errors too
             raise ConfigError(f"prompt file {path}: expected {{'normal': TEXT, 'findings': "
                               f"{{name: {{'positive': [...], 'negative': [...]}}}}}} with "
                               f"'negative' optional when 'normal' is given ({exc})") from None

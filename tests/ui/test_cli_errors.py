@@ -196,3 +196,26 @@ def test_an_out_folder_that_is_a_file_is_refused_before_any_work(capsys, tmp_pat
     assert code == 2
     assert f"{afile} is a file, not a folder" in err
     assert afile.read_text() == "x"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--text", "effusion", "--contrast", " "], "--contrast is empty"),
+    (["--text", "effusion", "--contrast", "normal chest", "--raw"],
+     "give --contrast TEXT or --raw, not both"),
+    (["--image", "study.dcm", "--raw"], "--contrast and --raw rank --text queries"),
+    (["--volume", "ct.nii.gz", "--contrast", "normal"], "--contrast and --raw rank --text"),
+])
+def test_contrast_options_that_cannot_apply_are_refused(capsys, tmp_path, args, message):
+    """An empty --contrast fell back to the normal study, --raw beside --contrast silently
+    dropped the contrast, and both were ignored for image and volume queries."""
+    code, err = _run(capsys, ["search", "--index", str(tmp_path / "none"), *args])
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_negative_decode_workers_are_refused(tmp_path):
+    """``index build --workers -1`` decoded in-process as if 0 had been asked for."""
+    from index.ingest import ingest
+
+    with pytest.raises(RadLensError, match=r"--workers must be 0 .* not -1"):
+        ingest(object(), tmp_path, tmp_path / "idx", workers=-1)  # type: ignore[arg-type]
+    assert not (tmp_path / "idx").exists()

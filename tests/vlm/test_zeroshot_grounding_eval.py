@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -62,6 +63,29 @@ def test_prompt_sets_are_editable_and_checked(tmp_path):
         prompts.with_finding("x", [], ["no x"])
     path.write_text(json.dumps({"oops": 1}))
     with pytest.raises(ConfigError):
+        PromptSet.load(path)
+
+
+@pytest.mark.parametrize(("doc", "problem"), [
+    ({"normal": "n", "findings": {}}, "'findings' must name at least one finding"),
+    ({"normal": "n", "findings": []}, "'findings' must name at least one finding"),
+    # a bare string became one prompt per character
+    ({"normal": "n", "findings": {"a": {"positive": "effusion"}}},
+     "'a': 'positive' must be a non-empty list of non-empty strings"),
+    ({"normal": "n", "findings": {"a": {"positive": []}}}, "'a': 'positive' must be"),
+    ({"findings": {"a": {"positive": ["x"], "negative": ["", "no x"]}}},
+     "'a': 'negative' must be"),
+    ({"normal": "n", "findings": {"a": {"positive": ["x", 3]}}}, "'a': 'positive' must be"),
+])
+def test_prompt_files_that_cannot_classify_are_one_line(tmp_path, doc, problem):
+    """An empty 'findings' made eval fail with an internal 'stack expects a non-empty
+    TensorList'; a string where a list belongs was split into letters."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        PromptSet.load(path)
+    path.write_bytes(b"\xff\xfe not UTF-8 \x80")
+    with pytest.raises(ConfigError, match="prompt file"):
         PromptSet.load(path)
 
 
