@@ -233,3 +233,50 @@ def test_eval_runs_end_to_end_on_a_tiny_archive(tmp_path):
     assert result["studies"] == 6
     assert set(result["retrieval"]["report_to_image"]) == {"R@1", "R@5", "R@10"}
     assert (tmp_path / "eval" / "roc.png").is_file() and (tmp_path / "eval" / "eval.md").is_file()
+    assert result["confidence"]["rounds"] == 1000 and result["confidence"]["unit"] == "study"
+    g = result["grounding"]
+    assert not any(k.startswith("_") for k in (*g, *result["grounding_patch"]))
+    for value, interval in ((g["pointing_game"], g["pointing_game_ci95"]),
+                            (g["pointing_game_box"], g["pointing_game_box_ci95"]),
+                            (result["retrieval"]["label_matched"]["hit@10"],
+                             result["retrieval"]["label_matched"]["hit@10_ci95"])):
+        assert interval is None or interval[0] <= value <= interval[1]
+
+
+def test_weighted_auc_is_the_auc_of_the_resample_it_stands_for():
+    from vlm.eval.metrics import roc_auc, weighted_auc
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n = int(rng.integers(5, 60))
+        y, score = rng.random(n) < 0.3, rng.integers(0, 6, n).astype(float)  # many ties
+        counts = rng.integers(0, 3, n)
+        drawn = np.repeat(np.arange(n), counts)
+        expect = roc_auc(y[drawn], score[drawn])
+        got = weighted_auc(y, score, counts)
+        assert (np.isnan(expect) and np.isnan(got)) or got == pytest.approx(expect, abs=1e-12)
+
+
+def test_bootstrap_intervals_cover_the_truth_and_say_when_undefined():
+    from vlm.eval.metrics import bootstrap_ci
+
+    hits = (np.random.default_rng(1).random(400) < 0.3).astype(float)
+
+    def mean(counts):
+        return float((hits * counts).sum() / counts.sum())
+
+    lo, hi = bootstrap_ci(mean, len(hits), rounds=500, seed=0)
+    assert lo < hits.mean() < hi and lo < 0.3 < hi
+    assert 0.06 < hi - lo < 0.12  # about 2 x 1.96 x sqrt(0.21 / 400) = 0.090
+    assert bootstrap_ci(mean, len(hits), rounds=500, seed=0) == (lo, hi)  # seeded
+    assert bootstrap_ci(mean, 1) is None
+    assert bootstrap_ci(lambda c: float("nan"), 50, rounds=20) is None
+
+
+def test_label_matched_hands_out_its_per_query_scores():
+    scores = np.random.default_rng(2).random((6, 6))
+    sets = [frozenset(s) for s in (["a"], ["a"], [], [], ["b"], ["c"])]
+    per: dict[str, list[float]] = {}
+    out = label_matched(scores, sets, sets, k=2, per_query=per)
+    assert per["query"] == [float(q) for q in range(6)]  # every set has a match (itself)
+    assert np.mean(per["hit"]) == out["hit@2"] and np.mean(per["ap"]) == out["mAP@2"]

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from vlm.data.cxr_dataset import CXRDataset
-from vlm.eval.metrics import label_matched, recall_at_k, roc_auc
+from vlm.eval.metrics import bootstrap_ci, label_matched, recall_at_k, roc_auc, weighted_auc
 from vlm.grounding import METHODS as GROUNDING_METHODS
 from vlm.grounding import (
     cnr,
@@ -32,6 +32,8 @@ from vlm.zeroshot import PromptSet, ZeroShotClassifier
 
 logger = logging.getLogger(__name__)
 MIN_POSITIVES = 20
+#: percentile-bootstrap resamples of the split's studies behind every ``*_ci95`` interval
+BOOTSTRAP_ROUNDS = 1000
 
 
 def encode_images(model: LRCLR, ds: CXRDataset, batch: int = 64) -> ImageEmbedding:
@@ -97,26 +99,74 @@ def evaluate(model_path: str | os.PathLike[str], data: str | os.PathLike[str],
     t2i = recall_at_k(sim.T)
     i2t = recall_at_k(sim)
     sets = [frozenset(r.get("labels", [])) for r in test.rows]
-    matched = label_matched(sim.T, sets, sets, k=10)
+    queries: dict[str, list[float]] = {}
+    matched = label_matched(sim.T, sets, sets, k=10, per_query=queries)
 
     grounding = _grounding(model, tokenizer, test, img, zs, max_grounding)
+    macro_ci = _confidence(len(test), labels, probs, findings, per_finding, macro_set, queries,
+                           matched, grounding["gradient"])
     result: dict[str, Any] = {
         "model": model.config.name, "split": split, "studies": len(test),
         "zero_shot": {"per_finding": per_finding, "macro_auc": macro,
-                      "macro_over": macro_set, "min_positives": MIN_POSITIVES},
+                      "macro_auc_ci95": macro_ci, "macro_over": macro_set,
+                      "min_positives": MIN_POSITIVES},
         "retrieval": {"report_to_image": t2i, "image_to_report": i2t,
                       "label_matched": matched},
         # the default method's scores; "grounding_patch": the patch-cosine method's
         "grounding": {"method": "gradient", **grounding["gradient"]},
-        "grounding_patch": {"method": "patch", **grounding["patch"]},
+        "grounding_patch": {"method": "patch", **{k: v for k, v in grounding["patch"].items()
+                                                  if not k.startswith("_")}},
         # findings left out of both grounding scores because their mask cannot be read, and
         # studies left out of every score because their image cannot be read
         "grounding_skipped_masks": grounding["gradient"]["skipped_masks"],
+        # what the "*_ci95" intervals are
+        "confidence": {"interval": "95% percentile bootstrap", "unit": "study",
+                       "rounds": BOOTSTRAP_ROUNDS, "seed": 0,
+                       "retrieval": "query studies resampled, the gallery fixed"},
         "unreadable_images": len(test.skipped) + len(val.skipped),
     }
     if out_dir is not None:
         write_outputs(Path(out_dir), result, labels, probs, findings, model, tokenizer, test, zs)
     return result
+
+
+def _confidence(n: int, labels: np.ndarray, probs: np.ndarray, findings: list[str],
+                per_finding: dict[str, dict[str, Any]], macro_set: list[str],
+                queries: dict[str, list[float]], matched: dict[str, Any],
+                grounding: dict[str, Any]) -> list[float] | None:
+    """95% bootstrap intervals over the split's ``n`` studies, added in place as ``*_ci95``
+    beside each headline number (per-finding AUC, label-matched hit@10 and mAP@10, the
+    default read-out's pointing games); returns the macro AUC's. They say how far a score
+    could move with another draw of studies; the spread between training seeds is another
+    question."""
+    def ci(stat: Any) -> list[float] | None:
+        found = bootstrap_ci(stat, n, rounds=BOOTSTRAP_ROUNDS, seed=0)
+        return [round(found[0], 4), round(found[1], 4)] if found else None
+
+    col = {name: j for j, name in enumerate(findings)}
+    for name, v in per_finding.items():
+        j = col[name]
+        v["auc_ci95"] = ci(lambda c, j=j: weighted_auc(labels[:, j], probs[:, j], c))
+    q = np.asarray(queries.get("query", []), dtype=np.int64)
+    for key, metric in (("hit", "hit@10"), ("ap", "mAP@10")):
+        vals = np.asarray(queries.get(key, []), dtype=np.float64)
+        matched[f"{metric}_ci95"] = (ci(lambda c, v=vals: _weighted_mean(v, c[q]))
+                                     if len(vals) else None)
+    studies = np.asarray(grounding.pop("_studies"), dtype=np.int64)
+    for key, name in (("_pointing", "pointing_game"), ("_pointing_box", "pointing_game_box")):
+        hits = np.asarray(grounding.pop(key), dtype=np.float64)
+        grounding[f"{name}_ci95"] = (ci(lambda c, h=hits: _weighted_mean(h, c[studies]))
+                                     if len(hits) else None)
+    if not macro_set:
+        return None
+    cols = [col[f] for f in macro_set]
+    return ci(lambda c: float(np.mean([weighted_auc(labels[:, j], probs[:, j], c)
+                                       for j in cols])))
+
+
+def _weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
+    total = float(weights.sum())
+    return float((values * weights).sum() / total) if total else float("nan")
 
 
 def _grounding(model: LRCLR, tokenizer: Any, ds: CXRDataset, img: ImageEmbedding,
@@ -149,7 +199,8 @@ def _grounding(model: LRCLR, tokenizer: Any, ds: CXRDataset, img: ImageEmbedding
             for method, g in maps.items():
                 entry = per[method].setdefault(
                     f["finding"], {"pointing": [], "pointing_box": [], "iou": [], "cnr": [],
-                                   "chance": [], "chance_box": []})
+                                   "chance": [], "chance_box": [], "study": []})
+                entry["study"].append(float(i))
                 entry["pointing"].append(float(pointing_game(g.heatmap, mask)))
                 entry["pointing_box"].append(float(pointing_game_box(g.heatmap, truth_box)))
                 entry["chance"].append(float(mask.mean()))
@@ -197,10 +248,16 @@ def _grounding_summary(per: dict[str, dict[str, list[float]]]) -> dict[str, Any]
                    "pointing_game_box": mean("pointing_box", v),
                    "miou": mean("iou", v), "cnr": mean("cnr", v)}
                for k, v in sorted(per.items())}
+    def every(key: str) -> list[float]:
+        return [x for v in per.values() for x in v[key]]
+
     return {"per_finding": summary, "pointing_game": mean("pointing"),
             "pointing_game_box": mean("pointing_box"), "miou": mean("iou"),
             "chance_mask": mean("chance"), "chance_box": mean("chance_box"),
-            "instances": sum(len(v["pointing"]) for v in per.values())}
+            "instances": sum(len(v["pointing"]) for v in per.values()),
+            # per instance, for the bootstrap intervals (taken out before the result is kept)
+            "_studies": every("study"), "_pointing": every("pointing"),
+            "_pointing_box": every("pointing_box")}
 
 
 def _one(img: ImageEmbedding, i: int) -> ImageEmbedding:
@@ -222,22 +279,28 @@ def _letterbox(ds: CXRDataset, i: int, shape: tuple[int, ...]) -> Any:
                      size)
 
 
+def _ci(interval: list[float] | None) -> str:
+    return f" [95% CI {interval[0]:.3f}–{interval[1]:.3f}]" if interval else ""
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     zs = result["zero_shot"]
     lines = [f"### {result['model']} on the {result['split']} split ({result['studies']} studies)",
-             "", "| finding | test positives | zero-shot AUC | pointing game (mask) | "
+             "", "| finding | test positives | zero-shot AUC [95% CI] | pointing game (mask) | "
              "pointing game (box) | mIoU | CNR |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     gr = result["grounding"]["per_finding"]
     for name, v in zs["per_finding"].items():
         g = gr.get(name, {})
-        cells = [f"{v['auc']:.3f}" if v["auc"] is not None else "–"]
+        cells = [f"{v['auc']:.3f}{_ci(v.get('auc_ci95')).replace('[95% CI ', '[')}"
+                 if v["auc"] is not None else "–"]
         cells += [f"{g[k]:.3f}" if k in g else "–"
                   for k in ("pointing_game", "pointing_game_box", "miou", "cnr")]
         lines.append(f"| {name} | {v['positives']} | " + " | ".join(cells) + " |")
     macro = zs["macro_auc"]
     lines += ["", f"Macro zero-shot AUC over findings with ≥ {zs['min_positives']} positives: "
-              f"**{macro:.3f}**" if macro is not None else "", ""]
+              f"**{macro:.3f}**{_ci(zs.get('macro_auc_ci95'))}" if macro is not None else "",
+              ""]
     r = result["retrieval"]
     lines += ["| retrieval | R@1 | R@5 | R@10 |", "|---|---:|---:|---:|"]
     for key in ("report_to_image", "image_to_report"):
@@ -245,16 +308,18 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append(f"| {key.replace('_', ' ')} | {v['R@1']:.3f} | {v['R@5']:.3f} | "
                      f"{v['R@10']:.3f} |")
     m = r["label_matched"]
-    lines += ["", f"Label-matched report→image: hit@10 {m['hit@10']:.3f} (random "
-              f"{m['random_hit@10']:.3f}), mAP@10 {m['mAP@10']:.3f} (random "
+    lines += ["", f"Label-matched report→image: hit@10 {m['hit@10']:.3f}"
+              f"{_ci(m.get('hit@10_ci95'))} (random {m['random_hit@10']:.3f}), mAP@10 "
+              f"{m['mAP@10']:.3f}{_ci(m.get('mAP@10_ci95'))} (random "
               f"{m['random_mAP@10']:.3f}) over {m['queries']} queries.", ""]
     g = result["grounding"]
     if g["pointing_game"] is not None:
         lines.append(f"Grounding ({g.get('method', 'patch')} method, in the table) over "
                      f"{g['instances']} findings with masks: pointing game "
-                     f"{g['pointing_game']:.3f} inside the mask (a random point "
-                     f"{g['chance_mask']:.3f}), {g['pointing_game_box']:.3f} inside its box "
-                     f"(random {g['chance_box']:.3f}); mIoU {g['miou']:.3f}.")
+                     f"{g['pointing_game']:.3f}{_ci(g.get('pointing_game_ci95'))} inside the "
+                     f"mask (a random point {g['chance_mask']:.3f}), "
+                     f"{g['pointing_game_box']:.3f}{_ci(g.get('pointing_game_box_ci95'))} "
+                     f"inside its box (random {g['chance_box']:.3f}); mIoU {g['miou']:.3f}.")
     p = result.get("grounding_patch")
     if p and p["pointing_game"] is not None:
         lines.append(f"Patch-cosine method: pointing game {p['pointing_game']:.3f} (mask), "
