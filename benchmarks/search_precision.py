@@ -11,7 +11,9 @@ its study has the query's finding on the query's side (a bilateral finding count
 side); severity is reported separately ("strict") because the side and presence of a finding,
 not its exact grade, is what a search must get right first. Scored over all indexed images and
 over the test split alone (images the model never trained on); the base rate is the fraction of
-relevant images in the same pool, i.e. the expected precision of a random ranking.
+relevant images in the same pool, i.e. the expected precision of a random ranking, and
+``p_vs_random`` the chance that a random ranking puts at least as many relevant images in its
+top k (hypergeometric, one-sided): "above the base rate" by more than luck when it is small.
 
 Prints one JSON object; writes ``benchmarks/out/search_precision.json``.
 """
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import numpy as np
+    from scipy.stats import hypergeom
 
     import vlm  # noqa: F401  (torchvision CPU shim)
     from index.engine import Engine
@@ -95,14 +98,20 @@ def main(argv: list[str] | None = None) -> int:
             rel = [relevant(h.item.extra or {}, finding, side, severity) for h in hits if h.item]
             strict = [relevant(h.item.extra or {}, finding, side, severity, strict=True)
                       for h in hits if h.item]
-            base = np.mean([relevant(items[i].extra or {}, finding, side, severity)
-                            for i in allowed.tolist()])
+            n_rel = sum(relevant(items[i].extra or {}, finding, side, severity)
+                        for i in allowed.tolist())
+            base = n_rel / len(allowed)
             base_strict = np.mean([relevant(items[i].extra or {}, finding, side, severity, True)
                                    for i in allowed.tolist()])
             p = float(np.mean(rel)) if rel else 0.0
             key = pool if mode == "contrasted" else f"{pool}_raw"
+            # exact one-sided test against a random ranking: k draws without replacement
+            # from the pool's N images, R of them relevant; P(at least this many hits)
+            p_random = (float(hypergeom.sf(sum(rel) - 1, len(allowed), n_rel, len(rel)))
+                        if rel else 1.0)
             row[key] = {"precision": round(p, 3), "base_rate": round(float(base), 4),
                          "lift": round(p / base, 2) if base else None,
+                         "p_vs_random": round(p_random, 4),
                          "precision_strict": round(float(np.mean(strict)) if strict else 0.0, 3),
                          "base_rate_strict": round(float(base_strict), 4)}
         result["queries"][text] = row
