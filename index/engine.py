@@ -22,8 +22,8 @@ from index.volume_search import VolumeSearch
 from index.volumes import VOLUME
 from vlm.errors import RadLensError
 from vlm.grounding import Grounding
-from vlm.inference import Encoder, readable
-from vlm.io import ImageData, read_image
+from vlm.inference import Encoder
+from vlm.io import ImageData, read_image, readable
 from vlm.zeroshot import PromptSet
 
 FILTER_KEYS = ("modality", "body_part", "view", "year_min", "year_max")

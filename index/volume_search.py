@@ -28,8 +28,8 @@ from index.volumes import (
     read_source,
     voxel_hash,
 )
-from vlm.errors import ConfigError, ImageReadError, RadLensError
-from vlm.io import Volume, is_nifti
+from vlm.errors import ConfigError, RadLensError
+from vlm.io import Volume, is_nifti, readable
 from vlm.volume_encoder import VolumeEncoder, VolumeEncoding
 
 #: extra results asked for, so that rows with the query's voxels can be left out (ingest keeps
@@ -125,9 +125,7 @@ class VolumeSearch:
         Raises:
             ImageReadError: it is blank or too small to read (named ``name``).
         """
-        problem = volume.content_problem()
-        if problem:
-            raise ImageReadError(name, problem)
+        readable(volume, name)
         enc = self.encoder.encode(volume)
         return VolumeQuery(enc.vector, volume=volume, encoding=enc, content_hash=digest,
                            voxel_hash=voxel_hash(volume))

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from vlm.amp import AMP_CHOICES, cpu_bf16_flags
 from vlm.amp import autocast as amp_autocast
 from vlm.data.transforms import Letterbox, Preprocess
-from vlm.errors import ConfigError, ImageReadError
+from vlm.errors import ConfigError
 from vlm.grounding import METHODS as GROUNDING_METHODS
 from vlm.grounding import Grounding, ground, ground_gradient
-from vlm.io import ImageData
+from vlm.io import ImageData, readable
 from vlm.models.checkpoint import WEIGHTS_FILE, is_checkpoint, update_with_weights
 from vlm.models.config import config_hash, load_config
 from vlm.models.factory import create_model, get_tokenizer
@@ -32,18 +32,6 @@ from vlm.models.outputs import ImageEmbedding
 from vlm.zeroshot import PromptSet, ZeroShotClassifier, load_calibration
 
 logger = logging.getLogger(__name__)
-
-
-def readable(image: ImageData, name: str = "image") -> ImageData:
-    """``image``, if a model can read it (see :meth:`ImageData.content_problem`).
-
-    Raises:
-        ImageReadError: it is blank or too small, named ``name`` (a path, where there is one).
-    """
-    problem = image.content_problem()
-    if problem:
-        raise ImageReadError(name, problem)
-    return image
 
 
 def check_device(device: str) -> str:

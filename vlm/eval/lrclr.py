@@ -113,9 +113,8 @@ def evaluate(model_path: str | os.PathLike[str], data: str | os.PathLike[str],
         "retrieval": {"report_to_image": t2i, "image_to_report": i2t,
                       "label_matched": matched},
         # the default method's scores; "grounding_patch": the patch-cosine method's
-        "grounding": {"method": "gradient", **grounding["gradient"]},
-        "grounding_patch": {"method": "patch", **{k: v for k, v in grounding["patch"].items()
-                                                  if not k.startswith("_")}},
+        "grounding": {"method": "gradient", **_public(grounding["gradient"])},
+        "grounding_patch": {"method": "patch", **_public(grounding["patch"])},
         # findings left out of both grounding scores because their mask cannot be read, and
         # studies left out of every score because their image cannot be read
         "grounding_skipped_masks": grounding["gradient"]["skipped_masks"],
@@ -152,9 +151,9 @@ def _confidence(n: int, labels: np.ndarray, probs: np.ndarray, findings: list[st
         vals = np.asarray(queries.get(key, []), dtype=np.float64)
         matched[f"{metric}_ci95"] = (ci(lambda c, v=vals: _weighted_mean(v, c[q]))
                                      if len(vals) else None)
-    studies = np.asarray(grounding.pop("_studies"), dtype=np.int64)
+    studies = np.asarray(grounding["_studies"], dtype=np.int64)
     for key, name in (("_pointing", "pointing_game"), ("_pointing_box", "pointing_game_box")):
-        hits = np.asarray(grounding.pop(key), dtype=np.float64)
+        hits = np.asarray(grounding[key], dtype=np.float64)
         grounding[f"{name}_ci95"] = (ci(lambda c, h=hits: _weighted_mean(h, c[studies]))
                                      if len(hits) else None)
     if not macro_set:
@@ -162,6 +161,11 @@ def _confidence(n: int, labels: np.ndarray, probs: np.ndarray, findings: list[st
     cols = [col[f] for f in macro_set]
     return ci(lambda c: float(np.mean([weighted_auc(labels[:, j], probs[:, j], c)
                                        for j in cols])))
+
+
+def _public(summary: dict[str, Any]) -> dict[str, Any]:
+    """A grounding summary without its per-instance lists (``_``-prefixed, for the intervals)."""
+    return {k: v for k, v in summary.items() if not k.startswith("_")}
 
 
 def _weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
@@ -255,7 +259,7 @@ def _grounding_summary(per: dict[str, dict[str, list[float]]]) -> dict[str, Any]
             "pointing_game_box": mean("pointing_box"), "miou": mean("iou"),
             "chance_mask": mean("chance"), "chance_box": mean("chance_box"),
             "instances": sum(len(v["pointing"]) for v in per.values()),
-            # per instance, for the bootstrap intervals (taken out before the result is kept)
+            # per instance, for the bootstrap intervals (left out of the result: _public)
             "_studies": every("study"), "_pointing": every("pointing"),
             "_pointing_box": every("pointing_box")}
 

@@ -16,6 +16,7 @@ import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from vlm.errors import ImageReadError
 from vlm.io.deid import Pseudonymizer, default_pseudonymizer
@@ -29,7 +30,7 @@ __all__ = [
     "WINDOW_PRESETS", "ImageData", "ImageMeta", "Pseudonymizer", "VOILut", "VOIWindow",
     "Volume", "apply_voi", "apply_window", "default_pseudonymizer", "is_nifti", "parse_window",
     "read", "read_dicom", "read_image", "read_nifti", "read_raster", "read_series",
-    "read_volume", "render",
+    "read_volume", "readable", "render",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -76,3 +77,19 @@ def read(source: PathLike, **kwargs: object) -> ImageData | Volume:
     if Path(source).is_dir() or is_nifti(source):
         return read_volume(source, **kwargs)  # type: ignore[arg-type]
     return read_image(source, **kwargs)  # type: ignore[arg-type]
+
+
+_Readable = TypeVar("_Readable", ImageData, Volume)
+
+
+def readable(data: _Readable, name: str = "image") -> _Readable:
+    """``data``, if a model can read it (see :meth:`ImageData.content_problem` and
+    :meth:`Volume.content_problem`).
+
+    Raises:
+        ImageReadError: it is blank or too small, named ``name`` (a path, where there is one).
+    """
+    problem = data.content_problem()
+    if problem:
+        raise ImageReadError(name, problem)
+    return data

@@ -31,6 +31,7 @@ def _blank(values: np.ndarray, unit: str) -> str | None:
             return f"blank (every {unit} is {float(lo):g}): no image content"
     return None
 
+
 @dataclass(frozen=True)
 class VOIWindow:
     """One VOI window stored in a file (a DICOM multi-valued window gives several)."""
