@@ -215,6 +215,14 @@ class Catalog:
             sql, args = sql + " AND collection = ?", [collection]
         return {str(r[0]) for r in self._query(sql, args)}
 
+    def instances(self, collection: str | None = None) -> set[str]:
+        """Every instance pseudonym present (one bulk read: a DICOMweb source skips the
+        instances an index holds before fetching them)."""
+        sql, args = "SELECT DISTINCT instance FROM items WHERE instance IS NOT NULL", []
+        if collection is not None:
+            sql, args = sql + " AND collection = ?", [collection]
+        return {str(r[0]) for r in self._query(sql, args)}
+
     def distinct(self, column: str, collection: str | None = None) -> list[Any]:
         """Sorted distinct non-null values of a filter column (the app's filter choices)."""
         if column not in ("modality", "body_part", "view", "year"):

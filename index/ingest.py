@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from index.dicomweb import DicomWeb, DicomWebError, is_dicomweb, list_instances
 from index.folder import IndexFolder, is_index_folder
 from index.walk import folders
 from vlm.allocator import tune_allocator
-from vlm.errors import Interrupted, ManifestError, RadLensError
+from vlm.errors import ImageReadError, Interrupted, ManifestError, RadLensError
 from vlm.inference import Encoder
 from vlm.interrupt import StopRequest, ignore_stop_signals, interrupt_for_test, stop_on_signal
 from vlm.models.config import PreprocessConfig
@@ -75,6 +76,9 @@ class IngestReport:
     unread: int = 0
     #: images of this run in saved generations: ``added`` unless the run died between saves
     saved: int = 0
+    #: DICOMweb: instances of SOP classes without pixel data (reports, presentation states,
+    #: PDFs), left out unfetched
+    not_images: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,6 +196,7 @@ def _prefix(digest: str) -> int:
 
 _KNOWN: KnownHashes = KnownHashes()
 _PRE: PreprocessConfig | None = None
+_WEB: DicomWeb | None = None  # the DICOMweb source whose instances this process fetches
 
 
 def _running(pid: int) -> bool:
@@ -225,10 +230,12 @@ def _exit_with(owner: int, every: float = 0.5) -> None:
     threading.Thread(target=watch, name="radlens-owner-watch", daemon=True).start()
 
 
-def _init_worker(known: KnownHashes, pre: dict[str, Any], owner: int = 0) -> None:
+def _init_worker(known: KnownHashes, pre: dict[str, Any], owner: int = 0,
+                 web: dict[str, Any] | None = None) -> None:
     """Per decode process (``owner``: the ingesting process's pid) or, with ``owner`` 0,
-    for in-process decoding, which keeps the encoder's thread count."""
-    global _KNOWN, _PRE
+    for in-process decoding, which keeps the encoder's thread count. ``web``: the
+    :meth:`DicomWeb.config` of a DICOMweb source (each process opens its own connection)."""
+    global _KNOWN, _PRE, _WEB
     if owner:
         _exit_with(owner)
         # Ctrl-C in a terminal reaches every process of the group: the ingesting process
@@ -241,18 +248,25 @@ def _init_worker(known: KnownHashes, pre: dict[str, Any], owner: int = 0) -> Non
         # are reused instead of mapped anew)
         tune_allocator()
     _KNOWN, _PRE = known, PreprocessConfig(**pre)
+    _WEB = DicomWeb.from_config(web) if web else None
 
 
 def decode_one(path: str) -> dict[str, Any]:
-    """Worker: hash, skip if known, read + preprocess + thumbnail. Never raises."""
+    """Worker: hash, skip if known, read + preprocess + thumbnail. Never raises. ``path``: a
+    file, or a WADO-RS instance URL of the process's DICOMweb source (fetched here)."""
     data: bytes | None = None
     try:
-        if os.path.getsize(path) <= READ_ONCE_BYTES:
+        if _WEB is not None and _WEB.owns(path):
+            data = _WEB.fetch(path)
+            digest = hashlib.sha256(data).hexdigest()
+        elif os.path.getsize(path) <= READ_ONCE_BYTES:
             with open(path, "rb") as fh:
                 data = fh.read()
             digest = hashlib.sha256(data).hexdigest()
         else:
             digest = file_hash(Path(path))
+    except DicomWebError as exc:
+        return {"path": path, "error": str(exc).removeprefix(f"{path}: ")}
     except OSError as exc:
         return {"path": path, "error": f"unreadable file ({exc.strerror or exc})"}
     if digest in _KNOWN:
@@ -292,6 +306,9 @@ def decode_file(path: str, digest: str, pre_cfg: PreprocessConfig, data: bytes |
         # JPEG: about 1 ms against 30-70 ms for PNG at 512 px, which made thumbnails the
         # costliest step of ingestion. Thumbnails are previews; originals stay in the archive.
         thumb.save(buf, format="JPEG", quality=THUMB_QUALITY)
+    except ImageReadError as exc:  # a URL's path would come back as "http:/host/..."
+        named = exc.path == str(Path(path))
+        return {"path": path, "error": exc.reason if named else str(exc)}
     except RadLensError as exc:
         return {"path": path, "error": str(exc).removeprefix(f"{path}: ")}
     except Exception as exc:  # a decoder bug must not stop the archive
@@ -416,13 +433,15 @@ def decode_many(paths: list[str]) -> list[dict[str, Any]]:
 
 
 def _results(paths: list[str], plan: Plan, known: KnownHashes, pre: PreprocessConfig,
-             batch_size: int) -> Generator[dict[str, Any], None, None]:
+             batch_size: int, web: DicomWeb | None = None
+             ) -> Generator[dict[str, Any], None, None]:
+    web_cfg = web.config() if web is not None else None
     if plan.workers == 0:
-        _init_worker(known, asdict(pre))
+        _init_worker(known, asdict(pre), web=web_cfg)
         yield from map(decode_one, paths)
         return
     with ProcessPoolExecutor(plan.workers, mp_context=worker_context(), initializer=_init_worker,
-                             initargs=(known, asdict(pre), os.getpid())) as pool:
+                             initargs=(known, asdict(pre), os.getpid(), web_cfg)) as pool:
         try:
             if not plan.lockstep:
                 yield from pool.map(decode_one, paths, chunksize=8)
@@ -465,21 +484,25 @@ def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathL
            batch_size: int = 32, workers: int | None = None, save_every: int = 512,
            regions: bool = True, progress: bool = True, model_path: str | None = None,
            keep_paths: bool = False, allow_empty: bool = False) -> IngestReport:
-    """Build (or extend) the index at ``out`` from the files under ``source``.
+    """Build (or extend) the index at ``out`` from the files under ``source``, or from the
+    instances of a DICOMweb server when ``source`` is its http(s) URL (:mod:`index.dicomweb`).
 
     File paths can embed patient names, so the catalog stores a keyed pseudonym of each path
-    (``src-…``) unless ``keep_paths`` asks for the path relative to ``source``. The failures
-    report (``ingest_report.json``, mode 0600) names failing files so they can be fixed; it
-    also lists what the walk could not enter (see :func:`walk`).
+    or instance URL (``src-…``) unless ``keep_paths`` asks for the path relative to ``source``
+    (or the instance's URL). The failures report (``ingest_report.json``, mode 0600) names
+    failing files so they can be fixed; it also lists what the walk could not enter (see
+    :func:`walk`) and the studies a DICOMweb server would not list.
 
     Raises:
         RadLensError: ``source`` holds no image file at all (unless ``allow_empty``: a folder
-            of NIfTI volumes indexed by a volume model next); no index is created or changed.
+            of NIfTI volumes indexed by a volume model next), or a DICOMweb server cannot be
+            reached or searched; no index is created or changed.
     """
+    web = DicomWeb(str(source)) if is_dicomweb(source) else None
     src, dest = Path(source), Path(out)
-    if not src.exists():
+    if web is None and not src.exists():
         raise RadLensError(f"{src}: no such file or folder")
-    if is_index_folder(src):
+    if web is None and is_index_folder(src):
         raise RadLensError(f"{src} is a RadLens index, not an archive: pass the folder of "
                            "images as --source")
     if workers is not None and workers < 0:
@@ -490,11 +513,20 @@ def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathL
                            f"{batch_size} and {save_every})")
     datasets: dict[str, dict[str, dict[str, Any]]] = {}
     problems: list[dict[str, str]] = []
-    paths = [str(p) for p in walk(src, datasets, problems)]
+    sops: dict[str, str] | None = None
+    not_images = 0
+    if web is not None:
+        listing = list_instances(web)
+        paths, problems, sops, not_images = (listing.urls, listing.problems, listing.sops,
+                                             listing.not_images)
+    else:
+        paths = [str(p) for p in walk(src, datasets, problems)]
     if not paths and not allow_empty:
         detail = (f"; {len(problems)} entries could not be read, the first: "
                   f"{problems[0]['path']}: {problems[0]['reason']}" if problems else "")
-        raise RadLensError(f"{src}: no image files to index (DICOM, PNG or JPEG){detail}")
+        what = (f"{web.display}: no image instances to index" if web is not None
+                else f"{src}: no image files to index (DICOM, PNG or JPEG)")
+        raise RadLensError(what + detail)
     if (dest / "CURRENT").exists():
         ix = IndexFolder.open(dest, mode="w", expect_model=encoder.name,
                               expect_config_hash=encoder.config_hash)
@@ -503,11 +535,12 @@ def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathL
                                 dim=encoder.dim, preprocessing={
                                     **asdict(encoder.model.config.preprocess),
                                     "model_path": model_path})
-    report = IngestReport(source=str(src), amp=encoder.amp, failed=problems)
+    report = IngestReport(source=web.display if web is not None else str(src),
+                          amp=encoder.amp, failed=problems, not_images=not_images)
     before = torch.get_num_threads()
     try:
         stop = _run(encoder, ix, src, paths, datasets, report, batch_size, workers, save_every,
-                    regions, progress, keep_paths)
+                    regions, progress, keep_paths, web, sops)
     finally:
         torch.set_num_threads(before)
         report_file = dest / "ingest_report.json"
@@ -523,14 +556,16 @@ def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathL
 
 def _run(encoder: Encoder, ix: IndexFolder, src: Path, paths: list[str],
          datasets: dict[str, dict[str, dict[str, Any]]], report: IngestReport, batch_size: int,
-         workers: int | None, save_every: int, regions: bool, progress: bool, keep_paths: bool
-         ) -> StopRequest:
+         workers: int | None, save_every: int, regions: bool, progress: bool, keep_paths: bool,
+         web: DicomWeb | None = None, sops: dict[str, str] | None = None) -> StopRequest:
     from vlm.io.deid import default_pseudonymizer
 
     pseudo = default_pseudonymizer()
     root = src if src.is_dir() else src.parent
 
     def uri(path: str) -> str | None:
+        if web is not None:
+            return path if keep_paths else pseudo("src", path)
         if keep_paths:
             return os.path.relpath(path, root)
         return pseudo("src", os.path.abspath(path))
@@ -538,15 +573,28 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, paths: list[str],
     start = time.time()
     listed = {path: meta for rows in datasets.values() for path, meta in rows.items()}
     known = ix.catalog.content_hashes(IMAGE)
+    if sops:  # DICOMweb: what the index holds by SOP Instance UID is not fetched again
+        held = ix.catalog.instances(IMAGE)
+        fresh = [p for p in paths if pseudo("im", sops[p]) not in held]
+        report.already_indexed += len(paths) - len(fresh)
+        paths = fresh
     pre = encoder.model.config.preprocess
     costs = None
-    if (workers is None and encoder.device.type == "cpu" and (os.cpu_count() or 1) > 1
-            and len(paths) > 4 * PROBE_FILES):
-        torch.set_num_threads(os.cpu_count() or 1)
-        costs = probe_costs(encoder, paths[:PROBE_FILES], pre)
-        if costs is not None:
-            report.probe = {"decode_s": round(costs[0], 5), "encode_s": round(costs[1], 5)}
-    plan = plan_workers(workers, encoder.device, costs, batch_size)
+    cores = os.cpu_count() or 1
+    if web is not None and workers is None:
+        # a fetch mostly waits on the network: a process per core fetches and decodes beside
+        # an encoder on every core (the measured-cost plan below assumes decoding is CPU work)
+        plan = Plan(max(2, cores), cores if encoder.device.type == "cpu"
+                    else torch.get_num_threads())
+    else:
+        if (workers is None and encoder.device.type == "cpu" and cores > 1
+                and len(paths) > 4 * PROBE_FILES):
+            torch.set_num_threads(cores)
+            costs = probe_costs(encoder, paths[:PROBE_FILES], pre)
+            if costs is not None:
+                report.probe = {"decode_s": round(costs[0], 5),
+                                "encode_s": round(costs[1], 5)}
+        plan = plan_workers(workers, encoder.device, costs, batch_size)
     torch.set_num_threads(plan.threads)
     report.plan, report.schedule = [plan.workers, plan.threads], plan.schedule
     logger.info("ingest plan: %d decode processes, %d encoder threads, %s", plan.workers,
@@ -631,7 +679,7 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, paths: list[str],
     seen = 0
     broken = False
     with stop_on_signal("saving the index after this batch") as stop:
-        results = _results(paths, plan, KnownHashes(known), pre, batch_size)
+        results = _results(paths, plan, KnownHashes(known), pre, batch_size, web)
         try:
             for result in results:
                 if stop:
@@ -647,7 +695,7 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, paths: list[str],
                     report.already_indexed += 1
                     continue
                 if result.get("known"):  # a prefix collision: a new file that only looked known
-                    result = decode_file(result["path"], result["hash"], pre)
+                    result = _decode_again(result["path"], result["hash"], pre, web)
                 if "error" in result:
                     # listed once, by the caller (the CLI prints each failure on stderr)
                     report.failed.append({"path": result["path"], "reason": result["error"]})
@@ -683,6 +731,19 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, paths: list[str],
     report.encoder_images_per_s = (round(n / report.encode_seconds, 3)
                                    if n and report.encode_seconds else 0.0)
     return stop
+
+
+def _decode_again(path: str, digest: str, pre: PreprocessConfig, web: DicomWeb | None
+                  ) -> dict[str, Any]:
+    """:func:`decode_file` in the ingesting process, for a file (or DICOMweb instance, fetched
+    again) that a decode process skipped as known by its hash prefix. Never raises."""
+    if web is None or not web.owns(path):
+        return decode_file(path, digest, pre)
+    try:
+        data = web.fetch(path)
+    except DicomWebError as exc:
+        return {"path": path, "error": str(exc).removeprefix(f"{path}: ")}
+    return decode_file(path, digest, pre, data)
 
 
 class _bar:

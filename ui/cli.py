@@ -50,6 +50,27 @@ def _path(value: str | Path) -> Path:
     return Path(value)
 
 
+def _source(value: str) -> str:
+    """A ``--source`` value: a folder or file, or a DICOMweb server's http(s) URL (kept as
+    text: a Path would fold its ``//``)."""
+    if not value.strip():
+        raise typer.BadParameter("an empty path: give a folder, a file or a DICOMweb URL")
+    return value
+
+
+def _source_arg(source: str, volume_model: str | None) -> Path | str:
+    """The source as ingestion takes it; a DICOMweb URL with a volume model is refused."""
+    from index.dicomweb import is_dicomweb
+    from vlm.errors import RadLensError
+
+    if not is_dicomweb(source):
+        return Path(source)
+    if volume_model is not None:
+        raise RadLensError("--volume-model indexes volumes from folders only; a DICOMweb "
+                           "source indexes its 2-D image instances (--model)")
+    return source
+
+
 def _out_folder(value: str | Path) -> Path:
     """An output folder option's value, refused up front when it, or a folder above it, is a
     file (training and evaluation found that out at their first write, minutes in)."""
@@ -110,7 +131,7 @@ app.add_typer(train_app, name="train")
 app.add_typer(index_app, name="index")
 
 
-def _ingest(model: str, source: Path, out: Path, batch_size: int, workers: int | None,
+def _ingest(model: str, source: Path | str, out: Path, batch_size: int, workers: int | None,
             progress: bool, keep_paths: bool = False, save_every: int = 512,
             device: str = "cpu", amp: str | None = None, allow_empty: bool = False) -> bool:
     """Index the 2-D images; prints the summary line. Returns True if some files failed."""
@@ -181,9 +202,11 @@ VOLUME_MODEL_HELP = ("Volume encoder: a 'radlens train lecl', 'drasclr' or 'lesi
 
 @index_app.command("build")
 def index_build(
-    source: Annotated[Path, typer.Option(
-        parser=_path, help="Folder of DICOM / PNG / JPEG files, NIfTI volumes and DICOM "
-                           "series.")],
+    source: Annotated[str, typer.Option(
+        parser=_source, help="Folder of DICOM / PNG / JPEG files, NIfTI volumes and DICOM "
+                             "series; or a DICOMweb server's URL (http[s]://host/dicom-web, "
+                             "with an optional study query such as ?ModalitiesInStudy=CR), "
+                             "whose image instances are fetched with WADO-RS.")],
     out: Annotated[Path, typer.Option(
         parser=_path, help="Index folder (created, or extended if it exists).")],
     model: Annotated[str | None, typer.Option(
@@ -223,12 +246,13 @@ def index_build(
 
     if model is None and volume_model is None:
         raise RadLensError("give --model (2-D images), --volume-model (volumes) or both")
+    src = _source_arg(source, volume_model)
     failed = False
     if model is not None:
-        failed |= _ingest(model, source, out, batch_size, workers, progress, keep_paths,
+        failed |= _ingest(model, src, out, batch_size, workers, progress, keep_paths,
                           save_every, device, amp, allow_empty=volume_model is not None)
     if volume_model is not None:
-        failed |= _ingest_volumes(volume_model, source, out, progress, keep_paths,
+        failed |= _ingest_volumes(volume_model, Path(source), out, progress, keep_paths,
                                   device=device)
     if failed:
         raise typer.Exit(code=3)
@@ -237,8 +261,9 @@ def index_build(
 @index_app.command("add")
 def index_add(
     index: Annotated[Path, typer.Option(parser=_path, help="Existing index folder.")],
-    source: Annotated[Path, typer.Option(parser=_path,
-                                         help="Folder of DICOM / PNG / JPEG files.")],
+    source: Annotated[str, typer.Option(
+        parser=_source, help="Folder of DICOM / PNG / JPEG files, or a DICOMweb URL (see "
+                             "'index build').")],
     model: Annotated[str | None, typer.Option(help="Model (default: the one of the index).")
                      ] = None,
     volume_model: Annotated[str | None, typer.Option(
@@ -261,15 +286,18 @@ def index_add(
     recorded_volume = (ix.collection_model(VOLUME).source if VOLUME in ix.collections()
                        else None)
     ix.close()
+    src = _source_arg(source, volume_model)
+    if isinstance(src, str):  # a DICOMweb source: the index's volume collection stays as it is
+        recorded_volume = None
     chosen, chosen_volume = model or recorded, volume_model or recorded_volume
     if not chosen and not chosen_volume:
         raise RadLensError(f"index {index} records no model path: pass --model")
     failed = False
     if chosen:
-        failed |= _ingest(chosen, source, index, batch_size, workers, progress,
+        failed |= _ingest(chosen, src, index, batch_size, workers, progress,
                           device=device, amp=amp, allow_empty=bool(chosen_volume))
     if chosen_volume:
-        failed |= _ingest_volumes(chosen_volume, source, index, progress, device=device,
+        failed |= _ingest_volumes(chosen_volume, Path(source), index, progress, device=device,
                                   required=volume_model is not None)
     if failed:
         raise typer.Exit(code=3)

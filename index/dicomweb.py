@@ -1,0 +1,310 @@
+"""A DICOMweb server (a PACS, a VNA, Orthanc) as an ingestion source.
+
+``radlens index build --source https://pacs.example.org/dicom-web`` lists the server's
+instances with QIDO-RS (``/studies``, then ``/studies/{study}/instances``, paged with
+``limit``/``offset``) and fetches each one with WADO-RS
+(``/studies/{study}/series/{series}/instances/{instance}``, any transfer syntax), in the decode
+worker processes, so fetching runs beside the encoder the way reading files does. A query
+string on the URL is passed to the study search unchanged (``?ModalitiesInStudy=CR`` or
+``?StudyDate=20240101-20241231``), so a site can index one slice of its archive at a time.
+
+Resumable without refetching: an instance whose SOP Instance UID the index already holds (as
+its keyed pseudonym, the catalog's ``instance`` column) is not fetched again, so a rerun or a
+restart after a kill only downloads what is missing. An instance that cannot be fetched (an
+HTTP error, a timeout, a reply that is not DICOM) and a study whose instances cannot be listed
+are failures in the report; the rest of the archive goes on. A server that cannot be reached
+or whose study search fails stops the build before any index is created or changed.
+
+Credentials never go in the URL (it is logged, printed and kept in the failures report): a
+URL with ``user:password@`` is refused. ``RADLENS_DICOMWEB_TOKEN`` sends a bearer token,
+``RADLENS_DICOMWEB_USER`` with ``RADLENS_DICOMWEB_PASSWORD`` HTTP basic authentication.
+
+Instances of SOP classes that hold no image (structured reports, presentation states, key
+object selections, encapsulated PDFs, waveforms, raw data, RT plans and structures) are not
+fetched; they are counted, not listed as failures.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit
+
+from vlm.errors import RadLensError
+
+TOKEN_ENV = "RADLENS_DICOMWEB_TOKEN"
+USER_ENV = "RADLENS_DICOMWEB_USER"
+PASSWORD_ENV = "RADLENS_DICOMWEB_PASSWORD"
+PAGE = 1000  # QIDO-RS results asked for per request
+TIMEOUT_S = 60.0
+WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+QIDO_ACCEPT = "application/dicom+json"
+
+STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS = "0020000D", "0020000E", "00080018", "00080016"
+#: SOP classes without pixel data (PS3.4 Annex B), as UIDs under 1.2.840.10008.5.1.4.1.1: the
+#: class itself and every class below it. Structured reports and key object selections (88),
+#: presentation states (11), encapsulated documents (104), waveforms (9), raw data and
+#: segmentations (66), RT structure sets, plans and treatment records (481.3-481.9)
+NON_IMAGE_CLASSES = ("88", "11", "104", "9", "66", "481.3", "481.4", "481.5", "481.6", "481.7",
+                     "481.8", "481.9")
+STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1."
+
+
+def holds_image(sop_class: str) -> bool:
+    """Whether instances of ``sop_class`` can hold an image (an unknown or missing class
+    does: the decoder decides)."""
+    if not sop_class.startswith(STORAGE_ROOT):
+        return True
+    rest = sop_class[len(STORAGE_ROOT):]
+    return not any(rest == c or rest.startswith(c + ".") for c in NON_IMAGE_CLASSES)
+
+
+class DicomWebError(RadLensError):
+    """A DICOMweb request failed (one line: what was asked and why it failed)."""
+
+
+def is_dicomweb(source: object) -> bool:
+    """Whether a ``--source`` value names a DICOMweb server (an http or https URL)."""
+    return isinstance(source, str) and source.strip().lower().startswith(("http://",
+                                                                          "https://"))
+
+
+@dataclass(frozen=True)
+class Instance:
+    study: str
+    series: str
+    sop: str
+
+
+def _uid(record: Mapping[str, Any], tag: str) -> str | None:
+    value = (record.get(tag) or {}).get("Value") or []
+    return str(value[0]).strip() if value and value[0] is not None else None
+
+
+def _auth_headers(environ: Mapping[str, str]) -> dict[str, str]:
+    token = environ.get(TOKEN_ENV)
+    if token:
+        return {"Authorization": f"Bearer {token.strip()}"}
+    user = environ.get(USER_ENV)
+    if user:
+        pair = f"{user}:{environ.get(PASSWORD_ENV, '')}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
+    return {}
+
+
+def first_part(body: bytes, content_type: str, what: str) -> bytes:
+    """The first body part of a ``multipart/related`` reply (a WADO-RS instance), or the body
+    itself when the server answered with a single ``application/dicom`` object.
+
+    Raises:
+        DicomWebError: a multipart reply without a boundary or without any part.
+    """
+    kind, _, params = content_type.partition(";")
+    kind = kind.strip().lower()
+    if kind == "application/dicom":
+        return body
+    if kind != "multipart/related":
+        raise DicomWebError(f"{what}: the server sent {kind or 'no content type'}, not DICOM")
+    boundary = None
+    for param in params.split(";"):
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip().strip('"')
+    if not boundary:
+        raise DicomWebError(f"{what}: a multipart reply without a boundary")
+    delimiter = b"--" + boundary.encode("latin-1")
+    start = body.find(delimiter)
+    if start < 0:
+        raise DicomWebError(f"{what}: a multipart reply without any part")
+    start += len(delimiter)
+    end = body.find(b"\r\n" + delimiter, start)
+    if end < 0:
+        raise DicomWebError(f"{what}: a multipart reply cut short (no closing boundary)")
+    part = body[start:end]
+    _headers, sep, content = part.partition(b"\r\n\r\n")
+    if not sep:
+        raise DicomWebError(f"{what}: a multipart part without headers")
+    return content
+
+
+class DicomWeb:
+    """A client for one DICOMweb service root (``…/dicom-web``); picklable by :meth:`config`
+    into the decode processes, each of which keeps its own connection."""
+
+    def __init__(self, url: str, *, timeout: float = TIMEOUT_S,
+                 environ: Mapping[str, str] | None = None) -> None:
+        parts = urlsplit(url.strip())
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise RadLensError(f"{url}: not a DICOMweb URL (http[s]://host[:port]/path)")
+        if parts.username or parts.password:
+            raise RadLensError("a DICOMweb URL must not hold credentials (it is logged and "
+                               f"stored): set {TOKEN_ENV}, or {USER_ENV} and {PASSWORD_ENV}")
+        try:
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError as exc:
+            raise RadLensError(f"{url}: {exc}") from None
+        self.root = f"{parts.scheme.lower()}://{parts.hostname}{port}{parts.path.rstrip('/')}"
+        self.query = parse_qsl(parts.query, keep_blank_values=True)
+        self.timeout = timeout
+        self.headers = _auth_headers(os.environ if environ is None else environ)
+        self._session: Any = None
+
+    def __repr__(self) -> str:  # never the credentials
+        return f"DicomWeb({self.root!r})"
+
+    @property
+    def display(self) -> str:
+        """The source as reports show it: the service root and study query, no credentials."""
+        query = "&".join(f"{k}={v}" for k, v in self.query)
+        return self.root + (f"?{query}" if query else "")
+
+    def config(self) -> dict[str, Any]:
+        return {"root": self.root, "query": self.query, "timeout": self.timeout,
+                "headers": dict(self.headers)}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> DicomWeb:
+        client = cls.__new__(cls)
+        client.root, client.query = cfg["root"], [tuple(q) for q in cfg["query"]]
+        client.timeout, client.headers = cfg["timeout"], dict(cfg["headers"])
+        client._session = None
+        return client
+
+    def instance_url(self, inst: Instance) -> str:
+        return (f"{self.root}/studies/{quote(inst.study)}/series/{quote(inst.series)}"
+                f"/instances/{quote(inst.sop)}")
+
+    def owns(self, url: str) -> bool:
+        return url.startswith(self.root + "/studies/")
+
+    def _get(self, url: str, accept: str, params: list[tuple[str, str]] | None = None,
+             what: str = "", encoding: str | None = None) -> Any:
+        import requests
+
+        if self._session is None:
+            self._session = requests.Session()
+            self._session.headers.update(self.headers)
+        what = what or url
+        try:
+            headers = {"Accept": accept}
+            if encoding:
+                headers["Accept-Encoding"] = encoding
+            reply = self._session.get(url, params=params, headers=headers, timeout=self.timeout)
+        except requests.Timeout:
+            raise DicomWebError(f"{what}: no answer within {self.timeout:g} s") from None
+        except requests.RequestException as exc:
+            reason = type(exc).__name__
+            inner = getattr(exc, "args", None)
+            if inner and "refused" in str(inner[0]).lower():
+                reason = "connection refused"
+            raise DicomWebError(f"{what}: cannot connect ({reason})") from None
+        if reply.status_code in (401, 403):
+            raise DicomWebError(f"{what}: HTTP {reply.status_code} (not authorised: check "
+                                f"{TOKEN_ENV} or {USER_ENV}/{PASSWORD_ENV})")
+        if reply.status_code == 204:  # QIDO: no match
+            return reply
+        if reply.status_code != 200:
+            raise DicomWebError(f"{what}: HTTP {reply.status_code} {reply.reason or ''}".strip())
+        return reply
+
+    def _search(self, path: str, query: list[tuple[str, str]], what: str
+                ) -> Iterator[dict[str, Any]]:
+        """Every QIDO-RS match of ``path``, page by page."""
+        offset = 0
+        while True:
+            reply = self._get(f"{self.root}{path}", QIDO_ACCEPT,
+                              [*query, ("limit", str(PAGE)), ("offset", str(offset))], what)
+            if reply.status_code == 204 or not reply.content.strip():
+                return
+            try:
+                page = reply.json()
+            except ValueError:
+                raise DicomWebError(f"{what}: the server's answer is not DICOM JSON") from None
+            if not isinstance(page, list):
+                raise DicomWebError(f"{what}: the server's answer is not a list of matches")
+            yield from (r for r in page if isinstance(r, dict))
+            if len(page) < PAGE:
+                return
+            offset += len(page)
+
+    def studies(self) -> list[str]:
+        """Study Instance UIDs matching the URL's query.
+
+        Raises:
+            DicomWebError: the server cannot be reached or the search fails.
+        """
+        found = (_uid(r, STUDY_UID) for r in self._search(
+            "/studies", [*self.query, ("includefield", STUDY_UID)],
+            f"{self.display}: study search"))
+        return list(dict.fromkeys(uid for uid in found if uid))
+
+    def instances(self, study: str) -> tuple[list[Instance], int]:
+        """The image instances of one study, and how many non-image instances it also holds.
+
+        Raises:
+            DicomWebError: the study's instances cannot be listed.
+        """
+        out, other = [], 0
+        for r in self._search(f"/studies/{quote(study)}/instances",
+                              [("includefield", f"{SERIES_UID},{SOP_UID},{SOP_CLASS}")],
+                              f"{self.root}/studies/{study}: instance search"):
+            series, sop = _uid(r, SERIES_UID), _uid(r, SOP_UID)
+            sop_class = _uid(r, SOP_CLASS) or ""
+            if not series or not sop:
+                continue
+            if not holds_image(sop_class):
+                other += 1
+                continue
+            out.append(Instance(study, series, sop))
+        return out, other
+
+    def fetch(self, url: str) -> bytes:
+        """One instance's DICOM bytes (WADO-RS, the server's stored transfer syntax).
+
+        Raises:
+            DicomWebError: the request failed or the reply holds no DICOM object.
+        """
+        # no HTTP compression of pixel data: gzip cost Orthanc 20 ms per 512x512 radiograph,
+        # nine times the rest of the request, to save a fifth of the bytes (benchmarks/
+        # dicomweb_ingest.py); compressed transfer syntaxes are compressed already
+        reply = self._get(url, WADO_ACCEPT, encoding="identity")
+        if reply.status_code == 204:
+            raise DicomWebError(f"{url}: the server sent no content")
+        return first_part(reply.content, reply.headers.get("Content-Type", ""), url)
+
+
+@dataclass
+class Listing:
+    """What :func:`list_instances` found: the instances' WADO-RS URLs with their SOP Instance
+    UIDs, the studies that could not be listed, and the non-image instances left out."""
+
+    urls: list[str]
+    sops: dict[str, str]  # url -> SOP Instance UID
+    problems: list[dict[str, str]]
+    not_images: int = 0
+
+
+def list_instances(client: DicomWeb) -> Listing:
+    """Every image instance the source's study search reaches, in server order.
+
+    Raises:
+        DicomWebError: the study search itself fails (nothing can be listed).
+    """
+    listing = Listing([], {}, [])
+    for study in client.studies():
+        try:
+            found, other = client.instances(study)
+        except DicomWebError as exc:
+            listing.problems.append({"path": f"{client.root}/studies/{study}",
+                                     "reason": str(exc).split(": ", 1)[-1]})
+            continue
+        listing.not_images += other
+        for inst in found:
+            url = client.instance_url(inst)
+            if url not in listing.sops:
+                listing.urls.append(url)
+                listing.sops[url] = inst.sop
+    return listing
