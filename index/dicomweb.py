@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,10 @@ USER_ENV = "RADLENS_DICOMWEB_USER"
 PASSWORD_ENV = "RADLENS_DICOMWEB_PASSWORD"
 PAGE = 1000  # QIDO-RS results asked for per request
 TIMEOUT_S = 60.0
+RETRY_STATUS = (429, 502, 503, 504)
+RETRIES = 3
+BACKOFF_S = 0.5
+MAX_WAIT_S = 10.0
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 QIDO_ACCEPT = "application/dicom+json"
 
@@ -182,25 +187,40 @@ class DicomWeb:
 
     def _get(self, url: str, accept: str, params: list[tuple[str, str]] | None = None,
              what: str = "", encoding: str | None = None) -> Any:
+        """One GET; a lost connection, a timeout and HTTP 429/502/503/504 are tried again
+        (``RETRIES`` times, waiting ``BACKOFF_S`` doubling, or the server's Retry-After up to
+        ``MAX_WAIT_S``), as a busy PACS answers now and then."""
         import requests
 
         if self._session is None:
             self._session = requests.Session()
             self._session.headers.update(self.headers)
         what = what or url
-        try:
-            headers = {"Accept": accept}
-            if encoding:
-                headers["Accept-Encoding"] = encoding
-            reply = self._session.get(url, params=params, headers=headers, timeout=self.timeout)
-        except requests.Timeout:
-            raise DicomWebError(f"{what}: no answer within {self.timeout:g} s") from None
-        except requests.RequestException as exc:
-            reason = type(exc).__name__
-            inner = getattr(exc, "args", None)
-            if inner and "refused" in str(inner[0]).lower():
-                reason = "connection refused"
-            raise DicomWebError(f"{what}: cannot connect ({reason})") from None
+        headers = {"Accept": accept}
+        if encoding:
+            headers["Accept-Encoding"] = encoding
+        for attempt in range(RETRIES + 1):
+            wait = BACKOFF_S * 2 ** attempt
+            try:
+                reply = self._session.get(url, params=params, headers=headers,
+                                          timeout=self.timeout)
+            except requests.Timeout:
+                problem = f"no answer within {self.timeout:g} s"
+            except requests.ConnectionError as exc:
+                why = "connection refused" if "refused" in str(exc).lower() else "no connection"
+                problem = f"cannot connect ({why})"
+            except requests.RequestException as exc:
+                raise DicomWebError(f"{what}: {type(exc).__name__}") from None
+            else:
+                if reply.status_code not in RETRY_STATUS:
+                    break
+                problem = f"HTTP {reply.status_code} {reply.reason or ''}".strip()
+                after = reply.headers.get("Retry-After", "")
+                wait = float(after) if after.isdigit() else wait
+            if attempt == RETRIES:
+                tries = f" ({RETRIES + 1} attempts)" if RETRIES else ""
+                raise DicomWebError(f"{what}: {problem}{tries}")
+            time.sleep(min(wait, MAX_WAIT_S))
         if reply.status_code in (401, 403):
             raise DicomWebError(f"{what}: HTTP {reply.status_code} (not authorised: check "
                                 f"{TOKEN_ENV} or {USER_ENV}/{PASSWORD_ENV})")

@@ -36,6 +36,7 @@ class Archive:
     fetched: Counter[str] = field(default_factory=Counter)  # SOP UID -> WADO-RS requests
     queries: list[dict[str, str]] = field(default_factory=list)  # the study searches' params
     encodings: Counter[str] = field(default_factory=Counter)  # WADO-RS Accept-Encoding values
+    busy: Counter[str] = field(default_factory=Counter)  # SOP UID -> 503s before it is served
 
     def add_file(self, path: Path, sop: str | None = None, data: bytes | None = None) -> Stored:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -90,7 +91,13 @@ class _Handler(BaseHTTPRequestHandler):
             a.fetched[sop] += 1
             a.encodings[self.headers.get("Accept-Encoding", "")] += 1
             match = [it for it in a.items if it.sop == sop and it.series == parts[3]]
-            if sop in a.fail_instances:
+            if a.busy[sop] > 0:
+                a.busy[sop] -= 1
+                self.send_response(503)
+                self.send_header("Retry-After", "0")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif sop in a.fail_instances:
                 self._send(500, b"")
             elif not match:
                 self._send(404, b"")

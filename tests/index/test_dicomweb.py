@@ -180,6 +180,7 @@ def test_unreachable_or_unauthorised_server_is_one_line_and_creates_nothing(
         files, encoder, tmp_path, monkeypatch) -> None:
     from index.ingest import ingest
 
+    monkeypatch.setattr(dw, "BACKOFF_S", 0.0)
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -201,6 +202,25 @@ def test_unreachable_or_unauthorised_server_is_one_line_and_creates_nothing(
                                                  match="no image instances to index"):
         ingest(encoder, url, tmp_path / "c", progress=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_a_busy_server_is_asked_again(files, encoder, tmp_path, monkeypatch) -> None:
+    """HTTP 503 (with Retry-After) is tried again: twice busy is fetched on the third try,
+    always busy is one failure after RETRIES + 1 attempts."""
+    from index.ingest import ingest
+
+    monkeypatch.setattr(dw, "BACKOFF_S", 0.0)
+    archive = Archive()
+    for f in files[:3]:
+        archive.add_file(f)
+    twice, always = archive.items[0].sop, archive.items[1].sop
+    archive.busy[twice], archive.busy[always] = 2, 10**6
+    with Server(archive) as url:
+        report = ingest(encoder, url, tmp_path / "idx", workers=0, progress=False)
+    assert report.added == 2 and archive.fetched[twice] == 3
+    assert [f["reason"] for f in report.failed] == [
+        f"HTTP 503 Service Unavailable ({dw.RETRIES + 1} attempts)"]
+    assert archive.fetched[always] == dw.RETRIES + 1
 
 
 def test_interrupted_build_resumes_with_one_row_per_instance(files, encoder, tmp_path,
