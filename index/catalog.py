@@ -215,10 +215,13 @@ class Catalog:
             sql, args = sql + " AND collection = ?", [collection]
         return {str(r[0]) for r in self._query(sql, args)}
 
-    def instances(self, collection: str | None = None) -> set[str]:
-        """Every instance pseudonym present (one bulk read: a DICOMweb source skips the
-        instances an index holds before fetching them)."""
-        sql, args = "SELECT DISTINCT instance FROM items WHERE instance IS NOT NULL", []
+    def pseudonyms(self, column: str, collection: str | None = None) -> set[str]:
+        """Every study, series or instance pseudonym present (one bulk read: a DICOMweb source
+        skips the instances and series an index holds before fetching them)."""
+        if column not in ("study", "series", "instance"):
+            raise RadLensError(f"no pseudonyms in column '{column}': use study, series or "
+                               "instance")
+        sql, args = f"SELECT DISTINCT {column} FROM items WHERE {column} IS NOT NULL", []
         if collection is not None:
             sql, args = sql + " AND collection = ?", [collection]
         return {str(r[0]) for r in self._query(sql, args)}

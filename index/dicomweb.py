@@ -22,6 +22,13 @@ URL with ``user:password@`` is refused. ``RADLENS_DICOMWEB_TOKEN`` sends a beare
 Instances of SOP classes that hold no image (structured reports, presentation states, key
 object selections, encapsulated PDFs, waveforms, raw data, RT plans and structures) are not
 fetched; they are counted, not listed as failures.
+
+Volumes (``--volume-model``): :func:`list_series` lists each study's series (QIDO-RS series
+search); a series the server counts fewer than three instances in (a radiograph, a scout, a
+report) is counted and passed over, and each other series is fetched instance by instance
+into a private temporary folder (:meth:`DicomWeb.fetch_series`), read as a DICOM series
+folder is, encoded, and the folder removed. A series the volume collection holds (by Series
+Instance UID pseudonym) is not fetched again.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -54,6 +62,7 @@ WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 QIDO_ACCEPT = "application/dicom+json"
 
 STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS = "0020000D", "0020000E", "00080018", "00080016"
+MODALITY, SERIES_INSTANCES = "00080060", "00201209"  # NumberOfSeriesRelatedInstances
 #: SOP classes without pixel data (PS3.4 Annex B), as UIDs under 1.2.840.10008.5.1.4.1.1: the
 #: class itself and every class below it. Structured reports and key object selections (88),
 #: presentation states (11), encapsulated documents (104), waveforms (9), raw data and
@@ -87,6 +96,22 @@ class Instance:
     study: str
     series: str
     sop: str
+
+
+@dataclass(frozen=True)
+class Series:
+    study: str
+    series: str
+    modality: str | None = None
+    instances: int | None = None  # as the server counts them; None where it does not say
+
+
+def _int(record: Mapping[str, Any], tag: str) -> int | None:
+    value = _uid(record, tag)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _uid(record: Mapping[str, Any], tag: str) -> str | None:
@@ -286,6 +311,50 @@ class DicomWeb:
             out.append(Instance(study, series, sop))
         return out, other
 
+    def series_of(self, study: str) -> list[Series]:
+        """The series of one study (QIDO-RS series search).
+
+        Raises:
+            DicomWebError: the study's series cannot be listed.
+        """
+        out = []
+        for r in self._search(f"/studies/{quote(study)}/series",
+                              [("includefield", f"{SERIES_UID},{MODALITY},{SERIES_INSTANCES}")],
+                              f"{self.root}/studies/{study}: series search"):
+            uid = _uid(r, SERIES_UID)
+            if uid:
+                out.append(Series(study, uid, _uid(r, MODALITY), _int(r, SERIES_INSTANCES)))
+        return out
+
+    def series_url(self, s: Series) -> str:
+        return f"{self.root}/studies/{quote(s.study)}/series/{quote(s.series)}"
+
+    def fetch_series(self, s: Series, folder: Path, threads: int = LIST_THREADS) -> list[Path]:
+        """Every image instance of one series, written into ``folder`` (one file each, fetched
+        ``threads`` at a time): a volume is read from them like a series folder.
+
+        Raises:
+            DicomWebError: the series' instances cannot be listed, or one of them cannot be
+                fetched (a volume with a slice missing is not read).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        what = f"{self.series_url(s)}: instance search"
+        instances = []
+        for r in self._search(f"/studies/{quote(s.study)}/series/{quote(s.series)}/instances",
+                              [("includefield", f"{SOP_UID},{SOP_CLASS}")], what):
+            sop = _uid(r, SOP_UID)
+            if sop and holds_image(_uid(r, SOP_CLASS) or ""):
+                instances.append(Instance(s.study, s.series, sop))
+
+        def one(item: tuple[int, Instance]) -> Path:
+            path = folder / f"{item[0]:06d}.dcm"
+            path.write_bytes(self.fetch(self.instance_url(item[1])))
+            return path
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            return list(pool.map(one, enumerate(instances)))
+
     def fetch(self, url: str) -> bytes:
         """One instance's DICOM bytes (WADO-RS, the server's stored transfer syntax).
 
@@ -348,4 +417,47 @@ def list_instances(client: DicomWeb, threads: int = LIST_THREADS) -> Listing:
                 if url not in listing.sops:
                     listing.urls.append(url)
                     listing.sops[url] = inst.sop
+    return listing
+
+
+@dataclass
+class SeriesListing:
+    """What :func:`list_series` found: the series that can be volumes, the studies whose
+    series could not be listed, and how many series were too short to be one."""
+
+    series: list[Series] = field(default_factory=list)
+    problems: list[dict[str, str]] = field(default_factory=list)
+    short: int = 0
+
+
+def list_series(client: DicomWeb, min_instances: int, threads: int = LIST_THREADS
+                ) -> SeriesListing:
+    """Every series the source's study search reaches with at least ``min_instances``
+    instances by the server's count (a series it does not count is kept: the reader decides).
+
+    Raises:
+        DicomWebError: the study search itself fails.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    studies = client.studies()
+
+    def one(study: str) -> list[Series] | DicomWebError:
+        try:
+            return client.series_of(study)
+        except DicomWebError as exc:
+            return exc
+
+    listing = SeriesListing()
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for study, found in zip(studies, pool.map(one, studies), strict=True):
+            if isinstance(found, DicomWebError):
+                listing.problems.append({"path": f"{client.root}/studies/{study}",
+                                         "reason": str(found).split(": ", 1)[-1]})
+                continue
+            for s in found:
+                if s.instances is not None and s.instances < min_instances:
+                    listing.short += 1
+                else:
+                    listing.series.append(s)
     return listing

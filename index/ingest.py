@@ -574,7 +574,7 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, paths: list[str],
     listed = {path: meta for rows in datasets.values() for path, meta in rows.items()}
     known = ix.catalog.content_hashes(IMAGE)
     if sops:  # DICOMweb: what the index holds by SOP Instance UID is not fetched again
-        held = ix.catalog.instances(IMAGE)
+        held = ix.catalog.pseudonyms("instance", IMAGE)
         fresh = [p for p in paths if pseudo("im", sops[p]) not in held]
         report.already_indexed += len(paths) - len(fresh)
         paths = fresh

@@ -7,6 +7,10 @@ What counts as a volume:
 * every DICOM series (files grouped by SeriesInstanceUID, read header-only) of at least
   :data:`MIN_SERIES_SLICES` single-frame slices with a position and orientation, assembled with
   :func:`vlm.io.read_series` (files that are not DICOM are left to the image ingest);
+* on a DICOMweb server (``source`` an http(s) URL, :mod:`index.dicomweb`): every series of at
+  least :data:`MIN_SERIES_SLICES` instances, fetched into a private temporary folder when its
+  turn comes and read like a series folder; a series the collection holds (by its Series
+  Instance UID pseudonym) is not fetched again;
 * in a RadLens data set folder whose ``manifest.jsonl`` rows name a ``dicom_dir`` or ``nifti``
   (PhantomCT), exactly one volume per row, the DICOM series when present, else the NIfTI file;
   the row's labels (lesion locations as ``liver_lesion``, ...) go into the catalog row's
@@ -38,8 +42,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +53,7 @@ import numpy as np
 
 from index import persist
 from index.catalog import CatalogItem
+from index.dicomweb import DicomWeb, Series, is_dicomweb, list_series
 from index.folder import CollectionModel, IndexFolder, is_index_folder
 from index.ingest import file_hash
 from index.walk import folders
@@ -83,6 +90,14 @@ class VolumeSource:
     path: Path  # the NIfTI file, or the folder holding the series
     files: list[Path]
     extra: dict[str, Any] = field(default_factory=dict)  # labels from a data set manifest
+    #: a series on a DICOMweb server, fetched into ``path`` (a private temporary folder)
+    #: when its turn comes; reports and the catalog name it by its URL
+    remote: Series | None = None
+    url: str = ""
+
+    @property
+    def where(self) -> str:
+        return self.url or str(self.path)
 
 
 @dataclass
@@ -97,6 +112,9 @@ class VolumeIngestReport:
     #: stopped by Ctrl-C or SIGTERM after saving; ``unread`` volumes were not looked at
     interrupted: bool = False
     unread: int = 0
+    #: DICOMweb: series with fewer than MIN_SERIES_SLICES instances (radiographs, scouts,
+    #: reports), left out unfetched
+    short_series: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -362,17 +380,29 @@ def ingest_volumes(encoder: VolumeEncoder, source: str | os.PathLike[str],
         ConfigError: the index's ``volume`` collection was filled by another model.
         NoVolumesError: ``source`` holds no volume to index (nothing is created or opened).
     """
+    web = DicomWeb(str(source)) if is_dicomweb(source) else None
     src, dest = Path(source), Path(out)
-    if not src.exists():
+    if web is None and not src.exists():
         raise RadLensError(f"{src}: no such file or folder")
-    if is_index_folder(src):
+    if web is None and is_index_folder(src):
         raise RadLensError(f"{src} is a RadLens index, not an archive: pass the folder of "
                            "volumes as --source")
     start = time.time()
-    sources, skipped = discover_volumes(src)
+    short = 0
+    if web is not None:
+        listing = list_series(web, MIN_SERIES_SLICES)
+        sources = [VolumeSource("dicom-series", Path(), [], remote=s, url=web.series_url(s))
+                   for s in listing.series]
+        skipped, short = listing.problems, listing.short
+    else:
+        sources, skipped = discover_volumes(src)
     if not sources:
         first = f"; {len(skipped)} passed over, the first: {skipped[0]['path']}: " \
                 f"{skipped[0]['reason']}" if skipped else ""
+        if web is not None:
+            raise NoVolumesError(f"{web.display}: no volumes to index (series of at least "
+                                 f"{MIN_SERIES_SLICES} instances; {short} shorter series "
+                                 f"passed over){first}")
         raise NoVolumesError(f"{src}: no volumes to index (NIfTI files, DICOM series of at "
                              f"least {MIN_SERIES_SLICES} slices or a PhantomCT folder){first}")
     model = collection_model(encoder)
@@ -388,10 +418,11 @@ def ingest_volumes(encoder: VolumeEncoder, source: str | os.PathLike[str],
         ix.close()
         raise
     # listed once, by the caller (the CLI prints each failure on stderr), as image ingest does
-    report = VolumeIngestReport(source=str(src), failed=list(skipped))
+    report = VolumeIngestReport(source=web.display if web is not None else str(src),
+                                failed=list(skipped), short_series=short)
     try:
         stop = _run(encoder, model, ix, src, sources, report, save_every, progress, keep_paths,
-                    start)
+                    start, web)
     finally:
         report_file = dest / REPORT_FILE
         report_file.write_text(json.dumps(report.to_dict(), indent=1))
@@ -407,13 +438,15 @@ def ingest_volumes(encoder: VolumeEncoder, source: str | os.PathLike[str],
 def _failure(src: VolumeSource, exc: BaseException) -> dict[str, str]:
     if isinstance(exc, RadLensError):
         reason = str(exc)
-        for p in (str(src.path), *(str(f) for f in src.files[:1])):
-            reason = reason.removeprefix(f"{p}: ")
+        for p in (src.url, str(src.path), *(str(f) for f in src.files[:1])):
+            reason = reason.removeprefix(f"{p}: ") if p else reason
+        if src.remote is not None and src.files:  # a fetched slice: named by its number
+            reason = reason.replace(f"{src.path}{os.sep}", "slice file ")
     elif isinstance(exc, OSError):
         reason = f"unreadable ({exc.strerror or exc})"
     else:  # a reader or model bug must not stop the archive
         reason = f"unexpected {type(exc).__name__}: {exc}"[:300]
-    return {"path": str(src.path), "reason": " ".join(reason.split())}
+    return {"path": src.where, "reason": " ".join(reason.split())}
 
 
 class _Duplicate(RadLensError):
@@ -431,7 +464,8 @@ def _known_voxels(ix: IndexFolder) -> dict[str, str]:
 
 def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: Path,
          sources: list[VolumeSource], report: VolumeIngestReport, save_every: int,
-         progress: bool, keep_paths: bool, start: float) -> StopRequest:
+         progress: bool, keep_paths: bool, start: float, web: DicomWeb | None = None
+         ) -> StopRequest:
     from tqdm import tqdm
 
     from vlm.io.deid import default_pseudonymizer
@@ -439,8 +473,10 @@ def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: P
     pseudo = default_pseudonymizer()
     root = src if src.is_dir() else src.parent
     # DICOM series first: of a series and its NIfTI copy, the one with DICOM metadata is kept
-    sources = sorted(sources, key=lambda s: (s.kind != "dicom-series", str(s.path)))
+    sources = sorted(sources, key=lambda s: (s.kind != "dicom-series", s.where))
     known = ix.catalog.content_hashes(VOLUME)
+    # DICOMweb: a series the collection holds is not fetched again
+    held = ix.catalog.pseudonyms("series", VOLUME) if web is not None else set()
     voxels = _known_voxels(ix)
     since_save = 0
     seen = 0
@@ -449,7 +485,15 @@ def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: P
             if stop:
                 break
             seen += 1
+            if vs.remote is not None and pseudo("se", vs.remote.series) in held:
+                report.already_indexed += 1
+                continue
+            fetched = None
             try:
+                if vs.remote is not None and web is not None:
+                    fetched = tempfile.mkdtemp(prefix="radlens-series-")  # mode 0700
+                    vs = replace(vs, path=Path(fetched))
+                    vs.files = web.fetch_series(vs.remote, vs.path)
                 digest = content_hash(vs)
                 if digest in known:
                     report.already_indexed += 1
@@ -469,8 +513,11 @@ def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: P
                 if not (np.isfinite(enc.vector).all() and np.abs(enc.vector).sum() > 0):
                     raise RadLensError("the volume encodes to a zero or non-finite vector "
                                        "(empty or constant volume?)")
-                uri = (os.path.relpath(vs.path, root) if keep_paths
-                       else pseudo("src", os.path.abspath(vs.path)))
+                if vs.url:
+                    uri = vs.url if keep_paths else pseudo("src", vs.url)
+                else:
+                    uri = (os.path.relpath(vs.path, root) if keep_paths
+                           else pseudo("src", os.path.abspath(vs.path)))
                 row = _row(ix.path, vs, volume, enc, digest, uri)
                 row["extra"]["voxel_hash"] = voxel_digest
                 ix.add(VOLUME, enc.vector[None], [row], model=model)
@@ -478,8 +525,11 @@ def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: P
                 report.failed.append(_failure(vs, exc))
                 logger.info("skipped a volume: %s", report.failed[-1]["reason"])
                 continue
+            finally:
+                if fetched is not None:
+                    shutil.rmtree(fetched, ignore_errors=True)
             known.add(digest)
-            voxels[voxel_digest] = str(vs.path)
+            voxels[voxel_digest] = vs.where
             report.added += 1
             since_save += 1
             if since_save >= save_every:

@@ -58,17 +58,11 @@ def _source(value: str) -> str:
     return value
 
 
-def _source_arg(source: str, volume_model: str | None) -> Path | str:
-    """The source as ingestion takes it; a DICOMweb URL with a volume model is refused."""
+def _source_arg(source: str) -> Path | str:
+    """The source as ingestion takes it: a DICOMweb URL as text, anything else as a path."""
     from index.dicomweb import is_dicomweb
-    from vlm.errors import RadLensError
 
-    if not is_dicomweb(source):
-        return Path(source)
-    if volume_model is not None:
-        raise RadLensError("--volume-model indexes volumes from folders only; a DICOMweb "
-                           "source indexes its 2-D image instances (--model)")
-    return source
+    return source if is_dicomweb(source) else Path(source)
 
 
 def _out_folder(value: str | Path) -> Path:
@@ -162,7 +156,7 @@ def _ingest_summary(report: IngestReport | VolumeIngestReport, report_file: Path
     return bool(report.failed)
 
 
-def _ingest_volumes(volume_model: str, source: Path, out: Path, progress: bool,
+def _ingest_volumes(volume_model: str, source: Path | str, out: Path, progress: bool,
                     keep_paths: bool = False, save_every: int = 16, device: str = "cpu",
                     required: bool = True) -> bool:
     """Index the volumes; prints the summary line. Returns True if some volumes failed.
@@ -246,13 +240,13 @@ def index_build(
 
     if model is None and volume_model is None:
         raise RadLensError("give --model (2-D images), --volume-model (volumes) or both")
-    src = _source_arg(source, volume_model)
+    src = _source_arg(source)
     failed = False
     if model is not None:
         failed |= _ingest(model, src, out, batch_size, workers, progress, keep_paths,
                           save_every, device, amp, allow_empty=volume_model is not None)
     if volume_model is not None:
-        failed |= _ingest_volumes(volume_model, Path(source), out, progress, keep_paths,
+        failed |= _ingest_volumes(volume_model, src, out, progress, keep_paths,
                                   device=device)
     if failed:
         raise typer.Exit(code=3)
@@ -286,9 +280,7 @@ def index_add(
     recorded_volume = (ix.collection_model(VOLUME).source if VOLUME in ix.collections()
                        else None)
     ix.close()
-    src = _source_arg(source, volume_model)
-    if isinstance(src, str):  # a DICOMweb source: the index's volume collection stays as it is
-        recorded_volume = None
+    src = _source_arg(source)
     chosen, chosen_volume = model or recorded, volume_model or recorded_volume
     if not chosen and not chosen_volume:
         raise RadLensError(f"index {index} records no model path: pass --model")
@@ -297,7 +289,7 @@ def index_add(
         failed |= _ingest(chosen, src, index, batch_size, workers, progress,
                           device=device, amp=amp, allow_empty=bool(chosen_volume))
     if chosen_volume:
-        failed |= _ingest_volumes(chosen_volume, Path(source), index, progress, device=device,
+        failed |= _ingest_volumes(chosen_volume, src, index, progress, device=device,
                                   required=volume_model is not None)
     if failed:
         raise typer.Exit(code=3)

@@ -1,4 +1,4 @@
-"""A small DICOMweb server for tests: QIDO-RS study and study-level instance search (paged),
+"""A small DICOMweb server for tests: QIDO-RS study, series and instance search (paged),
 WADO-RS instance retrieval as multipart/related, from a list of DICOM files. Faults can be
 switched on per study or instance; every request is recorded."""
 
@@ -25,6 +25,7 @@ class Stored:
     sop: str
     sop_class: str
     data: bytes
+    modality: str = ""
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Archive:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         item = Stored(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
                       sop or str(ds.SOPInstanceUID), str(ds.SOPClassUID),
-                      path.read_bytes() if data is None else data)
+                      path.read_bytes() if data is None else data, str(ds.get("Modality", "")))
         self.items.append(item)
         return item
 
@@ -78,6 +79,20 @@ class _Handler(BaseHTTPRequestHandler):
             studies = list(dict.fromkeys(it.study for it in a.items))
             page = [_uid("0020000D", s) for s in studies[offset:offset + limit]]
             self._send(200 if page else 204, json.dumps(page).encode() if page else b"")
+        elif len(parts) == 3 and parts[0] == "studies" and parts[2] == "series":
+            if parts[1] in a.fail_studies:
+                self._send(500, b"{}")
+                return
+            counts = Counter(it.series for it in a.items if it.study == parts[1])
+            mods = {it.series: it.modality for it in a.items}
+            found = [{**_uid("0020000E", se), "00080060": {"vr": "CS", "Value": [mods[se]]},
+                      "00201209": {"vr": "IS", "Value": [n]}} for se, n in counts.items()]
+            self._send(200, json.dumps(found[offset:offset + limit]).encode())
+        elif (len(parts) == 5 and parts[0] == "studies" and parts[2] == "series"
+              and parts[4] == "instances"):
+            found = [{**_uid("00080018", it.sop), **_uid("00080016", it.sop_class)}
+                     for it in a.items if it.study == parts[1] and it.series == parts[3]]
+            self._send(200, json.dumps(found[offset:offset + limit]).encode())
         elif len(parts) == 3 and parts[0] == "studies" and parts[2] == "instances":
             if parts[1] in a.fail_studies:
                 self._send(500, b"{}")

@@ -243,7 +243,7 @@ def test_interrupted_build_resumes_with_one_row_per_instance(files, encoder, tmp
     ix = IndexFolder.open(out)
     try:
         count = ix.catalog.count("image")
-        instances = ix.catalog.instances("image")
+        instances = ix.catalog.pseudonyms("instance", "image")
     finally:
         ix.close()
     assert count == N == len(instances)
@@ -251,8 +251,8 @@ def test_interrupted_build_resumes_with_one_row_per_instance(files, encoder, tmp
     assert sum(archive.fetched.values()) - first == rest.added  # nothing saved is refetched
 
 
-def test_cli_build_from_dicomweb_exits_3_and_refuses_a_volume_model(files, model_dir,
-                                                                    tmp_path) -> None:
+def test_cli_build_from_dicomweb_exits_3_and_lists_each_failure_once(files, model_dir,
+                                                                      tmp_path) -> None:
     archive = _archive(files)
     cmd = [sys.executable, "-c", "import sys; from ui.cli import main; sys.exit(main())",
            "index", "build", "--model", str(model_dir), "--out", str(tmp_path / "idx"),
@@ -266,11 +266,108 @@ def test_cli_build_from_dicomweb_exits_3_and_refuses_a_volume_model(files, model
         assert summary["not_images"] == 1
         assert sum(line.startswith("radlens: skipped: http") for line in
                    run.stderr.splitlines()) == 3
-        refused = subprocess.run([*cmd, "--source", url, "--volume-model", "random:lecl-tiny"],
+        # radiographs only: a volume model finds nothing to index, in one line
+        volumes = subprocess.run([*cmd, "--source", url, "--volume-model", "random:lecl-tiny"],
                                  capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines()[-1].startswith(
-        "radlens: error: --volume-model indexes volumes from folders only")
+    assert volumes.returncode == 2
+    assert volumes.stderr.strip().splitlines()[-1] == (
+        f"radlens: error: {url}: no volumes to index (series of at least 3 instances; "
+        f"{N} shorter series passed over); 1 passed over, the first: {url}/studies/"
+        "1.2.826.0.1.3680043.10.9: series search: HTTP 500 Internal Server Error")
+
+
+# ------------------------------------------------------------------ volumes (CT series)
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory) -> Path:
+    from vlm.data.phantom_ct import generate_phantom_ct
+
+    root = tmp_path_factory.mktemp("ct")
+    generate_phantom_ct(root, n=3, shape=(32, 32, 32), seed=5, workers=1)
+    return root
+
+
+def _series_files(ct: Path) -> list[list[Path]]:
+    from vlm.data.manifest import read_jsonl
+
+    return [sorted((ct / r["dicom_dir"]).glob("*.dcm")) for r in read_jsonl(ct / "manifest.jsonl")]
+
+
+def _radlens_temp_folders() -> set[str]:
+    import tempfile
+
+    return {p.name for p in Path(tempfile.gettempdir()).glob("radlens-series-*")}
+
+
+def test_ct_series_over_dicomweb_become_volumes_like_the_same_folder(ct, files, tmp_path
+                                                                     ) -> None:
+    """Each CT series becomes one volume with the vector a folder build gives the same files;
+    radiographs (one-instance series) are counted, not fetched; a series with an instance the
+    server fails is one failure, named by its URL; a rerun fetches nothing; the fetched
+    slices do not stay on disk."""
+    from index.folder import IndexFolder
+    from index.volumes import VOLUME, ingest_volumes
+    from vlm.volume_encoder import VolumeEncoder
+
+    encoder = VolumeEncoder.load("random:lecl-tiny@0")
+    series = _series_files(ct)
+    archive = Archive()
+    for group in series:
+        for f in group:
+            archive.add_file(f)
+    for f in files[:2]:
+        archive.add_file(f)  # two radiographs
+    broken = archive.add_file(series[2][0], sop="1.2.826.0.1.3680043.10.2.1")
+    archive.fail_instances.add(broken.sop)  # one more slice of series 2, which the server fails
+    before = _radlens_temp_folders()
+    with Server(archive) as url:
+        report = ingest_volumes(encoder, url, tmp_path / "web", progress=False)
+        assert report.added == 2 and report.short_series == 2, report.failed
+        assert [f["path"] for f in report.failed] == [
+            f"{url}/studies/{broken.study}/series/{broken.series}"]
+        assert "HTTP 500" in report.failed[0]["reason"]
+        fetched = sum(archive.fetched.values())
+        assert fetched == sum(len(g) for g in series) + 1  # no radiograph asked for
+        again = ingest_volumes(encoder, url, tmp_path / "web", progress=False)
+        assert again.added == 0 and again.already_indexed == 2
+        assert sum(archive.fetched.values()) - fetched == len(series[2]) + 1  # the failed one
+    assert _radlens_temp_folders() == before
+    ingest_volumes(encoder, ct, tmp_path / "folder", progress=False)
+
+    def vectors(path: Path) -> dict[str, list[float]]:
+        ix = IndexFolder.open(path)
+        try:
+            items = [ix.catalog.get(int(i)) for i in ix.catalog.filter_ids(VOLUME)]
+            return {it.series: ix.collection(VOLUME).vectors([it.id])[0].tolist()
+                    for it in items if it is not None and it.series}
+        finally:
+            ix.close()
+
+    web, folder = vectors(tmp_path / "web"), vectors(tmp_path / "folder")
+    assert len(web) == 2 and set(web) < set(folder)
+    for key, vec in web.items():
+        assert vec == pytest.approx(folder[key], abs=1e-5)
+
+
+def test_cli_indexes_images_and_volumes_from_one_dicomweb_source(ct, files, model_dir,
+                                                                 tmp_path) -> None:
+    archive = Archive()
+    for group in _series_files(ct):
+        for f in group:
+            archive.add_file(f)
+    for f in files[:3]:
+        archive.add_file(f)
+    with Server(archive) as url:
+        run = subprocess.run(
+            [sys.executable, "-c", "import sys; from ui.cli import main; sys.exit(main())",
+             "index", "build", "--model", str(model_dir), "--volume-model",
+             "random:lecl-tiny@0", "--source", url, "--out", str(tmp_path / "idx"),
+             "--no-progress", "--workers", "0"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-1500:]
+    images, volumes = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])
+    assert images["added"] == len(archive.items)  # every slice and radiograph is an image
+    assert volumes["added"] == 3 and volumes["short_series"] == 3
 
 
 # ------------------------------------------------------------------ a real Orthanc
@@ -287,18 +384,26 @@ def orthanc(tmp_path):
         yield base
 
 
-def test_orthanc_archive_is_indexed_and_a_rerun_adds_nothing(files, encoder, orthanc,
+def test_orthanc_archive_is_indexed_and_a_rerun_adds_nothing(files, ct, encoder, orthanc,
                                                              tmp_path) -> None:
+    """Radiographs and CT series stored in a real Orthanc: the radiographs (and every CT
+    slice) as images, each CT series as a volume; reruns add nothing."""
     from index.ingest import ingest
+    from index.volumes import ingest_volumes
     from tests.orthanc import upload
+    from vlm.volume_encoder import VolumeEncoder
 
-    upload(orthanc, files)
+    slices = [f for group in _series_files(ct) for f in group]
+    upload(orthanc, files + slices)
     url = f"{orthanc}/dicom-web"
     first = ingest(encoder, url, tmp_path / "idx", batch_size=4, progress=False)
-    assert first.added == N and not first.failed, first.failed
+    assert first.added == N + len(slices) and not first.failed, first.failed
     again = ingest(encoder, url, tmp_path / "idx", batch_size=4, progress=False)
-    assert again.added == 0 and again.already_indexed == N
+    assert again.added == 0 and again.already_indexed == N + len(slices)
+    volumes = VolumeEncoder.load("random:lecl-tiny@0")
+    vol = ingest_volumes(volumes, url, tmp_path / "idx", progress=False)
+    assert vol.added == 3 and vol.short_series == N and not vol.failed, vol.failed
+    assert ingest_volumes(volumes, url, tmp_path / "idx", progress=False).already_indexed == 3
     # a study query on the URL goes to the server: no study has modality MR
     with pytest.raises(RadLensError, match="no image instances to index"):
         ingest(encoder, url + "?ModalitiesInStudy=MR", tmp_path / "mr", progress=False)
-
