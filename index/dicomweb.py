@@ -38,15 +38,16 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from vlm.errors import RadLensError
 
 logger = logging.getLogger(__name__)
+R = TypeVar("R")
 
 TOKEN_ENV = "RADLENS_DICOMWEB_TOKEN"
 USER_ENV = "RADLENS_DICOMWEB_USER"
@@ -337,8 +338,6 @@ class DicomWeb:
             DicomWebError: the series' instances cannot be listed, or one of them cannot be
                 fetched (a volume with a slice missing is not read).
         """
-        from concurrent.futures import ThreadPoolExecutor
-
         what = f"{self.series_url(s)}: instance search"
         instances = []
         for r in self._search(f"/studies/{quote(s.study)}/series/{quote(s.series)}/instances",
@@ -352,8 +351,12 @@ class DicomWeb:
             path.write_bytes(self.fetch(self.instance_url(item[1])))
             return path
 
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            return list(pool.map(one, enumerate(instances)))
+        paths = []
+        for _, got in _each(one, list(enumerate(instances)), threads):
+            if isinstance(got, DicomWebError):
+                raise got  # the slices not yet asked for are not fetched
+            paths.append(got)
+        return paths
 
     def fetch(self, url: str) -> bytes:
         """One instance's DICOM bytes (WADO-RS, the server's stored transfer syntax).
@@ -368,6 +371,26 @@ class DicomWeb:
         if reply.status_code == 204:
             raise DicomWebError(f"{url}: the server sent no content")
         return first_part(reply.content, reply.headers.get("Content-Type", ""), url)
+
+
+def _each(fn: Callable[[Any], R], items: list[Any], threads: int
+          ) -> Iterator[tuple[Any, R | DicomWebError]]:
+    """``(item, fn(item))`` in order, ``threads`` calls at a time; a call's DicomWebError is
+    its result. Stopped early (an error, Ctrl-C), the calls not yet started are dropped
+    instead of waited for."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item: Any) -> R | DicomWebError:
+        try:
+            return fn(item)
+        except DicomWebError as exc:
+            return exc
+
+    pool = ThreadPoolExecutor(max(1, threads))
+    try:
+        yield from zip(items, pool.map(one, items), strict=True)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -390,33 +413,23 @@ def list_instances(client: DicomWeb, threads: int = LIST_THREADS) -> Listing:
     Raises:
         DicomWebError: the study search itself fails (nothing can be listed).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     studies = client.studies()
     logger.info("%s: %d studies; listing their instances", client.display, len(studies))
-
-    def one(study: str) -> tuple[list[Instance], int] | DicomWebError:
-        try:
-            return client.instances(study)
-        except DicomWebError as exc:
-            return exc
-
     listing = Listing([], {}, [])
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        for n, (study, found) in enumerate(zip(studies, pool.map(one, studies), strict=True), 1):
-            if n % 1000 == 0:
-                logger.info("listed the instances of %d of %d studies", n, len(studies))
-            if isinstance(found, DicomWebError):
-                listing.problems.append({"path": f"{client.root}/studies/{study}",
-                                         "reason": str(found).split(": ", 1)[-1]})
-                continue
-            instances, other = found
-            listing.not_images += other
-            for inst in instances:
-                url = client.instance_url(inst)
-                if url not in listing.sops:
-                    listing.urls.append(url)
-                    listing.sops[url] = inst.sop
+    for n, (study, found) in enumerate(_each(client.instances, studies, threads), 1):
+        if n % 1000 == 0:
+            logger.info("listed the instances of %d of %d studies", n, len(studies))
+        if isinstance(found, DicomWebError):
+            listing.problems.append({"path": f"{client.root}/studies/{study}",
+                                     "reason": str(found).split(": ", 1)[-1]})
+            continue
+        instances, other = found
+        listing.not_images += other
+        for inst in instances:
+            url = client.instance_url(inst)
+            if url not in listing.sops:
+                listing.urls.append(url)
+                listing.sops[url] = inst.sop
     return listing
 
 
@@ -438,26 +451,15 @@ def list_series(client: DicomWeb, min_instances: int, threads: int = LIST_THREAD
     Raises:
         DicomWebError: the study search itself fails.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    studies = client.studies()
-
-    def one(study: str) -> list[Series] | DicomWebError:
-        try:
-            return client.series_of(study)
-        except DicomWebError as exc:
-            return exc
-
     listing = SeriesListing()
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        for study, found in zip(studies, pool.map(one, studies), strict=True):
-            if isinstance(found, DicomWebError):
-                listing.problems.append({"path": f"{client.root}/studies/{study}",
-                                         "reason": str(found).split(": ", 1)[-1]})
-                continue
-            for s in found:
-                if s.instances is not None and s.instances < min_instances:
-                    listing.short += 1
-                else:
-                    listing.series.append(s)
+    for study, found in _each(client.series_of, client.studies(), threads):
+        if isinstance(found, DicomWebError):
+            listing.problems.append({"path": f"{client.root}/studies/{study}",
+                                     "reason": str(found).split(": ", 1)[-1]})
+            continue
+        for s in found:
+            if s.instances is not None and s.instances < min_instances:
+                listing.short += 1
+            else:
+                listing.series.append(s)
     return listing
