@@ -63,7 +63,7 @@ WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 QIDO_ACCEPT = "application/dicom+json"
 
 STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS = "0020000D", "0020000E", "00080018", "00080016"
-MODALITY, SERIES_INSTANCES = "00080060", "00201209"  # NumberOfSeriesRelatedInstances
+SERIES_INSTANCES = "00201209"  # NumberOfSeriesRelatedInstances
 #: SOP classes without pixel data (PS3.4 Annex B), as UIDs under 1.2.840.10008.5.1.4.1.1: the
 #: class itself and every class below it. Structured reports and key object selections (88),
 #: presentation states (11), encapsulated documents (104), waveforms (9), raw data and
@@ -103,19 +103,19 @@ class Instance:
 class Series:
     study: str
     series: str
-    modality: str | None = None
     instances: int | None = None  # as the server counts them; None where it does not say
 
 
 def _int(record: Mapping[str, Any], tag: str) -> int | None:
-    value = _uid(record, tag)
+    value = _value(record, tag)
     try:
         return int(value) if value is not None else None
     except ValueError:
         return None
 
 
-def _uid(record: Mapping[str, Any], tag: str) -> str | None:
+def _value(record: Mapping[str, Any], tag: str) -> str | None:
+    """The first value of ``tag`` in a DICOM JSON record, as text."""
     value = (record.get(tag) or {}).get("Value") or []
     return str(value[0]).strip() if value and value[0] is not None else None
 
@@ -287,7 +287,7 @@ class DicomWeb:
         Raises:
             DicomWebError: the server cannot be reached or the search fails.
         """
-        found = (_uid(r, STUDY_UID) for r in self._search(
+        found = (_value(r, STUDY_UID) for r in self._search(
             "/studies", [*self.query, ("includefield", STUDY_UID)],
             f"{self.display}: study search"))
         return list(dict.fromkeys(uid for uid in found if uid))
@@ -302,8 +302,8 @@ class DicomWeb:
         for r in self._search(f"/studies/{quote(study)}/instances",
                               [("includefield", f"{SERIES_UID},{SOP_UID},{SOP_CLASS}")],
                               f"{self.root}/studies/{study}: instance search"):
-            series, sop = _uid(r, SERIES_UID), _uid(r, SOP_UID)
-            sop_class = _uid(r, SOP_CLASS) or ""
+            series, sop = _value(r, SERIES_UID), _value(r, SOP_UID)
+            sop_class = _value(r, SOP_CLASS) or ""
             if not series or not sop:
                 continue
             if not holds_image(sop_class):
@@ -320,11 +320,11 @@ class DicomWeb:
         """
         out = []
         for r in self._search(f"/studies/{quote(study)}/series",
-                              [("includefield", f"{SERIES_UID},{MODALITY},{SERIES_INSTANCES}")],
+                              [("includefield", f"{SERIES_UID},{SERIES_INSTANCES}")],
                               f"{self.root}/studies/{study}: series search"):
-            uid = _uid(r, SERIES_UID)
+            uid = _value(r, SERIES_UID)
             if uid:
-                out.append(Series(study, uid, _uid(r, MODALITY), _int(r, SERIES_INSTANCES)))
+                out.append(Series(study, uid, _int(r, SERIES_INSTANCES)))
         return out
 
     def series_url(self, s: Series) -> str:
@@ -342,8 +342,8 @@ class DicomWeb:
         instances = []
         for r in self._search(f"/studies/{quote(s.study)}/series/{quote(s.series)}/instances",
                               [("includefield", f"{SOP_UID},{SOP_CLASS}")], what):
-            sop = _uid(r, SOP_UID)
-            if sop and holds_image(_uid(r, SOP_CLASS) or ""):
+            sop = _value(r, SOP_UID)
+            if sop and holds_image(_value(r, SOP_CLASS) or ""):
                 instances.append(Instance(s.study, s.series, sop))
 
         def one(item: tuple[int, Instance]) -> Path:

@@ -114,7 +114,8 @@ def build_app(engine: Engine, *, max_upload_mb: float = 50, k_default: int = 8,
         engine: The opened index and model; shared read-only by all sessions.
         max_upload_mb: Largest upload accepted (also pass it to ``launch(max_file_size=...)``).
         k_default: Results per search.
-        ingest_roots: Folders the Index tab may build from; None switches building off.
+        ingest_roots: Folders (or DICOMweb service roots) the Index tab may build from; None
+            switches building off.
         prompts: Starting prompt set of every session (default: the shipped CXR prompts).
     """
     max_bytes = int(max_upload_mb * 2**20)
@@ -268,7 +269,8 @@ def build_app(engine: Engine, *, max_upload_mb: float = 50, k_default: int = 8,
                 with gr.Tab("Index", id="index", elem_id="tab-index"):
                     stats = gr.Markdown(h.index_summary(engine.info()), elem_id="index-stats")
                     with gr.Row():
-                        folder = gr.Textbox(label="Folder to add (under an ingest root)",
+                        folder = gr.Textbox(label="Folder (under an ingest root) or DICOMweb "
+                                                  "URL (an allowed server) to add",
                                             elem_id="ingest-folder",
                                             scale=4, interactive=bool(ingest_roots),
                                             placeholder="/data/archive/new" if ingest_roots

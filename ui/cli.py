@@ -747,8 +747,9 @@ def serve(
         help="File of 'user:hash' lines (python -m ui.serve hash-password).")] = None,
     model: Annotated[str | None, typer.Option(help="Model (default: the index's).")] = None,
     max_upload_mb: Annotated[int, typer.Option(help="Largest accepted upload.")] = 50,
-    ingest_root: Annotated[list[Path] | None, typer.Option(
-        help="Folders the Index tab may build from (off unless given).")] = None,
+    ingest_root: Annotated[list[str] | None, typer.Option(
+        help="Folders, or DICOMweb service roots (http[s]://host/dicom-web), the Index tab "
+             "may build from (off unless given).")] = None,
     allow_unauthenticated: Annotated[bool, typer.Option(
         "--allow-unauthenticated",
         help="Serve beyond this machine (--host 0.0.0.0) without --auth-file.")] = False,
@@ -759,7 +760,7 @@ def serve(
 
     run_server(index, host=host, port=port, auth_file=auth_file, model=model,
                max_upload_mb=max_upload_mb, allow_unauthenticated=allow_unauthenticated,
-               ingest_roots=[str(p) for p in ingest_root] if ingest_root else None)
+               ingest_roots=list(ingest_root) if ingest_root else None)
 
 
 @app.command()

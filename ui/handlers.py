@@ -381,15 +381,24 @@ def index_summary(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_source(folder: str, roots: Sequence[str | os.PathLike[str]] | None) -> Path:
-    """A folder to ingest, which must lie under one of the server's allowed ingest roots."""
+def check_source(folder: str, roots: Sequence[str | os.PathLike[str]] | None) -> Path | str:
+    """A folder to ingest, which must lie under one of the server's allowed ingest roots; or a
+    DICOMweb URL whose service root is one of them (the query string may differ: a study
+    date range, say). The browser never names a server the operator did not allow."""
+    from index.dicomweb import DicomWeb, is_dicomweb
+
     if not roots:
         raise RadLensError("building from the app is off: start the server with an ingest root "
                            "(serve(..., ingest_roots=[...]))")
     if not (folder or "").strip():
         raise RadLensError("type the folder to index")
+    servers = [DicomWeb(str(r), environ={}).root for r in roots if is_dicomweb(str(r))]
+    if is_dicomweb(folder):
+        if DicomWeb(folder, environ={}).root not in servers:
+            raise RadLensError("that DICOMweb server is not an allowed ingest root")
+        return folder.strip()
     path = Path(folder).expanduser().resolve()
-    allowed = [Path(r).expanduser().resolve() for r in roots]
+    allowed = [Path(r).expanduser().resolve() for r in roots if not is_dicomweb(str(r))]
     if not any(path == r or r in path.parents for r in allowed):
         raise RadLensError("that folder is outside the allowed ingest roots")
     if not path.exists():
@@ -397,9 +406,27 @@ def check_source(folder: str, roots: Sequence[str | os.PathLike[str]] | None) ->
     return path
 
 
+def failure_label(path: str, src: Path | str) -> str:
+    """How the app names a failed file: relative to the folder built from; a DICOMweb
+    instance or study by the pseudonyms of its UIDs (the catalog's), never the UIDs."""
+    from index.dicomweb import is_dicomweb
+    from vlm.io.deid import default_pseudonymizer
+
+    if isinstance(src, str) and is_dicomweb(src):
+        pseudo = default_pseudonymizer()
+        kinds = {"studies": "st", "series": "se", "instances": "im"}
+        parts = ["studies", *path.split("/studies/", 1)[-1].split("/")]
+        out = []
+        for key, uid in zip(parts[::2], parts[1::2], strict=False):
+            out += [key, pseudo(kinds.get(key, "uid"), uid) or "?"]
+        return "/".join(out)
+    return os.path.relpath(path, src) if os.path.isabs(path) else path
+
+
 def build_index(engine: Engine, folder: str, roots: Sequence[str | os.PathLike[str]] | None,
                 ingest_fn: Callable[..., Any] | None = None) -> tuple[str, list[list[str]]]:
-    """Extend the engine's index from ``folder``; returns a summary and the failures table."""
+    """Extend the engine's index from ``folder`` (or an allowed DICOMweb server); returns a
+    summary and the failures table."""
     from index.ingest import ingest
 
     src = check_source(folder, roots)
@@ -407,8 +434,7 @@ def build_index(engine: Engine, folder: str, roots: Sequence[str | os.PathLike[s
     report = (ingest_fn or ingest)(engine.encoder, src, engine.index.path, progress=True,
                                    workers=0, model_path=model_path)
     engine.index.reload()
-    failures = [[os.path.relpath(f["path"], src) if os.path.isabs(f["path"]) else f["path"],
-                 f["reason"]] for f in report.failed]
+    failures = [[failure_label(f["path"], src), f["reason"]] for f in report.failed]
     summary = (f"added **{report.added}** images ({report.regions} regions), "
                f"{report.already_indexed} already indexed, **{len(report.failed)} failed** · "
                f"{report.seconds:.1f} s, {report.images_per_s:.1f} images/s")

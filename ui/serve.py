@@ -293,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sp.add_argument("--auth-file")
     sp.add_argument("--model")
     sp.add_argument("--max-upload-mb", type=float, default=50)
-    sp.add_argument("--ingest-root", action="append", help="folder the Index tab may build from")
+    sp.add_argument("--ingest-root", action="append",
+                    help="folder (or DICOMweb service root) the Index tab may build from")
     sp.add_argument("--allow-unauthenticated", action="store_true",
                     help="serve beyond this machine without --auth-file")
     args = parser.parse_args(argv)

@@ -276,6 +276,35 @@ def test_build_from_the_app_only_under_ingest_roots(tiny_model, tmp_path):
     assert engine.info()["collections"]["image"]["count"] == 7  # reloaded
 
 
+def test_build_from_the_app_from_an_allowed_dicomweb_server(tiny_model, tmp_path):
+    """A DICOMweb URL is built from only when its service root is an ingest root; failures
+    name the instance by the pseudonyms of its UIDs, never the UIDs."""
+    from index.engine import Engine
+    from tests.index.dicomweb_server import Archive, Server
+    from tests.tiny_cxr import make_tiny_cxr
+    from tests.ui.conftest import build_index
+
+    first = make_tiny_cxr(tmp_path / "a", n=3, size=48, seed=1)
+    engine = Engine.open(build_index(tiny_model, first, tmp_path / "idx"))
+    archive = Archive()
+    # images 3-6 of a second archive: their UIDs differ from the first's (the tiny archive's
+    # UIDs follow the image number), so nothing counts as already indexed
+    for f in sorted((make_tiny_cxr(tmp_path / "b", n=7, size=48, seed=2) / "dicom").iterdir())[3:]:
+        archive.add_file(f)
+    bad = archive.add_file(f, sop="1.2.826.0.1.3680043.10.3.1")
+    archive.fail_instances.add(bad.sop)
+    with Server(archive) as url:
+        with pytest.raises(RadLensError, match="not an allowed ingest root"):
+            h.build_index(engine, url, [str(tmp_path), "http://127.0.0.1:1/dicom-web"])
+        summary, failures = h.build_index(engine, url + "?ModalitiesInStudy=DX",
+                                          [str(tmp_path), url + "/"])
+    assert "added **4**" in summary and "**1 failed**" in summary
+    assert len(failures) == 1 and failures[0][0].startswith("studies/st-")
+    assert "/series/se-" in failures[0][0] and "/instances/im-" in failures[0][0]
+    assert bad.sop not in failures[0][0] and bad.study not in failures[0][0]
+    assert engine.info()["collections"]["image"]["count"] == 7  # reloaded
+
+
 # ---------------------------------------------------------------------------- auth
 def test_password_hash_round_trip_and_auth_file(tmp_path, monkeypatch, capsys):
     from ui import serve
