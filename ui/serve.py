@@ -259,6 +259,11 @@ def serve(index: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int =
         raise RadLensError(f"--max-upload-mb {max_upload_mb:g}: the upload limit must be a "
                            "number of MB above 0")
     check_port(host, port)
+    from index.dicomweb import DicomWeb, is_dicomweb
+
+    for root in ingest_roots or ():
+        if is_dicomweb(root):
+            DicomWeb(root, environ={})  # a malformed URL or one with credentials: one line now
     auth = make_auth(load_auth_file(auth_file)) if auth_file else None
     if auth is None and not is_loopback(host):
         if not allow_unauthenticated:

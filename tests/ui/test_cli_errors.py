@@ -122,6 +122,9 @@ def test_a_plain_file_as_the_index_is_one_line(capsys, tmp_path):
     (["--host", "::"], "serving on :: without --auth-file would let anyone who can reach it "
                        "query the archive: pass --auth-file (or --allow-unauthenticated on a "
                        "trusted network)"),
+    (["--ingest-root", "https://alice:pw@pacs.example.org/dicom-web"],
+     "a DICOMweb URL must not hold credentials (it is logged and stored): set "
+     "RADLENS_DICOMWEB_TOKEN, or RADLENS_DICOMWEB_USER and RADLENS_DICOMWEB_PASSWORD"),
 ])
 def test_serve_options_are_checked_before_the_index_loads(capsys, tmp_path, args, message):
     """Port 0 / 80000 and a negative upload limit were internal errors after the model had
