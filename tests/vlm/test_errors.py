@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 
+import index.dicomweb
 import index.errors
 import index.volumes
 import vlm.errors as E
@@ -34,6 +35,7 @@ EXAMPLES = [
     index.errors.DimensionError("dim"),
     index.volumes.NoVolumesError("none"),
     index.volumes._Duplicate("dup"),
+    index.dicomweb.DicomWebError("http://pacs/dicom-web/studies/1: HTTP 500"),
 ]
 
 
