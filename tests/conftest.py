@@ -17,6 +17,17 @@ def _radlens_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RADLENS_HOME", str(tmp_path_factory.getbasetemp() / "radlens_home"))
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A checkpoint folder of the untrained ``lrclr-tiny`` model (read-only: shared by every
+    test that needs an encoder to index or search with)."""
+    from vlm.models import create_model, get_tokenizer, save_checkpoint
+
+    folder = tmp_path_factory.mktemp("app_model") / "tiny"
+    save_checkpoint(create_model("lrclr-tiny"), folder, get_tokenizer("lrclr-tiny"), card="#")
+    return folder
+
+
 #: The shipped supervised lesion model (``radlens train lesion-seg``, see its MODEL_CARD.md).
 SHIPPED_LESION_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "lesion-seg"
 

@@ -16,7 +16,6 @@ from index import dicomweb as dw
 from tests.index.dicomweb_server import SR_CLASS, Archive, Server
 from tests.tiny_cxr import make_tiny_cxr
 from vlm.errors import RadLensError
-from vlm.models import create_model, get_tokenizer, save_checkpoint
 
 N = 12  # good images in the archive
 
@@ -28,17 +27,10 @@ def files(tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    save_checkpoint(create_model("lrclr-tiny"), folder, get_tokenizer("lrclr-tiny"), card="#")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def encoder(model_dir):
+def encoder(tiny_model):
     from vlm.inference import Encoder
 
-    return Encoder(str(model_dir))
+    return Encoder(str(tiny_model))
 
 
 def _archive(files: list[Path]) -> Archive:
@@ -251,11 +243,11 @@ def test_interrupted_build_resumes_with_one_row_per_instance(files, encoder, tmp
     assert sum(archive.fetched.values()) - first == rest.added  # nothing saved is refetched
 
 
-def test_cli_build_from_dicomweb_exits_3_and_lists_each_failure_once(files, model_dir,
+def test_cli_build_from_dicomweb_exits_3_and_lists_each_failure_once(files, tiny_model,
                                                                       tmp_path) -> None:
     archive = _archive(files)
     cmd = [sys.executable, "-c", "import sys; from ui.cli import main; sys.exit(main())",
-           "index", "build", "--model", str(model_dir), "--out", str(tmp_path / "idx"),
+           "index", "build", "--model", str(tiny_model), "--out", str(tmp_path / "idx"),
            "--no-progress", "--workers", "1"]
     with Server(archive) as url:
         run = subprocess.run([*cmd, "--source", url], capture_output=True, text=True,
@@ -350,7 +342,7 @@ def test_ct_series_over_dicomweb_become_volumes_like_the_same_folder(ct, files, 
         assert vec == pytest.approx(folder[key], abs=1e-5)
 
 
-def test_cli_indexes_images_and_volumes_from_one_dicomweb_source(ct, files, model_dir,
+def test_cli_indexes_images_and_volumes_from_one_dicomweb_source(ct, files, tiny_model,
                                                                  tmp_path) -> None:
     archive = Archive()
     for group in _series_files(ct):
@@ -361,7 +353,7 @@ def test_cli_indexes_images_and_volumes_from_one_dicomweb_source(ct, files, mode
     with Server(archive) as url:
         run = subprocess.run(
             [sys.executable, "-c", "import sys; from ui.cli import main; sys.exit(main())",
-             "index", "build", "--model", str(model_dir), "--volume-model",
+             "index", "build", "--model", str(tiny_model), "--volume-model",
              "random:lecl-tiny@0", "--source", url, "--out", str(tmp_path / "idx"),
              "--no-progress", "--workers", "0"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-1500:]

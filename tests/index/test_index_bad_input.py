@@ -20,16 +20,8 @@ from tests.index.conftest import clustered
 from tests.tiny_cxr import make_tiny_cxr
 from ui.cli import _printable, main
 from vlm.errors import ConfigError, RadLensError
-from vlm.models import create_model, get_tokenizer, save_checkpoint
 
 DIM = 16
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    save_checkpoint(create_model("lrclr-tiny"), folder, get_tokenizer("lrclr-tiny"), card="#")
-    return folder
 
 
 def _small_index(path: Path, n: int = 30) -> None:
@@ -87,11 +79,11 @@ def test_walk_lists_what_it_cannot_read_and_follows_links_once(tmp_path, monkeyp
         (p["path"], p["reason"]) for p in problems)
 
 
-def test_build_lists_walk_problems_once_and_refuses_an_empty_source(model_dir, tmp_path,
+def test_build_lists_walk_problems_once_and_refuses_an_empty_source(tiny_model, tmp_path,
                                                                     capsys):
     from vlm.inference import Encoder
 
-    enc = Encoder(model_dir)
+    enc = Encoder(tiny_model)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
@@ -101,7 +93,7 @@ def test_build_lists_walk_problems_once_and_refuses_an_empty_source(model_dir, t
     src = make_tiny_cxr(tmp_path / "src", n=4, size=64)
     (src / "manifest.jsonl").unlink()  # a plain folder: every file is walked
     os.mkfifo(src / "dicom" / "pipe.dcm")
-    code = main(["index", "build", "--model", str(model_dir), "--source", str(src),
+    code = main(["index", "build", "--model", str(tiny_model), "--source", str(src),
                  "--out", str(tmp_path / "idx"), "--no-progress", "--workers", "0"])
     err = capsys.readouterr().err.splitlines()
     assert code == 3  # finished; the FIFO is listed (was: the build hung reading it)
@@ -110,7 +102,7 @@ def test_build_lists_walk_problems_once_and_refuses_an_empty_source(model_dir, t
         "socket or device): not read"], err
     report = json.loads((tmp_path / "idx" / "ingest_report.json").read_text())
     assert report["added"] == 4 and len(report["failed"]) == 1
-    code = main(["index", "build", "--model", str(model_dir), "--source", "",
+    code = main(["index", "build", "--model", str(tiny_model), "--source", "",
                  "--out", str(tmp_path / "idx2")])
     assert code == 2 and "an empty path" in capsys.readouterr().err
     assert not (tmp_path / "idx2").exists()
@@ -276,7 +268,7 @@ def test_pretrained_weights_that_are_no_weights_are_one_line(tmp_path):
 
 
 def test_blank_and_tiny_images_are_listed_not_indexed_and_refused_as_queries(
-        model_dir, tmp_path, capsys):
+        tiny_model, tmp_path, capsys):
     from PIL import Image
 
     src = make_tiny_cxr(tmp_path / "src", n=4, size=64)
@@ -284,7 +276,7 @@ def test_blank_and_tiny_images_are_listed_not_indexed_and_refused_as_queries(
     Image.new("L", (64, 64), 0).save(src / "zero_filled.png")
     Image.new("L", (8, 8), 200).save(src / "icon.png")
     idx = tmp_path / "idx"
-    code = main(["index", "build", "--model", str(model_dir), "--source", str(src),
+    code = main(["index", "build", "--model", str(tiny_model), "--source", str(src),
                  "--out", str(idx), "--no-progress", "--workers", "0"])
     err = capsys.readouterr().err.splitlines()
     assert code == 3  # finished, with files passed over

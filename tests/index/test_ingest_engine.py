@@ -25,13 +25,6 @@ def archive(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    save_checkpoint(create_model("lrclr-tiny"), folder, get_tokenizer("lrclr-tiny"), card="#")
-    return folder
-
-
 def _build(model: Path, source: Path, out: Path, env: dict[str, str] | None = None,
            *extra: str, session: bool = False) -> subprocess.CompletedProcess[str]:
     """``session``: in its own session and process group, as a terminal's foreground job."""
@@ -56,9 +49,9 @@ def _one_row_per_image(out: Path, n: int = 24) -> bool:
     return len(hashes) == n == len(set(hashes))
 
 
-def test_build_reports_bad_files_once_and_rerun_adds_nothing(archive, model_dir, tmp_path):
+def test_build_reports_bad_files_once_and_rerun_adds_nothing(archive, tiny_model, tmp_path):
     out = tmp_path / "idx"
-    first = _build(model_dir, archive, out)
+    first = _build(tiny_model, archive, out)
     assert first.returncode == 3, first.stderr[-1500:]
     summary = json.loads(first.stdout.strip().splitlines()[-1])
     assert summary["added"] == 24 and summary["failed"] == 2
@@ -67,7 +60,7 @@ def test_build_reports_bad_files_once_and_rerun_adds_nothing(archive, model_dir,
                                                                      "truncated.dcm"]
     assert sum("truncated.dcm" in line for line in first.stderr.splitlines()) == 1
     assert summary["images_per_s"] > 0 and summary["encoder_images_per_s"] > 0
-    again = _build(model_dir, archive, out)
+    again = _build(tiny_model, archive, out)
     rerun = json.loads(again.stdout.strip().splitlines()[-1])
     assert rerun["added"] == 0 and rerun["already_indexed"] == 24
 
@@ -81,9 +74,9 @@ def test_build_reports_bad_files_once_and_rerun_adds_nothing(archive, model_dir,
     ix.close()
 
 
-def test_killed_build_resumes_with_one_row_per_image(archive, model_dir, tmp_path):
+def test_killed_build_resumes_with_one_row_per_image(archive, tiny_model, tmp_path):
     out = tmp_path / "idx"
-    killed = _build(model_dir, archive, out, {"RADLENS_TEST_KILL_AFTER_SAVES": "2"},
+    killed = _build(tiny_model, archive, out, {"RADLENS_TEST_KILL_AFTER_SAVES": "2"},
                     "--save-every", "4")
     assert killed.returncode in (-9, 137), killed.stderr[-1500:]
     from index.folder import IndexFolder
@@ -92,14 +85,14 @@ def test_killed_build_resumes_with_one_row_per_image(archive, model_dir, tmp_pat
     partial = ix.catalog.count("image")
     ix.close()
     assert 0 < partial < 24
-    done = _build(model_dir, archive, out)
+    done = _build(tiny_model, archive, out)
     assert done.returncode == 3
     assert _one_row_per_image(out)
 
 
 @pytest.mark.parametrize(("signal_name", "code"), [("INT", 130), ("TERM", 143)])
 def test_ctrl_c_or_sigterm_saves_what_was_encoded_and_a_rerun_completes(
-        archive, model_dir, tmp_path, signal_name, code):
+        archive, tiny_model, tmp_path, signal_name, code):
     """Ctrl-C, or SIGTERM as a service manager sends it, reaches the whole process group (the
     build, its decode process and the fork server behind it, whose death breaks a lockstep
     pool: see test_a_dead_decode_pool_...); the build stops after its batch, saves, and says
@@ -108,7 +101,7 @@ def test_ctrl_c_or_sigterm_saves_what_was_encoded_and_a_rerun_completes(
 
     out = tmp_path / "idx"
     # no periodic save in 24 images: whatever the index holds afterwards, the stop saved
-    stopped = _build(model_dir, archive, out, {"RADLENS_TEST_INTERRUPT_AFTER_BATCHES": "2",
+    stopped = _build(tiny_model, archive, out, {"RADLENS_TEST_INTERRUPT_AFTER_BATCHES": "2",
                                                "RADLENS_TEST_INTERRUPT_SIGNAL": signal_name},
                      session=True)
     assert stopped.returncode == code, stopped.stderr[-1500:]
@@ -125,20 +118,20 @@ def test_ctrl_c_or_sigterm_saves_what_was_encoded_and_a_rerun_completes(
     report = json.loads((out / "ingest_report.json").read_text())
     assert report["interrupted"] is True and report["added"] == summary["added"]
 
-    done = _build(model_dir, archive, out)
+    done = _build(tiny_model, archive, out)
     assert done.returncode == 3, done.stderr[-1500:]
     rest = json.loads(done.stdout.strip().splitlines()[-1])
     assert rest["interrupted"] is False and rest["added"] == 24 - summary["added"]
     assert _one_row_per_image(out)
 
 
-def test_engine_search_filters_and_model_check(archive, model_dir, tmp_path):
+def test_engine_search_filters_and_model_check(archive, tiny_model, tmp_path):
     from index.engine import Engine
     from vlm.errors import RadLensError
     from vlm.io import read_image
 
     out = tmp_path / "idx"
-    assert _build(model_dir, archive, out).returncode == 3
+    assert _build(tiny_model, archive, out).returncode == 3
     engine = Engine.open(out)
     hits = engine.search_text("opacity in the left lung", k=5)
     assert len(hits) == 5 and all(h.item is not None for h in hits)
@@ -248,11 +241,11 @@ def test_plan_workers_chooses_by_measured_costs(monkeypatch):
     assert ig.plan_workers(None, gpu, (6.3e-3, 1.2e-3)).workers == 15  # costs: CPU plans only
 
 
-def test_probe_costs_measures_decode_and_encode(archive, model_dir):
+def test_probe_costs_measures_decode_and_encode(archive, tiny_model):
     from index import ingest as ig
     from vlm.inference import Encoder
 
-    enc = Encoder(str(model_dir))
+    enc = Encoder(str(tiny_model))
     paths = sorted(str(p) for p in (archive / "dicom").glob("s*.dcm"))[:ig.PROBE_FILES]
     decode, encode = ig.probe_costs(enc, paths, enc.model.config.preprocess)
     assert 0 < decode < 5 and 0 < encode < 5
@@ -260,7 +253,7 @@ def test_probe_costs_measures_decode_and_encode(archive, model_dir):
     assert ig.probe_costs(enc, bad, enc.model.config.preprocess) is None
 
 
-def test_known_hashes_travel_as_prefixes_and_a_collision_is_decoded(archive, model_dir,
+def test_known_hashes_travel_as_prefixes_and_a_collision_is_decoded(archive, tiny_model,
                                                                       tmp_path, monkeypatch):
     import hashlib
 
@@ -275,13 +268,13 @@ def test_known_hashes_travel_as_prefixes_and_a_collision_is_decoded(archive, mod
     # every file looks known to the decoder, as a prefix collision would make a new file look:
     # the ingesting process checks the full digests and decodes the new files itself
     monkeypatch.setattr(KnownHashes, "__contains__", lambda self, digest: True)
-    report = ingest(Encoder(str(model_dir)), archive, tmp_path / "idx", workers=0,
+    report = ingest(Encoder(str(tiny_model)), archive, tmp_path / "idx", workers=0,
                     progress=False, batch_size=4)
     assert report.added == 24 and report.already_indexed == 0
     assert sorted(Path(f["path"]).name for f in report.failed) == ["notes.dcm", "truncated.dcm"]
 
 
-def test_lockstep_schedule_builds_the_same_index_as_in_process_decoding(archive, model_dir,
+def test_lockstep_schedule_builds_the_same_index_as_in_process_decoding(archive, tiny_model,
                                                                         tmp_path, monkeypatch):
     """Lockstep (decode processes take turns with the encoder, one batch at a time, and the
     previous batch is recorded while they decode) must index exactly what in-process decoding
@@ -290,7 +283,7 @@ def test_lockstep_schedule_builds_the_same_index_as_in_process_decoding(archive,
     from index.folder import IndexFolder
     from vlm.inference import Encoder
 
-    enc = Encoder(str(model_dir))
+    enc = Encoder(str(tiny_model))
     plain = ig.ingest(enc, archive, tmp_path / "plain", workers=0, progress=False,
                       batch_size=4)
     assert plain.schedule == "in-process"
@@ -322,11 +315,11 @@ def test_lockstep_schedule_builds_the_same_index_as_in_process_decoding(archive,
     assert again.added == 0 and again.already_indexed == 24
 
 
-def test_decoded_pixels_are_one_channel_and_the_model_input_repeats_it(archive, model_dir):
+def test_decoded_pixels_are_one_channel_and_the_model_input_repeats_it(archive, tiny_model):
     from index import ingest as ig
     from vlm.inference import Encoder
 
-    enc = Encoder(str(model_dir))
+    enc = Encoder(str(tiny_model))
     pre = enc.model.config.preprocess
     path = str(sorted((archive / "dicom").glob("s*.dcm"))[0])
     out = ig.decode_file(path, "digest", pre)
@@ -337,7 +330,7 @@ def test_decoded_pixels_are_one_channel_and_the_model_input_repeats_it(archive, 
     assert x.dtype == enc.dtype and bool((x[:, 0] == x[:, -1]).all())
 
 
-def test_a_bf16_build_stores_vectors_close_to_the_fp32_ones(archive, model_dir, tmp_path,
+def test_a_bf16_build_stores_vectors_close_to_the_fp32_ones(archive, tiny_model, tmp_path,
                                                              capsys):
     """``radlens index build --amp bf16``: images encoded under bf16 autocast, recorded in the
     report; each vector within a small angle of the fp32 build's."""
@@ -346,10 +339,10 @@ def test_a_bf16_build_stores_vectors_close_to_the_fp32_ones(archive, model_dir, 
     from ui.cli import main
     from vlm.inference import Encoder
 
-    plain = ig.ingest(Encoder(str(model_dir)), archive, tmp_path / "fp32", workers=0,
+    plain = ig.ingest(Encoder(str(tiny_model)), archive, tmp_path / "fp32", workers=0,
                       progress=False, batch_size=4)
     assert plain.amp is None
-    code = main(["index", "build", "--model", str(model_dir), "--source", str(archive),
+    code = main(["index", "build", "--model", str(tiny_model), "--source", str(archive),
                  "--out", str(tmp_path / "bf16"), "--no-progress", "--workers", "0",
                  "--batch-size", "4", "--amp", "bf16"])
     assert code == 3  # the two bad files
@@ -377,7 +370,7 @@ def test_a_bf16_build_stores_vectors_close_to_the_fp32_ones(archive, model_dir, 
     assert np.allclose([np.linalg.norm(v) for v in b.values()], 1.0, atol=2.0 ** -11)
 
 
-def test_an_index_kept_inside_its_archive_is_not_indexed_itself(archive, model_dir, tmp_path):
+def test_an_index_kept_inside_its_archive_is_not_indexed_itself(archive, tiny_model, tmp_path):
     """--out inside --source: a second build used to add the index's own JPEG thumbnails as
     new images, and every build listed its catalog and vector files as failures."""
     import shutil
@@ -390,7 +383,7 @@ def test_an_index_kept_inside_its_archive_is_not_indexed_itself(archive, model_d
 
     src = tmp_path / "archive"
     shutil.copytree(archive, src)
-    enc = Encoder(str(model_dir))
+    enc = Encoder(str(tiny_model))
     first = ig.ingest(enc, src, src / "index", workers=0, progress=False, batch_size=4)
     again = ig.ingest(enc, src, src / "index", workers=0, progress=False, batch_size=4)
     assert first.added == 24 and (again.added, again.already_indexed) == (0, 24)
@@ -408,7 +401,7 @@ def test_an_index_kept_inside_its_archive_is_not_indexed_itself(archive, model_d
     assert not (tmp_path / "other").exists()  # refused before anything was created
 
 
-def test_a_dead_decode_pool_saves_what_was_decoded_and_says_so(archive, model_dir, tmp_path,
+def test_a_dead_decode_pool_saves_what_was_decoded_and_says_so(archive, tiny_model, tmp_path,
                                                                 monkeypatch):
     """The fork server behind the decode processes dies (SIGTERM to the process group kills it;
     so would the OOM killer): the lockstep build's next submit raised BrokenProcessPool, an
@@ -427,7 +420,7 @@ def test_a_dead_decode_pool_saves_what_was_decoded_and_says_so(archive, model_di
     monkeypatch.setattr(ig, "plan_workers", lambda *a, **k: ig.Plan(2, 1, lockstep=True))
     monkeypatch.setattr(ig, "interrupt_for_test", kill_the_fork_server)
     monkeypatch.setenv("RADLENS_TEST_INTERRUPT_AFTER_BATCHES", "2")
-    enc = Encoder(str(model_dir))
+    enc = Encoder(str(tiny_model))
     with pytest.raises(RadLensError, match=r"a decode process died .*new images saved") as err:
         ig.ingest(enc, archive, tmp_path / "idx", batch_size=4, progress=False)
     assert err.value.exit_code == 1 and "\n" not in str(err.value)

@@ -20,15 +20,6 @@ def build_index(model: Path | str, source: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    from vlm.models import create_model, get_tokenizer, save_checkpoint
-
-    folder = tmp_path_factory.mktemp("app_model") / "tiny"
-    save_checkpoint(create_model("lrclr-tiny"), folder, get_tokenizer("lrclr-tiny"), card="#")
-    return folder
-
-
-@pytest.fixture(scope="session")
 def tiny_archive(tmp_path_factory) -> Path:
     from tests.tiny_cxr import make_tiny_cxr
 
