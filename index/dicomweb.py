@@ -26,8 +26,9 @@ fetched; they are counted, not listed as failures.
 Volumes (``--volume-model``): :func:`list_series` lists each study's series (QIDO-RS series
 search); a series the server counts fewer than three instances in (a radiograph, a scout, a
 report) is counted and passed over, and each other series is fetched instance by instance
-into a private temporary folder (:meth:`DicomWeb.fetch_series`), read as a DICOM series
-folder is, encoded, and the folder removed. A series the volume collection holds (by Series
+into a private temporary folder (:meth:`DicomWeb.fetch_series`; one series ahead of the
+encoder, :class:`index.volumes._SeriesFetcher`), read as a DICOM series folder is, encoded,
+and the folder removed. A series the volume collection holds (by Series
 Instance UID pseudonym) is not fetched again.
 """
 

@@ -38,6 +38,7 @@ files the app serves) and a down-sampled int16 HU stack for the app's slice view
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -45,6 +46,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -462,6 +464,59 @@ def _known_voxels(ix: IndexFolder) -> dict[str, str]:
             if it is not None and isinstance((it.extra or {}).get("voxel_hash"), str)}
 
 
+class _SeriesFetcher:
+    """Fetches DICOMweb series one ahead of the loop that reads and encodes them, each into its
+    own private temporary folder (mode 0700), so that a remote archive's wait overlaps the
+    encoder. :meth:`close` drops or removes what was fetched ahead and not taken."""
+
+    def __init__(self, web: DicomWeb) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.web = web
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="radlens-fetch")
+        self.ahead: tuple[VolumeSource, Future[tuple[VolumeSource, str]]] | None = None
+        self.closed = False
+
+    def _fetch(self, vs: VolumeSource) -> tuple[VolumeSource, str]:
+        assert vs.remote is not None
+        folder = tempfile.mkdtemp(prefix="radlens-series-")
+        try:
+            files = self.web.fetch_series(vs.remote, Path(folder))
+            if self.closed:  # nobody will take it (a second Ctrl-C cut close() short)
+                raise RuntimeError("the fetcher was closed")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return replace(vs, path=Path(folder), files=files), folder
+
+    def get(self, vs: VolumeSource, after: VolumeSource | None) -> tuple[VolumeSource, str]:
+        """``vs`` fetched (its copy with ``path`` and ``files``, and the folder to remove when
+        done); starts on ``after``. Raises what the fetch raised (its folder removed)."""
+        if self.ahead is not None and self.ahead[0] is vs:
+            job = self.ahead[1]
+        else:
+            self.close_ahead()
+            job = self.pool.submit(self._fetch, vs)
+        self.ahead = None
+        if after is not None and after.remote is not None:
+            self.ahead = (after, self.pool.submit(self._fetch, after))
+        return job.result()
+
+    def close_ahead(self) -> None:
+        if self.ahead is None:
+            return
+        job = self.ahead[1]
+        self.ahead = None
+        if not job.cancel():
+            with contextlib.suppress(Exception):  # a failed fetch kept nothing
+                shutil.rmtree(job.result()[1], ignore_errors=True)
+
+    def close(self) -> None:
+        self.closed = True
+        self.close_ahead()
+        self.pool.shutdown(wait=True)
+
+
 def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: Path,
          sources: list[VolumeSource], report: VolumeIngestReport, save_every: int,
          progress: bool, keep_paths: bool, start: float, web: DicomWeb | None = None
@@ -475,25 +530,28 @@ def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: P
     # DICOM series first: of a series and its NIfTI copy, the one with DICOM metadata is kept
     sources = sorted(sources, key=lambda s: (s.kind != "dicom-series", s.where))
     known = ix.catalog.content_hashes(VOLUME)
-    # DICOMweb: a series the collection holds is not fetched again
-    held = ix.catalog.pseudonyms("series", VOLUME) if web is not None else set()
+    fetcher = None
+    if web is not None:  # a series the collection holds is not fetched again
+        held = ix.catalog.pseudonyms("series", VOLUME)
+        fresh = [vs for vs in sources
+                 if vs.remote is None or pseudo("se", vs.remote.series) not in held]
+        report.already_indexed += len(sources) - len(fresh)
+        sources, fetcher = fresh, _SeriesFetcher(web)
     voxels = _known_voxels(ix)
     since_save = 0
     seen = 0
-    with stop_on_signal("saving the index after this volume") as stop:
-        for vs in tqdm(sources, unit="volume", dynamic_ncols=True, disable=not progress):
+    with stop_on_signal("saving the index after this volume") as stop, \
+            contextlib.closing(fetcher) if fetcher else contextlib.nullcontext():
+        for i, vs in enumerate(tqdm(sources, unit="volume", dynamic_ncols=True,
+                                    disable=not progress)):
             if stop:
                 break
             seen += 1
-            if vs.remote is not None and pseudo("se", vs.remote.series) in held:
-                report.already_indexed += 1
-                continue
             fetched = None
             try:
-                if vs.remote is not None and web is not None:
-                    fetched = tempfile.mkdtemp(prefix="radlens-series-")  # mode 0700
-                    vs = replace(vs, path=Path(fetched))
-                    vs.files = web.fetch_series(vs.remote, vs.path)
+                if fetcher is not None and vs.remote is not None:
+                    vs, fetched = fetcher.get(vs, sources[i + 1] if i + 1 < len(sources)
+                                              else None)
                 digest = content_hash(vs)
                 if digest in known:
                     report.already_indexed += 1

@@ -5,6 +5,7 @@ credentials kept out of URLs, and the same path against a real Orthanc where one
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -340,6 +341,45 @@ def test_ct_series_over_dicomweb_become_volumes_like_the_same_folder(ct, files, 
     assert len(web) == 2 and set(web) < set(folder)
     for key, vec in web.items():
         assert vec == pytest.approx(folder[key], abs=1e-5)
+
+
+def test_ctrl_c_during_a_dicomweb_volume_build_leaves_no_fetched_slices(ct, tmp_path,
+                                                                       monkeypatch) -> None:
+    """Series are fetched one ahead of the encoder; a stop after the first volume saves it,
+    drops the series fetched ahead (its folder removed), and a rerun fetches only the rest."""
+    import signal
+
+    from index.volumes import ingest_volumes
+    from vlm.errors import Interrupted
+    from vlm.volume_encoder import VolumeEncoder
+
+    enc = VolumeEncoder.load("random:lecl-tiny@0")
+    encode, calls = enc.encode, []
+
+    def encode_then_ctrl_c(volume):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return encode(volume)
+
+    monkeypatch.setattr(enc, "encode", encode_then_ctrl_c)
+    series = _series_files(ct)
+    archive = Archive()
+    for group in series:
+        for f in group:
+            archive.add_file(f)
+    before = _radlens_temp_folders()
+    with Server(archive) as url:
+        with pytest.raises(Interrupted) as stopped:
+            ingest_volumes(enc, url, tmp_path / "idx", progress=False)
+        assert stopped.value.report.added == 1 and stopped.value.report.unread == 2
+        assert _radlens_temp_folders() == before
+        first = sum(archive.fetched.values())
+        assert first <= sum(len(g) for g in series[:2])  # at most one series ahead
+        monkeypatch.setattr(enc, "encode", encode)
+        rest = ingest_volumes(enc, url, tmp_path / "idx", progress=False)
+    assert rest.added == 2 and rest.already_indexed == 1
+    assert _radlens_temp_folders() == before
 
 
 def test_cli_indexes_images_and_volumes_from_one_dicomweb_source(ct, files, tiny_model,
