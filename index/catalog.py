@@ -208,12 +208,16 @@ class Catalog:
             sql, args = sql + " AND collection = ?", [*args, collection]
         return [_item_from_row(r) for r in self._query(sql, args)]
 
-    def content_hashes(self, collection: str | None = None) -> set[str]:
-        """Every content hash present (one bulk read for dedupe during ingestion)."""
-        sql, args = "SELECT DISTINCT content_hash FROM items WHERE content_hash IS NOT NULL", []
+    def _values(self, column: str, collection: str | None) -> set[str]:
+        """Every non-null value of ``column`` (a fixed column name, never user text)."""
+        sql, args = f"SELECT DISTINCT {column} FROM items WHERE {column} IS NOT NULL", []
         if collection is not None:
             sql, args = sql + " AND collection = ?", [collection]
         return {str(r[0]) for r in self._query(sql, args)}
+
+    def content_hashes(self, collection: str | None = None) -> set[str]:
+        """Every content hash present (one bulk read for dedupe during ingestion)."""
+        return self._values("content_hash", collection)
 
     def pseudonyms(self, column: str, collection: str | None = None) -> set[str]:
         """Every study, series or instance pseudonym present (one bulk read: a DICOMweb source
@@ -221,10 +225,7 @@ class Catalog:
         if column not in ("study", "series", "instance"):
             raise RadLensError(f"no pseudonyms in column '{column}': use study, series or "
                                "instance")
-        sql, args = f"SELECT DISTINCT {column} FROM items WHERE {column} IS NOT NULL", []
-        if collection is not None:
-            sql, args = sql + " AND collection = ?", [collection]
-        return {str(r[0]) for r in self._query(sql, args)}
+        return self._values(column, collection)
 
     def distinct(self, column: str, collection: str | None = None) -> list[Any]:
         """Sorted distinct non-null values of a filter column (the app's filter choices)."""

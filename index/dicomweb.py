@@ -394,6 +394,11 @@ def _each(fn: Callable[[Any], R], items: list[Any], threads: int
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _study_problem(client: DicomWeb, study: str, exc: DicomWebError) -> dict[str, str]:
+    """The failures-report row of a study whose contents could not be listed."""
+    return {"path": f"{client.root}/studies/{study}", "reason": str(exc).split(": ", 1)[-1]}
+
+
 @dataclass
 class Listing:
     """What :func:`list_instances` found: the instances' WADO-RS URLs with their SOP Instance
@@ -421,8 +426,7 @@ def list_instances(client: DicomWeb, threads: int = LIST_THREADS) -> Listing:
         if n % 1000 == 0:
             logger.info("listed the instances of %d of %d studies", n, len(studies))
         if isinstance(found, DicomWebError):
-            listing.problems.append({"path": f"{client.root}/studies/{study}",
-                                     "reason": str(found).split(": ", 1)[-1]})
+            listing.problems.append(_study_problem(client, study, found))
             continue
         instances, other = found
         listing.not_images += other
@@ -455,8 +459,7 @@ def list_series(client: DicomWeb, min_instances: int, threads: int = LIST_THREAD
     listing = SeriesListing()
     for study, found in _each(client.series_of, client.studies(), threads):
         if isinstance(found, DicomWebError):
-            listing.problems.append({"path": f"{client.root}/studies/{study}",
-                                     "reason": str(found).split(": ", 1)[-1]})
+            listing.problems.append(_study_problem(client, study, found))
             continue
         for s in found:
             if s.instances is not None and s.instances < min_instances:

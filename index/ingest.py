@@ -344,7 +344,8 @@ class Plan:
 
 
 def plan_workers(workers: int | None, device: torch.device,
-                 costs: tuple[float, float] | None = None, batch_size: int = 32) -> Plan:
+                 costs: tuple[float, float] | None = None, batch_size: int = 32,
+                 network: bool = False) -> Plan:
     """Decode processes, encoder threads and schedule. ``workers=0`` decodes in this process.
 
     With the encoder on the CPU, decoding and encoding share the cores. Given ``costs`` (seconds
@@ -362,9 +363,13 @@ def plan_workers(workers: int | None, device: torch.device,
     ViT (d 4.9 ms, e 3.6 ms); streaming wins where encoding is cheap beside decoding (16 cores,
     d 6.3 ms, e 1.2 ms: 4 processes beside 12 encoder threads). Without
     costs half the cores decode and the encoder gets the rest. With a GPU encoder every core
-    but one decodes, streaming, and the encoder's thread count is left alone.
+    but one decodes, streaming, and the encoder's thread count is left alone. With
+    ``network`` (a DICOMweb source, where a fetch mostly waits on the server), a process per
+    core (at least two) fetches and decodes, streaming beside an encoder on every core.
     """
     cores = os.cpu_count() or 1
+    if workers is None and network:
+        return Plan(max(2, cores), cores if device.type == "cpu" else torch.get_num_threads())
     lockstep = False
     if workers is None and device.type == "cpu" and costs is not None and cores > 1:
         decode, encode = (max(float(c), 1e-9) for c in costs)
@@ -580,21 +585,13 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, paths: list[str],
         paths = fresh
     pre = encoder.model.config.preprocess
     costs = None
-    cores = os.cpu_count() or 1
-    if web is not None and workers is None:
-        # a fetch mostly waits on the network: a process per core fetches and decodes beside
-        # an encoder on every core (the measured-cost plan below assumes decoding is CPU work)
-        plan = Plan(max(2, cores), cores if encoder.device.type == "cpu"
-                    else torch.get_num_threads())
-    else:
-        if (workers is None and encoder.device.type == "cpu" and cores > 1
-                and len(paths) > 4 * PROBE_FILES):
-            torch.set_num_threads(cores)
-            costs = probe_costs(encoder, paths[:PROBE_FILES], pre)
-            if costs is not None:
-                report.probe = {"decode_s": round(costs[0], 5),
-                                "encode_s": round(costs[1], 5)}
-        plan = plan_workers(workers, encoder.device, costs, batch_size)
+    if (web is None and workers is None and encoder.device.type == "cpu"
+            and (os.cpu_count() or 1) > 1 and len(paths) > 4 * PROBE_FILES):
+        torch.set_num_threads(os.cpu_count() or 1)
+        costs = probe_costs(encoder, paths[:PROBE_FILES], pre)
+        if costs is not None:
+            report.probe = {"decode_s": round(costs[0], 5), "encode_s": round(costs[1], 5)}
+    plan = plan_workers(workers, encoder.device, costs, batch_size, network=web is not None)
     torch.set_num_threads(plan.threads)
     report.plan, report.schedule = [plan.workers, plan.threads], plan.schedule
     logger.info("ingest plan: %d decode processes, %d encoder threads, %s", plan.workers,
