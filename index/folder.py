@@ -88,6 +88,19 @@ def is_index_folder(path: str | os.PathLike[str]) -> bool:
     folder = Path(path)
     return (folder / persist.CURRENT).is_file() and (folder / persist.MANIFEST).is_file()
 
+
+def bind_pseudonyms(ix: IndexFolder) -> None:
+    """:meth:`IndexFolder.bind_pseudonym_key` with this process's site secret; closes the
+    writer (releasing its lock, the index unchanged) when it is refused."""
+    from vlm.io.deid import default_pseudonymizer
+
+    try:
+        ix.bind_pseudonym_key(default_pseudonymizer().key_id)
+    except BaseException:
+        ix.close()
+        raise
+
+
 class IndexFolder:
     """An index folder opened for reading or writing. Use :meth:`create` or :meth:`open`."""
 
@@ -313,6 +326,25 @@ class IndexFolder:
             f"(config {have.config_hash}, {have.dim}-d); you gave model "
             f"{model_name or have.model_name} (config {config_hash or have.config_hash}, "
             f"{dim or have.dim}-d): use the collection's model or rebuild it")
+
+    def bind_pseudonym_key(self, key_id: str) -> None:
+        """Record which site secret made the catalog's pseudonyms (its
+        :attr:`vlm.io.deid.Pseudonymizer.key_id`; saved with the next generation), or refuse a
+        writer using another one: its study, series and instance pseudonyms would not match
+        the rows already there, so neither resuming nor finding a patient's studies would work.
+
+        Raises:
+            ConfigError: the index records another key id.
+        """
+        self._writer()
+        have = self.manifest.get("pseudonym_key")
+        if have is None:
+            self.manifest["pseudonym_key"] = key_id
+        elif have != key_id:
+            raise ConfigError(
+                f"index {self.path} was built under another site secret ({have}, this process "
+                f"has {key_id}): its pseudonyms would not match; set RADLENS_SITE_SECRET (or "
+                "RADLENS_HOME) to the secret it was built with")
 
     def _writer(self) -> None:
         if self.mode != "w" or self._lock is None or not self._lock.held:

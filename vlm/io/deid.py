@@ -61,6 +61,15 @@ class Pseudonymizer:
     def __repr__(self) -> str:
         return "Pseudonymizer(secret=<hidden>)"
 
+    @property
+    def key_id(self) -> str:
+        """A fingerprint of the secret (``key-`` + 16 hex digits of an HMAC of a fixed text): two
+        pseudonymizers give the same pseudonyms exactly when their key ids agree. Indexes record
+        it, so that shards or additions made under another secret are refused; it reveals
+        nothing about the secret or the identifiers."""
+        mac = hmac.new(self._key, b"radlens pseudonym key id", hashlib.sha256)
+        return f"key-{mac.hexdigest()[:16]}"
+
     def __call__(self, kind: str, value: object) -> str | None:
         text = "" if value is None else str(value).strip()
         if not text:
