@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from index.dicomweb import DicomWeb, DicomWebError, is_dicomweb, list_instances
-from index.folder import IndexFolder, is_index_folder
+from index.folder import IndexFolder, bind_pseudonyms, is_index_folder
+from index.shard import Shard, shard_key
 from index.walk import folders
 from vlm.allocator import tune_allocator
 from vlm.errors import ImageReadError, Interrupted, ManifestError, RadLensError
@@ -79,6 +80,8 @@ class IngestReport:
     #: DICOMweb: instances of SOP classes without pixel data (reports, presentation states,
     #: PDFs), left out unfetched
     not_images: int = 0
+    #: the part of the source this run indexed ("I/N", :mod:`index.shard`); None: all of it
+    shard: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -488,9 +491,12 @@ def worker_context() -> multiprocessing.context.BaseContext:
 def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathLike[str], *,
            batch_size: int = 32, workers: int | None = None, save_every: int = 512,
            regions: bool = True, progress: bool = True, model_path: str | None = None,
-           keep_paths: bool = False, allow_empty: bool = False) -> IngestReport:
+           keep_paths: bool = False, allow_empty: bool = False,
+           shard: Shard | None = None) -> IngestReport:
     """Build (or extend) the index at ``out`` from the files under ``source``, or from the
     instances of a DICOMweb server when ``source`` is its http(s) URL (:mod:`index.dicomweb`).
+    With ``shard``, only the files (or studies) of that part of the source (:mod:`index.shard`);
+    a part that holds nothing gives an empty index, to be merged with the others.
 
     File paths can embed patient names, so the catalog stores a keyed pseudonym of each path
     or instance URL (``src-…``) unless ``keep_paths`` asks for the path relative to ``source``
@@ -520,13 +526,19 @@ def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathL
     problems: list[dict[str, str]] = []
     sops: dict[str, str] | None = None
     not_images = 0
+    part = shard if shard is not None and shard.count > 1 else None
     if web is not None:
-        listing = list_instances(web)
+        listing = list_instances(web, keep=part.holds if part else None)
         paths, problems, sops, not_images = (listing.urls, listing.problems, listing.sops,
                                              listing.not_images)
+        anything = bool(paths) or (part is not None and listing.studies > 0)
     else:
         paths = [str(p) for p in walk(src, datasets, problems)]
-    if not paths and not allow_empty:
+        anything = bool(paths)
+        if part is not None:
+            root = src if src.is_dir() else src.parent
+            paths = [p for p in paths if part.holds(shard_key(p, root))]
+    if not anything and not allow_empty:
         detail = (f"; {len(problems)} entries could not be read, the first: "
                   f"{problems[0]['path']}: {problems[0]['reason']}" if problems else "")
         what = (f"{web.display}: no image instances to index" if web is not None
@@ -540,8 +552,10 @@ def ingest(encoder: Encoder, source: str | os.PathLike[str], out: str | os.PathL
                                 dim=encoder.dim, preprocessing={
                                     **asdict(encoder.model.config.preprocess),
                                     "model_path": model_path})
+    bind_pseudonyms(ix)
     report = IngestReport(source=web.display if web is not None else str(src),
-                          amp=encoder.amp, failed=problems, not_images=not_images)
+                          amp=encoder.amp, failed=problems, not_images=not_images,
+                          shard=str(part) if part else None)
     before = torch.get_num_threads()
     try:
         stop = _run(encoder, ix, src, paths, datasets, report, batch_size, workers, save_every,

@@ -56,8 +56,9 @@ import numpy as np
 from index import persist
 from index.catalog import CatalogItem
 from index.dicomweb import DicomWeb, Series, is_dicomweb, list_series
-from index.folder import CollectionModel, IndexFolder, is_index_folder
+from index.folder import CollectionModel, IndexFolder, bind_pseudonyms, is_index_folder
 from index.ingest import file_hash
+from index.shard import Shard, shard_key
 from index.walk import folders
 from vlm.errors import ConfigError, Interrupted, RadLensError
 from vlm.interrupt import StopRequest, stop_on_signal
@@ -117,6 +118,8 @@ class VolumeIngestReport:
     #: DICOMweb: series with fewer than MIN_SERIES_SLICES instances (radiographs, scouts,
     #: reports), left out unfetched
     short_series: int = 0
+    #: the part of the source this run indexed ("I/N", :mod:`index.shard`); None: all of it
+    shard: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -374,9 +377,12 @@ def load_stack(index_path: str | os.PathLike[str], item: CatalogItem
 # ---------------------------------------------------------------------------- ingest
 def ingest_volumes(encoder: VolumeEncoder, source: str | os.PathLike[str],
                    out: str | os.PathLike[str], *, save_every: int = 16, progress: bool = True,
-                   keep_paths: bool = False) -> VolumeIngestReport:
+                   keep_paths: bool = False, shard: Shard | None = None
+                   ) -> VolumeIngestReport:
     """Add every volume under ``source`` to the ``volume`` collection of the index at ``out``
-    (created if missing, with the volume model as its folder-level model).
+    (created if missing, with the volume model as its folder-level model). With ``shard``,
+    only the volumes of that part of the source (:mod:`index.shard`; a DICOMweb series by its
+    study), which may be none.
 
     Raises:
         ConfigError: the index's ``volume`` collection was filled by another model.
@@ -391,14 +397,20 @@ def ingest_volumes(encoder: VolumeEncoder, source: str | os.PathLike[str],
                            "volumes as --source")
     start = time.time()
     short = 0
+    part = shard if shard is not None and shard.count > 1 else None
     if web is not None:
-        listing = list_series(web, MIN_SERIES_SLICES)
+        listing = list_series(web, MIN_SERIES_SLICES, keep=part.holds if part else None)
         sources = [VolumeSource("dicom-series", Path(), [], remote=s, url=web.series_url(s))
                    for s in listing.series]
         skipped, short = listing.problems, listing.short
+        anything = bool(sources) or (part is not None and listing.studies > 0)
     else:
         sources, skipped = discover_volumes(src)
-    if not sources:
+        anything = bool(sources)
+        if part is not None:
+            root = src if src.is_dir() else src.parent
+            sources = [vs for vs in sources if part.holds(shard_key(vs.path, root))]
+    if not anything:
         first = f"; {len(skipped)} passed over, the first: {skipped[0]['path']}: " \
                 f"{skipped[0]['reason']}" if skipped else ""
         if web is not None:
@@ -415,13 +427,15 @@ def ingest_volumes(encoder: VolumeEncoder, source: str | os.PathLike[str],
                                 config_hash=model.config_hash, dim=model.dim,
                                 preprocessing={"volume_model_path": encoder.source})
     try:
+        bind_pseudonyms(ix)
         ix.collection(VOLUME, model=model)
     except BaseException:
         ix.close()
         raise
     # listed once, by the caller (the CLI prints each failure on stderr), as image ingest does
     report = VolumeIngestReport(source=web.display if web is not None else str(src),
-                                failed=list(skipped), short_series=short)
+                                failed=list(skipped), short_series=short,
+                                shard=str(part) if part else None)
     try:
         stop = _run(encoder, model, ix, src, sources, report, save_every, progress, keep_paths,
                     start, web)

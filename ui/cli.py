@@ -8,12 +8,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 if TYPE_CHECKING:
     from index.ingest import IngestReport
+    from index.shard import Shard
     from index.volumes import VolumeIngestReport
 
 app = typer.Typer(
@@ -127,7 +128,8 @@ app.add_typer(index_app, name="index")
 
 def _ingest(model: str, source: Path | str, out: Path, batch_size: int, workers: int | None,
             progress: bool, keep_paths: bool = False, save_every: int = 512,
-            device: str = "cpu", amp: str | None = None, allow_empty: bool = False) -> bool:
+            device: str = "cpu", amp: str | None = None, allow_empty: bool = False,
+            shard: Shard | None = None) -> bool:
     """Index the 2-D images; prints the summary line. Returns True if some files failed."""
     from index.ingest import ingest
     from vlm.errors import Interrupted
@@ -138,7 +140,7 @@ def _ingest(model: str, source: Path | str, out: Path, batch_size: int, workers:
         report = ingest(encoder, source, out, batch_size=batch_size, workers=workers,
                         progress=progress, keep_paths=keep_paths, save_every=save_every,
                         model_path=str(Path(model).resolve()) if Path(model).exists() else model,
-                        allow_empty=allow_empty)
+                        allow_empty=allow_empty, shard=shard)
     except Interrupted as stopped:  # what was saved, then the one-line message
         _ingest_summary(stopped.report, out / "ingest_report.json")
         raise
@@ -158,7 +160,7 @@ def _ingest_summary(report: IngestReport | VolumeIngestReport, report_file: Path
 
 def _ingest_volumes(volume_model: str, source: Path | str, out: Path, progress: bool,
                     keep_paths: bool = False, save_every: int = 16, device: str = "cpu",
-                    required: bool = True) -> bool:
+                    required: bool = True, shard: Shard | None = None) -> bool:
     """Index the volumes; prints the summary line. Returns True if some volumes failed.
     A source without volumes is an error, unless not ``required`` (``index add`` with the
     index's own volume model: a folder of 2-D images only), where it is a one-line note."""
@@ -171,7 +173,7 @@ def _ingest_volumes(volume_model: str, source: Path | str, out: Path, progress: 
     names = {"collection": VOLUME, "model": encoder.name}
     try:
         report = ingest_volumes(encoder, source, out, progress=progress, keep_paths=keep_paths,
-                                save_every=save_every)
+                                save_every=save_every, shard=shard)
     except NoVolumesError as none:
         if required:
             raise
@@ -221,6 +223,22 @@ def index_build(
                                                  "loses at most this many).")] = 512,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
     amp: Annotated[str | None, typer.Option(help=AMP_HELP)] = None,
+    shard: Annotated[str | None, typer.Option(
+        help="I/N: index only part I (0-based) of N of SOURCE, split by a hash of each file's "
+             "path relative to SOURCE (a DICOMweb source: of each Study Instance UID), to "
+             "merge later with 'radlens index merge'. The parts are disjoint and together "
+             "cover SOURCE on any machine.")] = None,
+    shards: Annotated[int | None, typer.Option(
+        help="Build N shards through --engine, under --work-dir, and merge them into OUT "
+             "(a rerun resumes the shards and adds only what OUT lacks).")] = None,
+    engine: Annotated[str, typer.Option(
+        help="Who runs the --shards builds: local[:P] (P at a time on this machine), "
+             "dask:ADDRESS (a Dask scheduler; dask:local starts one here), ray[:ADDRESS] or "
+             "spark[:MASTER]. Workers need RadLens, the models, SOURCE and --work-dir at the "
+             "same paths, and the same RADLENS_SITE_SECRET.")] = "local",
+    work_dir: Annotated[Path | None, typer.Option(
+        parser=_path, help="Folder for the --shards indexes (shared storage for a cluster; "
+                           "default: OUT.shards beside OUT).")] = None,
 ) -> None:
     """Index SOURCE into OUT; reruns add only what is missing.
 
@@ -236,19 +254,88 @@ def index_build(
     folders are followed); exit 2, with no index created or changed, if SOURCE holds no image
     (--model alone) or --volume-model finds no volume at all.
     """
+    from index.shard import Shard
     from vlm.errors import RadLensError
 
     if model is None and volume_model is None:
         raise RadLensError("give --model (2-D images), --volume-model (volumes) or both")
+    if shard is not None and shards is not None:
+        raise RadLensError("give --shard I/N (build one part here) or --shards N (build all "
+                           "parts through --engine), not both")
     src = _source_arg(source)
+    if shards is not None:
+        _build_shards(src, out, shards, engine, work_dir, progress, model=model,
+                      volume_model=volume_model, batch_size=batch_size, workers=workers,
+                      keep_paths=keep_paths, save_every=save_every, device=device, amp=amp)
+        return
+    part = Shard.parse(shard) if shard is not None else None
     failed = False
     if model is not None:
         failed |= _ingest(model, src, out, batch_size, workers, progress, keep_paths,
-                          save_every, device, amp, allow_empty=volume_model is not None)
+                          save_every, device, amp, allow_empty=volume_model is not None
+                          or part is not None, shard=part)
     if volume_model is not None:
         failed |= _ingest_volumes(volume_model, src, out, progress, keep_paths,
-                                  device=device)
+                                  device=device, shard=part)
     if failed:
+        raise typer.Exit(code=3)
+
+
+def _build_shards(source: Path | str, out: Path, shards: int, engine: str,
+                  work_dir: Path | None, progress: bool, **options: Any) -> None:
+    """``index build --shards``: the shard builds through the engine, then the merge; prints
+    each unfinished shard's last error line and the summary. Exit 3 if a shard did not finish
+    or some files could not be read."""
+    from index.distributed import build_distributed
+
+    work = work_dir or out.with_name(out.name + ".shards")
+    report = build_distributed(source, out, shards=shards, work_dir=work, engine=engine,
+                               progress=progress, **options)
+    for r in report.shards:
+        if r["shard"] in report.unfinished:
+            last = (r["stderr"].strip().splitlines() or [f"exit code {r['rc']}"])[-1]
+            print(f"radlens: shard {r['shard']} did not finish ({r['out']}): "
+                  f"{_printable(last)}", file=sys.stderr)
+    merged = report.merge
+    for failure in merged.get("failed", []):
+        print(f"radlens: skipped: {_printable(str(failure['path']))}: "
+              f"{_printable(str(failure['reason']))}", file=sys.stderr)
+    print(json_line({"engine": report.engine, "shards": shards, "work_dir": str(work),
+                     "unfinished": report.unfinished, "added": merged.get("added", {}),
+                     "duplicates": merged.get("duplicates", {}),
+                     "failed": len(merged.get("failed", [])),
+                     "bad_shards": len(merged.get("bad_shards", [])),
+                     "seconds": report.seconds,
+                     "merge_report": str(out / "merge_report.json")}))
+    if report.unfinished or merged.get("failed") or merged.get("bad_shards"):
+        raise typer.Exit(code=3)
+
+
+@index_app.command("merge")
+def index_merge(
+    out: Annotated[Path, typer.Option(
+        parser=_path, help="Index folder to merge into (created, or extended if it exists).")],
+    shards: Annotated[list[Path], typer.Argument(
+        parser=_path, help="Index folders to merge: the shards of one 'index build --shard' "
+                           "split, or any indexes of the same models.")],
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Merge index folders into OUT with fresh ids; rows OUT already holds (same content hash)
+    are counted as duplicates and left out, so a rerun adds nothing. Every index must have the
+    same models and site secret (exit 2, OUT untouched, otherwise). Each shard is saved as one
+    generation; a damaged shard is passed over and listed in OUT/merge_report.json with the
+    shards' unreadable files (exit 3)."""
+    from index.merge import MERGE_REPORT, merge_indexes
+
+    report = merge_indexes(shards, out, progress=progress)
+    for bad in report.bad_shards:
+        print(f"radlens: shard passed over: {_printable(bad['path'])}: "
+              f"{_printable(bad['reason'])}", file=sys.stderr)
+    print(json_line({"out": str(out), "shards": len(report.shards), "added": report.added,
+                     "duplicates": report.duplicates, "bad_shards": len(report.bad_shards),
+                     "failed": len(report.failed), "missing_files": report.missing_files,
+                     "seconds": report.seconds, "merge_report": str(out / MERGE_REPORT)}))
+    if report.bad_shards or report.failed:
         raise typer.Exit(code=3)
 
 
