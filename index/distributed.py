@@ -191,12 +191,18 @@ def _spark(master: str | None) -> Runner:
             from pyspark.sql import SparkSession
         except ImportError:
             raise RadLensError("the spark engine needs PySpark: pip install pyspark") from None
+        started = SparkSession.getActiveSession() is None
         builder = SparkSession.builder.appName("radlens-index-build")
         if master:
             builder = builder.master(master)
         spark = builder.getOrCreate()
-        # one partition per shard, and no retries of a shard that failed (its report says why)
-        return spark.sparkContext.parallelize(tasks, len(tasks)).map(fn).collect()
+        try:
+            # one partition per shard; run_shard never raises, so Spark does not retry a
+            # failed shard (its result says why)
+            return spark.sparkContext.parallelize(tasks, len(tasks)).map(fn).collect()
+        finally:
+            if started:
+                spark.stop()
     return run
 
 

@@ -354,3 +354,18 @@ def test_volume_shards_merge_with_their_previews(tmp_path) -> None:
         for rel in [item.thumbnail, item.extra["stack"],
                     *(s["preview"] for s in item.extra["salient"])]:
             assert (tmp_path / "merged" / rel).is_file()
+
+
+@pytest.mark.parametrize("engine", ["ray", "spark:local[2]"])
+def test_ray_and_spark_engines_run_the_shard_builds(engine, archive, whole, tiny_model,
+                                                    tmp_path) -> None:
+    """Not installed by the project (large; see the README): run where they are."""
+    pytest.importorskip("ray" if engine == "ray" else "pyspark")
+    if engine.startswith("spark") and not shutil.which("java"):
+        pytest.skip("PySpark needs a Java runtime")
+    from index.distributed import build_distributed
+
+    report = build_distributed(archive, tmp_path / "idx", shards=2, work_dir=tmp_path / "w",
+                               engine=engine, model=str(tiny_model), workers=0)
+    assert report.unfinished == [] and report.merge["added"]["image"] == N
+    assert set(_by_hash(tmp_path / "idx")) == set(_by_hash(whole))
