@@ -243,6 +243,7 @@ class VectorCollection:
         logger.info("collection '%s' has %d rows: rebuilding %s -> %s", self.name, len(self),
                     self.factory, target)
         self.rebuild(target)
+        self.auto = True  # still chosen by size: rebuilt again when it has grown REBUILD_GROWTH x
         return True
 
     def rebuild(self, factory: str | None = None) -> None:

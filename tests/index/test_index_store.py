@@ -105,6 +105,22 @@ def test_auto_grows_into_ivf(monkeypatch):
     assert IDS_OFFSET + 5 not in got + IDS_OFFSET
 
 
+def test_auto_stays_auto_and_grows_again(monkeypatch):
+    """The first automatic rebuild used to turn the collection into a fixed-factory one, so a
+    collection that crossed SMALL_MAX kept its first IVF list count forever."""
+    monkeypatch.setattr(factory_mod, "SMALL_MAX", 3000)
+    x = clustered(60_000, 16, seed=6)
+    c = VectorCollection("image", 16)
+    c.add(np.arange(4000), x[:4000])
+    first = c.factory
+    assert describe(first).kind == "ivf" and c.auto and c.built_for == 4000
+    for at in range(4000, 60_000, 4000):
+        c.add(np.arange(at, at + 4000), x[at:at + 4000])
+    assert c.auto and c.built_for >= 4 * 4000
+    assert describe(c.factory).nlist > describe(first).nlist
+    assert c.index.ntotal == 60_000
+
+
 @pytest.mark.parametrize("factory", ["Flat", "HNSW32,SQ8", "IVF64_HNSW32,PQ16x4fsr"])
 @pytest.mark.parametrize("exact_subset_max", [20_000, 0])
 def test_filtered_search_returns_k(monkeypatch, data_64, factory, exact_subset_max):
