@@ -19,6 +19,9 @@ from the first shard's models if missing), with fresh ids:
   their checksums, is listed in ``merge_report.json`` (in ``out``, mode 0600) and passed over;
   the others are merged. The report also carries each shard's failures reports (files that
   could not be read), once per distinct failure.
+* **Fixed factories are retrained.** A collection whose faiss factory was chosen by hand (not
+  ``auto``) and needs training (IVF, PQ, SQ) is trained on its first rows as they arrive; after
+  the last shard it is rebuilt once on all of them.
 * **Files.** Thumbnails, volume previews and viewer stacks that rows point at are copied into
   ``out`` (content-addressed, so a copy already there is kept); a missing one is counted, and
   its row still merged.
@@ -43,6 +46,7 @@ from typing import Any
 
 from index import persist
 from index.errors import IndexCorruptError, IndexFormatError
+from index.factory import describe
 from index.folder import CollectionModel, IndexFolder, is_index_folder
 from vlm.errors import ConfigError, RadLensError
 
@@ -274,6 +278,8 @@ def merge_indexes(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLi
             merged += 1
             if merged == int(os.environ.get(KILL_ENV, "0") or 0):
                 os.kill(os.getpid(), 9)
+        if _retrain(ix, report):
+            ix.save()
     finally:
         report.seconds = round(time.time() - start, 3)
         report_file = dest / MERGE_REPORT
@@ -281,6 +287,21 @@ def merge_indexes(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLi
         report_file.chmod(0o600)
         ix.close()
     return report
+
+
+def _retrain(ix: IndexFolder, report: MergeReport) -> bool:
+    """Rebuild the trained collections of a fixed factory (an ``auto`` one retrains itself as
+    it grows) that this merge added to: they were trained on the first rows added, one chunk
+    of the first shard. Returns whether any was rebuilt."""
+    rebuilt = False
+    for name in ix.collections():
+        coll = ix.collection(name, create=False)
+        if report.added.get(name) and not coll.auto and describe(coll.factory).trained:
+            logger.info("retraining '%s' (%s) on all %d merged rows", name, coll.factory,
+                        len(coll))
+            coll.rebuild()
+            rebuilt = True
+    return rebuilt
 
 
 def _merge_one(src: IndexFolder, ix: IndexFolder, ident: _Identity,

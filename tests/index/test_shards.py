@@ -369,3 +369,29 @@ def test_ray_and_spark_engines_run_the_shard_builds(engine, archive, whole, tiny
                                engine=engine, model=str(tiny_model), workers=0)
     assert report.unfinished == [] and report.merge["added"]["image"] == N
     assert set(_by_hash(tmp_path / "idx")) == set(_by_hash(whole))
+
+
+def test_a_fixed_factory_is_retrained_on_all_merged_rows(tmp_path) -> None:
+    from tests.index.conftest import clustered
+
+    x = clustered(4000, 16, seed=9)
+    parts = []
+    for p in range(2):
+        parts.append(tmp_path / f"p{p}")
+        ix = IndexFolder.create(parts[-1], model_name="m", config_hash="c" * 16, dim=16)
+        ix.collection("image", factory="IVF32_HNSW32,PQ4x4fsr")
+        rows = [{"content_hash": f"{p}-{i}"} for i in range(2000)]
+        ix.add("image", x[p * 2000:(p + 1) * 2000], rows)
+        ix.save()
+        ix.close()
+    merge_indexes(parts, tmp_path / "merged")
+    ix = IndexFolder.open(tmp_path / "merged")
+    try:
+        coll = ix.collection("image", create=False)
+        assert coll.factory == "IVF32_HNSW32,PQ4x4fsr" and not coll.auto
+        assert coll.built_for == 4000 and coll.index.ntotal == 4000
+        hits = ix.search("image", x[:5], k=1)
+        found = [h[0].item.content_hash for h in hits]
+        assert sum(f == f"0-{i}" for i, f in enumerate(found)) >= 4  # approximate search
+    finally:
+        ix.close()
