@@ -75,7 +75,7 @@ class TrainConfig:
             if int(value) < 1:
                 raise ConfigError(f"training setting {name} must be at least 1, got {value}")
         for name, number in (("warmup_steps", self.warmup_steps),
-                             ("val_every", self.val_every)):
+                             ("val_every", self.val_every), ("seed", self.seed)):
             if int(number) < 0:
                 raise ConfigError(f"training setting {name} must not be negative, got {number}")
         if not (self.lr > 0 and math.isfinite(self.lr)) or (

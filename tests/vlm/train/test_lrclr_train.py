@@ -154,6 +154,7 @@ def test_a_cnn_tower_trains_channels_last_and_deterministically(tiny_cxr, tmp_pa
     ({"epochs": 0}, "training setting epochs must be at least 1, got 0"),
     ({"max_steps": 0}, "training setting max_steps must be at least 1, got 0"),
     ({"warmup_steps": -1}, "training setting warmup_steps must not be negative, got -1"),
+    ({"seed": -1}, "training setting seed must not be negative, got -1"),
     ({"lr": 0.0}, "training needs a finite lr > 0"),
     ({"lr": float("inf")}, "training needs a finite lr > 0"),
     ({"amp": "fp8"}, "unknown amp 'fp8': use bf16 or fp16"),
