@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Generator, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -200,6 +200,17 @@ def _prefix(digest: str) -> int:
 _KNOWN: KnownHashes = KnownHashes()
 _PRE: PreprocessConfig | None = None
 _WEB: DicomWeb | None = None  # the DICOMweb source whose instances this process fetches
+_FETCHERS: ThreadPoolExecutor | None = None  # its fetch threads (decode_fetched)
+#: DICOMweb: the most instances each decode process keeps on the way (threads, one
+#: keep-alive connection each), so that a network's wait overlaps decoding
+FETCH_AHEAD = 8
+#: the decoder waited longer than this fraction of its last decode: one more fetch on the way
+WAIT_GROWS = 0.25
+#: this many decodes in a row without such a wait: one fewer
+SHRINK_AFTER = 16
+_WINDOW = 1  # instances on the way now (decode_fetched)
+#: DICOMweb: instances handed to a decode process at a time
+FETCH_CHUNK = 64
 
 
 def _running(pid: int) -> bool:
@@ -254,12 +265,14 @@ def _init_worker(known: KnownHashes, pre: dict[str, Any], owner: int = 0,
     _WEB = DicomWeb.from_config(web) if web else None
 
 
-def decode_one(path: str) -> dict[str, Any]:
+def decode_one(path: str, data: bytes | None = None) -> dict[str, Any]:
     """Worker: hash, skip if known, read + preprocess + thumbnail. Never raises. ``path``: a
-    file, or a WADO-RS instance URL of the process's DICOMweb source (fetched here)."""
-    data: bytes | None = None
+    file, or a WADO-RS instance URL of the process's DICOMweb source (fetched here unless
+    ``data`` holds its bytes already)."""
     try:
-        if _WEB is not None and _WEB.owns(path):
+        if data is not None:
+            digest = hashlib.sha256(data).hexdigest()
+        elif _WEB is not None and _WEB.owns(path):
             data = _WEB.fetch(path)
             digest = hashlib.sha256(data).hexdigest()
         elif os.path.getsize(path) <= READ_ONCE_BYTES:
@@ -440,17 +453,86 @@ def decode_many(paths: list[str]) -> list[dict[str, Any]]:
     return [decode_one(p) for p in paths]
 
 
+def _fetch_pool() -> ThreadPoolExecutor:
+    global _FETCHERS
+    if _FETCHERS is None:
+        _FETCHERS = ThreadPoolExecutor(FETCH_AHEAD, thread_name_prefix="radlens-fetch")
+    return _FETCHERS
+
+
+def _fetched(url: str, future: Future[bytes]) -> dict[str, Any]:
+    try:
+        data = future.result()
+    except DicomWebError as exc:
+        return {"path": url, "error": str(exc).removeprefix(f"{url}: ")}
+    except Exception as exc:  # a client bug must not stop the archive
+        return {"path": url, "error": f"unexpected {type(exc).__name__}: {exc}"[:300]}
+    return decode_one(url, data)
+
+
+def decode_fetched(urls: list[str]) -> list[dict[str, Any]]:
+    """Worker, DICOMweb: decode ``urls`` in order while the next ones are fetched on threads.
+
+    How many instances are on the way beside the one being decoded adapts to the network
+    (:data:`_WINDOW`, kept per process from one call to the next): it starts at one, grows
+    by one each time the decoder had to wait for a fetch longer than :data:`WAIT_GROWS` of
+    its last decode, up to :data:`FETCH_AHEAD`, and shrinks by one after
+    :data:`SHRINK_AFTER` decodes in a row that did not wait. A nearby server keeps one fetch
+    beside each decode (more requests at once only contend for the same cores); a distant one
+    gets as many as hide its latency. Never raises."""
+    global _WINDOW
+    assert _WEB is not None
+    web, pool = _WEB, _fetch_pool()
+    futures: dict[str, Future[bytes]] = {}
+    out: list[dict[str, Any]] = []
+    ahead, calm, decode_s = 0, 0, 0.0
+    try:
+        for i, url in enumerate(urls):
+            while ahead < len(urls) and ahead <= i + _WINDOW:  # this one and WINDOW more
+                futures[urls[ahead]] = pool.submit(web.fetch, urls[ahead])
+                ahead += 1
+            t0 = time.perf_counter()
+            fut = futures.pop(url)
+            wait([fut])
+            waited = time.perf_counter() - t0
+            if waited > WAIT_GROWS * decode_s and _WINDOW < FETCH_AHEAD:
+                _WINDOW, calm = min(FETCH_AHEAD, 2 * _WINDOW), 0
+            elif waited <= WAIT_GROWS * decode_s:
+                calm += 1
+                if calm >= SHRINK_AFTER and _WINDOW > 1:
+                    _WINDOW, calm = _WINDOW - 1, 0
+            t1 = time.perf_counter()
+            out.append(_fetched(url, fut))
+            decode_s = time.perf_counter() - t1
+    finally:
+        for f in futures.values():  # stopped early: the fetches not yet started are dropped
+            f.cancel()
+    return out
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def _results(paths: list[str], plan: Plan, known: KnownHashes, pre: PreprocessConfig,
              batch_size: int, web: DicomWeb | None = None
              ) -> Generator[dict[str, Any], None, None]:
     web_cfg = web.config() if web is not None else None
     if plan.workers == 0:
         _init_worker(known, asdict(pre), web=web_cfg)
+        if web is not None:
+            for chunk in _chunks(paths, FETCH_CHUNK):
+                yield from decode_fetched(chunk)
+            return
         yield from map(decode_one, paths)
         return
     with ProcessPoolExecutor(plan.workers, mp_context=worker_context(), initializer=_init_worker,
                              initargs=(known, asdict(pre), os.getpid(), web_cfg)) as pool:
         try:
+            if web is not None:  # each process keeps FETCH_AHEAD instances on the way
+                for results in pool.map(decode_fetched, _chunks(paths, FETCH_CHUNK)):
+                    yield from results
+                return
             if not plan.lockstep:
                 yield from pool.map(decode_one, paths, chunksize=8)
                 return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,6 +39,10 @@ class Archive:
     queries: list[dict[str, str]] = field(default_factory=list)  # the study searches' params
     encodings: Counter[str] = field(default_factory=Counter)  # WADO-RS Accept-Encoding values
     busy: Counter[str] = field(default_factory=Counter)  # SOP UID -> 503s before it is served
+    latency_s: float = 0.0  # added to every WADO-RS answer: a PACS across a network
+    in_flight: int = 0  # WADO-RS requests being answered now
+    most_in_flight: int = 0  # the most at once
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add_file(self, path: Path, sop: str | None = None, data: bytes | None = None) -> Stored:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -103,28 +108,40 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, json.dumps(found).encode())
         elif len(parts) == 6 and parts[0] == "studies" and parts[4] == "instances":
             sop = parts[5]
-            a.fetched[sop] += 1
-            a.encodings[self.headers.get("Accept-Encoding", "")] += 1
-            match = [it for it in a.items if it.sop == sop and it.series == parts[3]]
-            if a.busy[sop] > 0:
-                a.busy[sop] -= 1
-                self.send_response(503)
-                self.send_header("Retry-After", "0")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-            elif sop in a.fail_instances:
-                self._send(500, b"")
-            elif not match:
-                self._send(404, b"")
-            else:
-                boundary = "radlens-test-boundary"
-                body = (b"preamble\r\n--" + boundary.encode() + b"\r\n"
-                        b"Content-Type: application/dicom\r\n\r\n" + match[0].data
-                        + b"\r\n--" + boundary.encode() + b"--\r\n")
-                self._send(200, body, f'multipart/related; type="application/dicom"; '
-                                      f'boundary="{boundary}"')
+            with a._lock:
+                a.fetched[sop] += 1
+                a.in_flight += 1
+                a.most_in_flight = max(a.most_in_flight, a.in_flight)
+            try:
+                if a.latency_s:
+                    time.sleep(a.latency_s)
+                self._instance(a, sop, parts)
+            finally:
+                with a._lock:
+                    a.in_flight -= 1
         else:
             self._send(404, b"")
+
+    def _instance(self, a: Archive, sop: str, parts: list[str]) -> None:
+        a.encodings[self.headers.get("Accept-Encoding", "")] += 1
+        match = [it for it in a.items if it.sop == sop and it.series == parts[3]]
+        if a.busy[sop] > 0:
+            a.busy[sop] -= 1
+            self.send_response(503)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif sop in a.fail_instances:
+            self._send(500, b"")
+        elif not match:
+            self._send(404, b"")
+        else:
+            boundary = "radlens-test-boundary"
+            body = (b"preamble\r\n--" + boundary.encode() + b"\r\n"
+                    b"Content-Type: application/dicom\r\n\r\n" + match[0].data
+                    + b"\r\n--" + boundary.encode() + b"--\r\n")
+            self._send(200, body, f'multipart/related; type="application/dicom"; '
+                                  f'boundary="{boundary}"')
 
 
 class Server:

@@ -439,3 +439,20 @@ def test_orthanc_archive_is_indexed_and_a_rerun_adds_nothing(files, ct, encoder,
     # a study query on the URL goes to the server: no study has modality MR
     with pytest.raises(RadLensError, match="no image instances to index"):
         ingest(encoder, url + "?ModalitiesInStudy=MR", tmp_path / "mr", progress=False)
+
+
+def test_a_distant_server_gets_more_fetches_at_once(files, encoder, tmp_path) -> None:
+    """With every answer 60 ms away, the decoder keeps widening its fetch window (it waits
+    far longer than a decode), so several requests are on the way at once, and every
+    instance still arrives once and is indexed once."""
+    from index import ingest as ing
+
+    archive = Archive(latency_s=0.06)
+    for f in files:
+        archive.add_file(f)
+    ing._WINDOW = 1
+    with Server(archive) as url:
+        report = ing.ingest(encoder, url, tmp_path / "idx", workers=0, progress=False)
+    assert report.added == N and not report.failed
+    assert archive.most_in_flight >= 4 and ing._WINDOW >= 4
+    assert sorted(archive.fetched.values()) == [1] * N

@@ -151,14 +151,16 @@ def test_merged_shards_equal_one_build_and_a_rerun_adds_nothing(whole, shards, t
     finally:
         ix.close()
 
-    # the same search over the merged index and the single build finds the same images
+    # the same search over the merged index and the single build scores every image alike
+    # (an untrained model leaves near-ties, whose order float16 rounding may flip)
     from index.engine import Engine
 
     a, b = Engine.open(str(whole)), Engine.open(str(out))
     try:
-        hits_a = [h.item.content_hash for h in a.search_text("opacity in the left lung", k=5)]
-        hits_b = [h.item.content_hash for h in b.search_text("opacity in the left lung", k=5)]
-        assert hits_a == hits_b
+        scores = [{h.item.content_hash: h.score
+                   for h in e.search_text("opacity in the left lung", k=N)} for e in (a, b)]
+        assert scores[0].keys() == scores[1].keys() and len(scores[0]) == N
+        assert all(abs(scores[0][k] - scores[1][k]) < 2e-3 for k in scores[0])
     finally:
         a.index.close()
         b.index.close()
