@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/search_precision.py --index build/bench_index
 	# needs Debian orthanc + orthanc-dicomweb (apt-get install orthanc orthanc-dicomweb)
 	$(BIN)/python benchmarks/dicomweb_ingest.py
+	$(BIN)/python benchmarks/dicomweb_latency.py
 	$(BIN)/python benchmarks/sharded_build.py
 	test -f data/phantom_ct/manifest.jsonl || $(BIN)/radlens data phantom-ct --out data/phantom_ct --n 300
 	$(BIN)/python benchmarks/volume_retrieval.py --data data/phantom_ct \
