@@ -397,3 +397,31 @@ def test_a_fixed_factory_is_retrained_on_all_merged_rows(tmp_path) -> None:
         assert sum(f == f"0-{i}" for i, f in enumerate(found)) >= 4  # approximate search
     finally:
         ix.close()
+
+
+def test_images_and_volumes_sharded_together(tiny_model, tmp_path) -> None:
+    """One --shards build with both models: the merged index has the image, region and volume
+    collections, each with its own model, and the Engine searches both."""
+    from index.engine import Engine
+    from vlm.data.phantom_ct import generate_phantom_ct
+
+    root = tmp_path / "archive"
+    generate_phantom_ct(root / "ct", n=4, shape=(32, 32, 32), seed=4, workers=1)
+    make_tiny_cxr(root / "cxr", n=6, size=48)
+    out = tmp_path / "idx"
+    done = _build(tiny_model, root, out, "--volume-model", "random:lecl-tiny", "--shards", "2",
+                  "--engine", "local:2", "--work-dir", str(tmp_path / "w"))
+    assert done.returncode == 0, done.stderr[-1500:]
+    added = _summary(done)["added"]
+    assert added["image"] >= 6 and added["volume"] == 4 and added["region"] > 0
+    ix = IndexFolder.open(out)
+    try:
+        assert ix.collection_model("volume").model_name != ix.collection_model("image").model_name
+    finally:
+        ix.close()
+    engine = Engine.open(str(out))
+    try:
+        assert engine.volumes is not None
+        assert len(engine.search_text("opacity in the left lung", k=3)) == 3
+    finally:
+        engine.index.close()
