@@ -6,6 +6,7 @@ Scripts run as ``python benchmarks/<name>.py``, so this module is importable as 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,20 @@ def have_phantom_cxr(data: Path) -> bool:
     print(f"{data}: no PhantomCXR here; run `radlens data phantom-cxr --out {data}` first",
           file=sys.stderr)
     return False
+
+
+def plain_folder(data: Path, limit: int, folder: Path) -> list[Path]:
+    """The first ``limit`` image files of the PhantomCXR folder ``data``, hard-linked into the
+    new ``folder`` as ``000000.dcm``, ... (no manifest: a plain archive, as a PACS export is);
+    returns the original files, in order."""
+    from vlm.data.manifest import read_jsonl
+
+    rows = [r for r in read_jsonl(data / "manifest.jsonl") if isinstance(r.get("file"), str)]
+    files = [data / r["file"] for r in rows[:limit]]
+    folder.mkdir(parents=True)
+    for i, f in enumerate(files):
+        os.link(f, folder / f"{i:06d}.dcm")
+    return files
 
 
 def write_result(out: Path, name: str, result: dict[str, Any]) -> None:

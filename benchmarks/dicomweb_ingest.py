@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import have_phantom_cxr, plot_medians, write_result
+from _common import have_phantom_cxr, plain_folder, plot_medians, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out"
@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     from index.ingest import ingest
     from tests import orthanc
     from vlm.allocator import tune_allocator
-    from vlm.data.manifest import read_jsonl
     from vlm.inference import Encoder
 
     if not have_phantom_cxr(args.data):
@@ -61,12 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tune_allocator()
     shutil.rmtree(args.work, ignore_errors=True)
-    rows = [r for r in read_jsonl(args.data / "manifest.jsonl") if isinstance(r.get("file"), str)]
-    files = [args.data / r["file"] for r in rows[:args.limit]]
     folder = args.work / "folder"
-    folder.mkdir(parents=True)
-    for i, f in enumerate(files):  # a plain folder of the same files (no manifest: like a PACS)
-        os.link(f, folder / f"{i:06d}.dcm")
+    files = plain_folder(args.data, args.limit, folder)
     encoder = Encoder(args.model)
     ref_before = encoder_only(encoder, files, args.batch_size, len(files))
 

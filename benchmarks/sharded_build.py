@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import have_phantom_cxr, plot_medians, write_result
+from _common import have_phantom_cxr, plain_folder, plot_medians, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out"
@@ -120,14 +120,10 @@ def real_images(data: Path, model: str, work: Path, limit: int, shards: int
     from index.distributed import build_distributed
     from index.folder import IndexFolder
     from index.ingest import ingest
-    from vlm.data.manifest import read_jsonl
     from vlm.inference import Encoder
 
-    rows = [r for r in read_jsonl(data / "manifest.jsonl") if isinstance(r.get("file"), str)]
     folder = work / "archive"
-    folder.mkdir(parents=True)
-    for i, r in enumerate(rows[:limit]):
-        os.link(data / r["file"], folder / f"{i:06d}.dcm")
+    plain_folder(data, limit, folder)
     t = time.perf_counter()
     single = ingest(Encoder(model), folder, work / "single", progress=False, model_path=model)
     single_s = time.perf_counter() - t  # the model load included, as in each shard
