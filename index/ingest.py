@@ -33,6 +33,7 @@ from index.folder import IndexFolder, bind_pseudonyms, is_index_folder
 from index.shard import Shard, shard_key
 from index.walk import folders
 from vlm.allocator import tune_allocator
+from vlm.cpus import available_cpus
 from vlm.errors import ImageReadError, Interrupted, ManifestError, RadLensError
 from vlm.inference import Encoder
 from vlm.interrupt import StopRequest, ignore_stop_signals, interrupt_for_test, stop_on_signal
@@ -383,7 +384,7 @@ def plan_workers(workers: int | None, device: torch.device,
     ``network`` (a DICOMweb source, where a fetch mostly waits on the server), a process per
     core (at least two) fetches and decodes, streaming beside an encoder on every core.
     """
-    cores = os.cpu_count() or 1
+    cores = available_cpus()
     if workers is None and network:
         return Plan(max(2, cores), cores if device.type == "cpu" else torch.get_num_threads())
     lockstep = False
@@ -682,8 +683,8 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, paths: list[str],
     pre = encoder.model.config.preprocess
     costs = None
     if (web is None and workers is None and encoder.device.type == "cpu"
-            and (os.cpu_count() or 1) > 1 and len(paths) > 4 * PROBE_FILES):
-        torch.set_num_threads(os.cpu_count() or 1)
+            and available_cpus() > 1 and len(paths) > 4 * PROBE_FILES):
+        torch.set_num_threads(available_cpus())
         costs = probe_costs(encoder, paths[:PROBE_FILES], pre)
         if costs is not None:
             report.probe = {"decode_s": round(costs[0], 5), "encode_s": round(costs[1], 5)}

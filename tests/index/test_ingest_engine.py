@@ -182,7 +182,7 @@ def test_plan_workers_splits_cpu_cores_and_leaves_gpu_threads(monkeypatch):
     from index import ingest as ig
     from index.ingest import Plan
 
-    monkeypatch.setattr(ig.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(ig, "available_cpus", lambda: 8)
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert ig.plan_workers(None, cpu) == Plan(4, 4)  # half decode, the encoder gets the rest
     assert ig.plan_workers(0, cpu) == Plan(0, 8)  # decode in this process: all threads encode
@@ -191,7 +191,7 @@ def test_plan_workers_splits_cpu_cores_and_leaves_gpu_threads(monkeypatch):
     assert ig.plan_workers(20, cpu) == Plan(20, 1)  # never fewer than one encoder thread
     plan = ig.plan_workers(None, gpu)
     assert plan == Plan(7, torch.get_num_threads()) and plan.schedule == "stream"
-    monkeypatch.setattr(ig.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(ig, "available_cpus", lambda: 1)
     assert ig.plan_workers(None, cpu) == Plan(1, 1)
 
 
@@ -227,14 +227,14 @@ def test_plan_workers_chooses_by_measured_costs(monkeypatch):
     from index.ingest import Plan
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(ig.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(ig, "available_cpus", lambda: 2)
     # encoding costs more than decoding (ResNet-18 on 2 cores): lockstep, both cores decode a
     # batch, then both encode it: 1 / (5.1 / 2 + 12.8) ms beats 1 / (5.1 + 12.8) in-process
     plan = ig.plan_workers(None, cpu, (5.1e-3, 12.8e-3))
     assert plan == Plan(2, 2, lockstep=True) and plan.schedule == "lockstep"
     assert ig.plan_workers(None, cpu, (4.9e-3, 3.6e-3)) == Plan(2, 2, lockstep=True)
     assert ig.plan_workers(1, cpu, (5.1e-3, 12.8e-3)) == Plan(1, 1)  # an explicit count wins
-    monkeypatch.setattr(ig.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(ig, "available_cpus", lambda: 16)
     # many cores and a cheap encoder: streaming decode processes keep up and the rest encode
     # (4 / 6.3 ms < 12 / (16 x 1.2 ms)); lockstep would wait for the last process each batch
     assert ig.plan_workers(None, cpu, (6.3e-3, 1.2e-3)) == Plan(4, 12)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlm.cpus import available_cpus
 from vlm.data.manifest import read_jsonl
 from vlm.data.reports import report_text
 from vlm.data.transforms import Preprocess, display_unit, letterbox
@@ -152,7 +153,7 @@ class CXRDataset:
                     return images
         jobs = [(str(self.root / f), asdict(self.preprocess)) for f in files]
         if workers is None:
-            workers = max(1, (os.cpu_count() or 2))
+            workers = available_cpus()
         logger.info("decoding %d images %s", len(jobs),
                     f"with {workers} workers" if workers > 1 else "in this process")
         if workers > 1:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vlm.cpus import available_cpus
 from vlm.errors import ManifestError, RadLensError
 
 SPLITS = ("train", "val", "test")
@@ -132,5 +133,5 @@ def worker_count(workers: int | None, jobs: int) -> int:
     if workers is not None and workers < 0:
         raise RadLensError(f"--workers must be 0 (this process) or a number of processes, got "
                            f"{workers}")
-    wanted = (os.cpu_count() or 1) if workers is None else max(int(workers), 1)
+    wanted = available_cpus() if workers is None else max(int(workers), 1)
     return max(1, min(wanted, max(jobs, 1)))

@@ -34,12 +34,11 @@ def test_jsonl_roundtrip_is_byte_stable(tmp_path):
 
 
 def test_worker_count_means_what_the_option_says(monkeypatch):
-    import os
-
+    from vlm.data import manifest
     from vlm.data.manifest import worker_count
     from vlm.errors import RadLensError
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(manifest, "available_cpus", lambda: 8)
     assert worker_count(None, 100) == 8 and worker_count(None, 3) == 3
     assert worker_count(0, 100) == 1  # this process (it meant all cores)
     assert worker_count(4, 100) == 4 and worker_count(4, 0) == 1
