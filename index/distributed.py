@@ -8,8 +8,8 @@ merges the finished shards into ``out``. Each shard runs as a subprocess of the 
 engine's worker is (a daemonic Dask worker may not start processes itself), and a crash in a
 shard fails that task, not the worker. Engines:
 
-* ``local`` or ``local:P``: P shards at a time on this machine (threads waiting on the
-  subprocesses; default 1);
+* ``local`` or ``local:P``: P shards at a time on this machine (default 1), each pinned to
+  its own share of the CPUs (:func:`vlm.cpus.available_cpus` then sizes its work by it);
 * ``dask:ADDRESS``: a running Dask distributed scheduler (``tcp://host:8786``); ``dask:local``
   starts a local cluster, one single-threaded worker process per core;
 * ``ray`` or ``ray:ADDRESS``: a Ray cluster (``ray.init(address)``; ``ray`` alone: the one
@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -48,6 +49,7 @@ from typing import Any
 from index.dicomweb import is_dicomweb
 from index.merge import MergeReport, merge_indexes
 from index.shard import Shard
+from vlm.cpus import available_cpus
 from vlm.errors import RadLensError
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,8 @@ class ShardTask:
     batch_size: int = 32
     workers: int | None = None
     save_every: int = 512
+    #: CPUs the build is pinned to (the local engine's share of this machine); None: all
+    cpus: list[int] | None = None
 
     def argv(self) -> list[str]:
         """The ``radlens`` arguments of this build."""
@@ -99,13 +103,15 @@ def run_shard(task: dict[str, Any]) -> dict[str, Any]:
     """Build one shard in a ``radlens`` subprocess of this (worker) process; never raises.
 
     Returns:
-        ``{"shard", "out", "rc", "summaries", "stderr", "seconds", "host"}``: the exit code,
-        the JSON summary lines the build printed (images, then volumes) and, for a failed
-        build, the end of its stderr.
+        ``{"shard", "out", "rc", "summaries", "stderr", "seconds", "host", "cpus"}``: the exit
+        code, the JSON summary lines the build printed (images, then volumes), for a failed
+        build the end of its stderr, and the CPUs it was pinned to.
     """
     t = ShardTask(**task)
     start = time.time()
-    cmd = [sys.executable, "-c", "import sys; from ui.cli import main; sys.exit(main())",
+    # pinned before anything is imported, so that every thread the build starts inherits it
+    pin = f"import os; os.sched_setaffinity(0, {sorted(t.cpus)!r}); " if t.cpus else ""
+    cmd = [sys.executable, "-c", f"{pin}import sys; from ui.cli import main; sys.exit(main())",
            *t.argv()]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -122,14 +128,34 @@ def run_shard(task: dict[str, Any]) -> dict[str, Any]:
             summaries.append(obj)
     return {"shard": t.shard, "out": t.out, "rc": rc, "summaries": summaries,
             "stderr": "" if rc in COMPLETE else err[-STDERR_TAIL:],
-            "seconds": round(time.time() - start, 3), "host": os.uname().nodename}
+            "seconds": round(time.time() - start, 3), "host": os.uname().nodename,
+            "cpus": t.cpus}
 
 
 def _local(processes: int) -> Runner:
+    """P shard builds at a time, each pinned to its own share of this process's CPUs (so
+    that each sizes its decode processes and encoder threads by its share instead of all P
+    oversubscribing the machine)."""
     def run(fn: Callable[[dict[str, Any]], dict[str, Any]], tasks: list[dict[str, Any]]
             ) -> list[dict[str, Any]]:
-        with ThreadPoolExecutor(max_workers=max(1, processes)) as pool:
-            return list(pool.map(fn, tasks))
+        p = max(1, min(processes, len(tasks)))
+        cpus = (sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else [])
+        shares: list[list[int] | None] = ([cpus[i::p] for i in range(p)] if len(cpus) >= p
+                                          else [None] * p)
+        free: queue.Queue[int] = queue.Queue()
+        for slot in range(p):
+            free.put(slot)
+
+        def one(task: dict[str, Any]) -> dict[str, Any]:
+            slot = free.get()
+            try:
+                return fn({**task, "cpus": shares[slot]})
+            finally:
+                free.put(slot)
+
+        with ThreadPoolExecutor(max_workers=p) as pool:
+            return list(pool.map(one, tasks))
     return run
 
 
@@ -143,7 +169,7 @@ def _dask(address: str) -> Runner:
                                "'radlens[distributed]'") from None
         cluster = None
         if address == "local":
-            cluster = LocalCluster(n_workers=os.cpu_count() or 1, threads_per_worker=1,
+            cluster = LocalCluster(n_workers=available_cpus(), threads_per_worker=1,
                                    processes=True, dashboard_address=None)
             client = Client(cluster)
         else:

@@ -425,3 +425,19 @@ def test_images_and_volumes_sharded_together(tiny_model, tmp_path) -> None:
         assert len(engine.search_text("opacity in the left lung", k=3)) == 3
     finally:
         engine.index.close()
+
+
+def test_the_local_engine_gives_each_concurrent_shard_its_own_cpus() -> None:
+    from index.distributed import runner
+
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs CPU affinity and two CPUs")
+    mine = sorted(os.sched_getaffinity(0))
+    got = runner("local:2")(lambda t: {"cpus": t["cpus"]}, [{"shard": f"{i}/4"}
+                                                          for i in range(4)])
+    shares = {tuple(r["cpus"]) for r in got}
+    assert len(shares) == 2  # two slots, reused as shards finish
+    a, b = shares
+    assert not set(a) & set(b) and sorted(a + b) == mine
+    one = runner("local:1")(lambda t: {"cpus": t["cpus"]}, [{"shard": "0/1"}])
+    assert one[0]["cpus"] == mine
