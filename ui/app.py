@@ -25,6 +25,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr
 
 from index.engine import Engine
+from ui import gradio_fixes
 from ui import handlers as h
 from ui import render as rd
 from vlm.errors import RadLensError
@@ -118,6 +119,7 @@ def build_app(engine: Engine, *, max_upload_mb: float = 50, k_default: int = 8,
             switches building off.
         prompts: Starting prompt set of every session (default: the shipped CXR prompts).
     """
+    gradio_fixes.install()  # cached images are never rewritten while being served
     max_bytes = int(max_upload_mb * 2**20)
     base_prompts = prompts or PromptSet.load()
     examples = h.example_choices(engine)
