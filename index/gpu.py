@@ -71,7 +71,7 @@ def gpu_clustering_index(dim: int) -> faiss.Index | None:
 
 
 def search_filtered(index: Any, q: np.ndarray, kf: int, mask: np.ndarray | None, nprobe: int,
-                    n: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - needs a GPU
+                    n: int) -> tuple[np.ndarray, np.ndarray]:
     """Search a GPU index, which takes no ``IDSelector``: over-fetch, drop slots outside
     ``mask``, and double the fetch until ``kf`` rows are found or nothing more can be fetched.
 

@@ -225,11 +225,11 @@ class VectorCollection:
         sample = np.asarray(self._vecs[pick], np.float32)
         ivf: Any = faiss.try_extract_index_ivf(self._index)
         clus = gpu.gpu_clustering_index(self.dim) if ivf is not None else None
-        if ivf is not None and clus is not None:  # pragma: no cover - needs a GPU
+        if ivf is not None and clus is not None:
             ivf.clustering_index = clus
         logger.info("training %s on %d vectors of '%s'", self.factory, len(sample), self.name)
         self._index.train(sample)
-        if ivf is not None and clus is not None:  # pragma: no cover - needs a GPU
+        if ivf is not None and clus is not None:
             ivf.clustering_index = None
 
     def _maybe_grow(self) -> bool:
@@ -378,7 +378,7 @@ class VectorCollection:
     def _faiss_search(self, q: np.ndarray, kf: int, bitmap: np.ndarray | None,
                       mask: np.ndarray | None, nprobe: int,
                       ef: int) -> tuple[np.ndarray, np.ndarray]:
-        if gpu.gpu_available():  # pragma: no cover - needs a GPU
+        if gpu.gpu_available():
             if self._gpu_index is None:
                 self._gpu_index = gpu.to_gpu(self._index) or False
             if self._gpu_index is not False:

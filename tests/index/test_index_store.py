@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -141,6 +142,80 @@ def test_filtered_search_returns_k(monkeypatch, data_64, factory, exact_subset_m
     assert ((few.ids >= 0).sum(axis=1) == 3).all() and np.isin(few.ids[few.ids >= 0],
                                                                 allow[:3]).all()
     assert (c.search(q[:2], 5, allow=[]).ids == -1).all()
+
+
+class _SelectorlessClone:
+    """What a faiss-gpu clone offers the store: ``search(q, k)`` with k <= 2048, no
+    ``IDSelector`` and an ``nprobe`` attribute; a CPU copy underneath."""
+
+    def __init__(self, index):
+        self.index, self.fetches = faiss.clone_index(index), []
+        self._ivf = faiss.try_extract_index_ivf(self.index)
+        if self._ivf is not None:
+            self.nprobe = self._ivf.nprobe
+
+    def search(self, q, k):
+        assert k <= 2048
+        if self._ivf is not None:
+            self._ivf.nprobe = self.nprobe
+        self.fetches.append(k)
+        return self.index.search(q, k)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF128,Flat"])
+def test_gpu_branch_over_fetches_to_honour_filters_and_tombstones(data_64, monkeypatch,
+                                                                  factory):
+    """The store's GPU search path, run on the CPU: a clone that takes no id selector gets
+    the filter and the removed rows applied by over-fetching; results match the CPU path."""
+    import index.gpu as gpu_mod
+
+    x = data_64[:6000]
+    q = near(x, 40)
+    c = _coll(x, factory)
+    c.remove(np.arange(0, 6000, 4) * 7 + IDS_OFFSET)  # a quarter tombstoned
+    wide = np.arange(1, 6000, 3) * 7 + IDS_OFFSET  # every third row
+    narrow = np.arange(2, 6000, 400) * 7 + IDS_OFFSET  # 15 rows: deep over-fetch
+    cpu = [c.search(q, 10), c.search(q, 10, allow=wide), c.search(q, 10, allow=narrow)]
+    clones: list[_SelectorlessClone] = []
+    monkeypatch.setattr(gpu_mod, "gpu_available", lambda: True)
+    monkeypatch.setattr(gpu_mod, "to_gpu", lambda ix: clones.append(_SelectorlessClone(ix))
+                        or clones[-1])
+    got = [c.search(q, 10), c.search(q, 10, allow=wide), c.search(q, 10, allow=narrow)]
+    assert len(clones) == 1 and max(clones[0].fetches) > 10  # cloned once, fetched deeper
+    removed = set((np.arange(0, 6000, 4) * 7 + IDS_OFFSET).tolist())
+    for allow, a, b in zip([None, wide, narrow], cpu, got, strict=True):
+        assert (b.ids >= 0).all() and not removed & set(b.ids.ravel().tolist())
+        if allow is not None:
+            assert np.isin(b.ids, allow).all()
+        if factory == "Flat":
+            # a query the clone's deepest fetch cannot fill is answered from the float16 rows
+            assert np.array_equal(a.ids, b.ids) and np.allclose(a.scores, b.scores, atol=1e-3)
+        else:
+            assert recall(_rows(b.ids), _rows(a.ids)) >= 0.95
+    c.add(np.asarray([IDS_OFFSET - 7]), x[:1])  # a write drops the clone
+    c.search(q, 10)
+    assert len(clones) == 2
+
+
+def test_ivf_training_uses_the_gpu_clustering_index_and_lets_it_go(data_64, monkeypatch):
+    """k-means for IVF training runs on the index ``gpu_clustering_index`` hands out (here a
+    CPU flat index standing in for the GPU one), which is detached after training."""
+    import index.gpu as gpu_mod
+
+    handed: list[faiss.Index] = []
+
+    def clustering(dim):
+        handed.append(faiss.IndexFlatIP(dim))
+        return handed[-1]
+
+    monkeypatch.setattr(gpu_mod, "gpu_clustering_index", clustering)
+    c = _coll(data_64[:8000], "IVF64,Flat")
+    assert len(handed) == 1 and handed[0].ntotal == 64  # k-means assigned against it
+    ivf = faiss.extract_index_ivf(c.index)
+    assert ivf.is_trained and ivf.clustering_index is None
+    q = near(data_64[:8000], 20)
+    assert recall(_rows(c.search(q, 10, nprobe=64).ids), exact_topk(data_64[:8000], q, 10)) \
+        == 1.0
 
 
 @pytest.mark.gpu
