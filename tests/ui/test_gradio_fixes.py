@@ -41,3 +41,40 @@ def test_a_cached_image_is_never_rewritten_and_a_new_one_lands_whole(tmp_path, m
     assert other != first and Image.open(other).size == (64, 64)
     assert len(written) == 1 and written[0].endswith(".tmp")  # then renamed into place
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_refused_client_value_is_one_log_line_not_a_traceback(tiny_engine, capfd, caplog
+                                                               ) -> None:
+    """A slider value beyond its range is refused by Gradio's own check before the handler
+    runs: the client gets Gradio's message, the server log one line and no traceback."""
+    import logging
+    import socket
+
+    import pytest
+    from gradio_client import Client
+
+    from ui.app import build_app
+    from ui.serve import launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = build_app(tiny_engine)
+    launch(app, tiny_engine, port=port, prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        capfd.readouterr()
+        with caplog.at_level(logging.WARNING, logger="ui.gradio_fixes"), \
+                pytest.raises(Exception, match="greater than maximum value 48"):
+            client.predict("cardiomegaly", 999, "any", "any", "any", "any", True,
+                           api_name="/on_search")
+        ok = client.predict("cardiomegaly", 3, "any", "any", "any", "any", True,
+                            api_name="/on_search")  # the app goes on
+        assert "3 studies" in str(ok)
+    finally:
+        app.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "raise_if_out_of_bounds" not in err
+    lines = [r.getMessage() for r in caplog.records if r.name == "ui.gradio_fixes"]
+    assert lines == ["app: refused a client value for on_search: Value 999 is greater than "
+                     "maximum value 48."]
