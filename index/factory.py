@@ -118,6 +118,14 @@ def build_index(factory: str, dim: int) -> faiss.Index:
     return index
 
 
+def faiss_reason(exc: BaseException) -> str:
+    """The part of a faiss error a person needs: ``could not parse index string X`` or
+    ``Number of training points (50) should be ...``, without the C++ signature and file."""
+    text = " ".join(str(exc).split())
+    m = re.search(r" at \S+:\d+: (?:Error: '.*?' failed: )?(.*)$", text)
+    return m.group(1) if m else text
+
+
 def train_sample_size(factory: str, n: int) -> int:
     """How many vectors to train ``factory`` on (all of them for small collections)."""
     info = describe(factory)

@@ -426,6 +426,34 @@ class IndexFolder:
                  for i, s in zip(row_ids.tolist(), row_scores.tolist(), strict=True) if i >= 0]
                 for row_ids, row_scores in zip(res.ids, res.scores, strict=True)]
 
+    def rebuild(self, names: Sequence[str] | None = None, factory: str | None = None
+                ) -> dict[str, dict[str, Any]]:
+        """Rebuild collections' faiss indexes from their stored vectors (unsaved): retrained
+        on every current row, tombstones dropped, as ``factory`` if given (``"auto"``: chosen
+        by size again, and again as it grows). ``names``: default every collection.
+
+        Returns, per collection, the factory before and after, whether it is automatic now,
+        its rows, the tombstones dropped, whether its index is trained (a factory that needs
+        more rows than it has is searched exactly until it has them) and the seconds taken.
+
+        Raises:
+            RadLensError: an unknown collection (before any is rebuilt), or a factory faiss
+                cannot build or train on a collection's rows (that collection is left as it
+                was; nothing is saved here, so the index on disk is too).
+        """
+        self._writer()
+        colls = [self.collection(n, create=False) for n in (names or self.collections())]
+        out: dict[str, dict[str, Any]] = {}
+        for coll in colls:
+            start, before, dead = time.perf_counter(), coll.factory, coll.dead
+            coll.rebuild(factory)
+            out[coll.name] = {"from": before, "to": coll.factory, "auto": coll.auto,
+                              "rows": len(coll), "dropped": dead,
+                              # False: too few rows to train yet, searched exactly until then
+                              "trained": bool(coll.index.is_trained),
+                              "seconds": round(time.perf_counter() - start, 3)}
+        return out
+
     # ------------------------------------------------------------------ saving
     def save(self) -> str:
         """Write a new generation and switch to it atomically. Returns its name."""

@@ -32,6 +32,7 @@ from index.factory import (
     choose_factory,
     default_rerank,
     describe,
+    faiss_reason,
     search_parameters,
     train_sample_size,
 )
@@ -247,17 +248,34 @@ class VectorCollection:
         return True
 
     def rebuild(self, factory: str | None = None) -> None:
-        """Rebuild the faiss index (optionally as another ``factory``), dropping tombstones."""
-        if factory is not None:
-            self.auto = factory == "auto"
-            factory = choose_factory(len(self), self.dim) if self.auto else factory
-        self.factory = factory or self.factory
+        """Rebuild the faiss index (optionally as another ``factory``; ``"auto"``: chosen by
+        size again), dropping tombstones.
+
+        Raises:
+            RadLensError: faiss cannot build ``factory`` or train it on these rows (an IVF
+                with more lists than rows, say); the collection is left as it was.
+        """
+        auto = self.auto if factory is None else factory == "auto"
+        target = (self.factory if factory is None
+                  else choose_factory(len(self), self.dim) if auto else factory)
+        try:
+            fresh = build_index(target, self.dim)
+        except RuntimeError as exc:
+            raise RadLensError(f"collection '{self.name}': {target!r} is not a faiss factory "
+                               f"for {self.dim}-d vectors: {faiss_reason(exc)}") from None
+        before = (self.auto, self.factory, self._index, self._n_indexed, self.built_for,
+                  self._ids, self._vecs, self._alive, self._n, self._slot)
+        self.auto, self.factory = auto, target
         self._compact_arrays()
-        self._index = build_index(self.factory, self.dim)
-        self._n_indexed = 0
-        self.built_for = self._n
+        self._index, self._n_indexed, self.built_for = fresh, 0, self._n
+        try:
+            self._sync_index()
+        except RuntimeError as exc:
+            (self.auto, self.factory, self._index, self._n_indexed, self.built_for,
+             self._ids, self._vecs, self._alive, self._n, self._slot) = before
+            raise RadLensError(f"collection '{self.name}' ({len(self)} rows) cannot be built "
+                               f"as {target!r}: {faiss_reason(exc)}") from None
         self._touch()
-        self._sync_index()
 
     def compact(self) -> int:
         """Drop tombstoned rows from the arrays and the faiss index. Returns rows dropped."""

@@ -382,6 +382,31 @@ def index_add(
         raise typer.Exit(code=3)
 
 
+@index_app.command("rebuild")
+def index_rebuild(
+    index: Annotated[Path, typer.Argument(parser=_path, help="Index folder.")],
+    collection: Annotated[list[str] | None, typer.Option(
+        help="Collection to rebuild (repeatable; default: every one).")] = None,
+    factory: Annotated[str | None, typer.Option(
+        help="faiss factory string to rebuild as, or 'auto' to have it chosen by size again "
+             "(and again as the collection grows). Default: the collection's own.")] = None,
+) -> None:
+    """Rebuild collections' faiss indexes from their stored vectors: retrained on every
+    current row, removed rows dropped, optionally as another factory (--factory auto makes a
+    collection follow its size again: older RadLens versions fixed an automatic collection's
+    factory at its first rebuild). Saved as one new generation; on any error (exit 2) the
+    index is left as it was."""
+    from index.folder import IndexFolder
+    from vlm.errors import RadLensError
+
+    if factory is not None and not factory.strip():
+        raise RadLensError("--factory must not be empty")
+    with IndexFolder.open(index, mode="w") as ix:
+        rebuilt = ix.rebuild(collection, factory)
+        generation = ix.save()
+    print(json_line({"index": str(index), "generation": generation, "collections": rebuilt}))
+
+
 @index_app.command("info")
 def index_info(index: Annotated[Path, typer.Argument(parser=_path, help="Index folder.")]
                ) -> None:
