@@ -7,7 +7,8 @@ is refused. Text filters compare case-insensitively.
 
 Public API: :class:`CatalogItem` (one row), :class:`Catalog` with ``add``, ``upsert``,
 ``remove``, ``get``, ``get_many``, ``find_by_hash``, ``content_hashes``, ``find_by_instance``,
-``filter_ids``, ``count``, ``counts``, ``next_id``, ``snapshot_to``, ``close``.
+``filter_ids``, ``count``, ``counts``, ``next_id``, ``snapshot_to``, ``close``; for erasure
+``ids_matching``, ``children``, ``erase``, ``withhold``, ``withheld``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,17 @@ CREATE INDEX IF NOT EXISTS items_hash ON items(content_hash);
 CREATE INDEX IF NOT EXISTS items_instance ON items(instance);
 CREATE INDEX IF NOT EXISTS items_filter ON items(collection, modality, body_part, view, year);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS withheld (
+    kind TEXT NOT NULL, value TEXT NOT NULL, removed_at REAL NOT NULL,
+    PRIMARY KEY (kind, value)
+);
 """
+
+#: what an erased item is withheld by, so that later builds do not add it back
+WITHHELD_KINDS = ("hash", "instance", "series")
+#: columns :meth:`Catalog.ids_matching` looks in ("patient": the pseudonym in ``extra``)
+MATCH_COLUMNS = ("study", "series", "instance", "patient", "content_hash", "source_uri",
+                 "thumbnail")
 
 
 @dataclass
@@ -177,6 +188,71 @@ class Catalog:
         """Delete rows by id; returns how many existed."""
         return self._write("DELETE FROM items WHERE id = ?", [(int(i),) for i in ids])
 
+    def erase(self, ids: Iterable[int]) -> int:
+        """Delete rows so that nothing of them stays in the file: SQLite's secure delete
+        zeroes their pages, ``VACUUM`` rebuilds the file without them and the WAL is emptied.
+        Ids stay used (:meth:`next_id` never hands an erased id out again). Returns rows
+        deleted."""
+        wanted = sorted({int(i) for i in ids})
+        if self.readonly:
+            raise RadLensError(f"catalog {self.path} is read-only: open the index with mode='w'")
+        with self._lock:
+            high = self.next_id()
+            self._db.execute("PRAGMA secure_delete=ON")
+            with self._db:
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('next_id', ?)",
+                                 (str(high),))
+                n = 0
+                for start in range(0, len(wanted), 500):
+                    chunk = wanted[start:start + 500]
+                    n += self._db.execute(
+                        f"DELETE FROM items WHERE id IN ({', '.join('?' * len(chunk))})",
+                        chunk).rowcount
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return n
+
+    def ids_matching(self, column: str, values: Iterable[str]) -> list[int]:
+        """Ids (any collection) whose ``column`` is one of ``values``; ``column`` is one of
+        :data:`MATCH_COLUMNS`."""
+        if column not in MATCH_COLUMNS:
+            raise RadLensError(f"cannot match on '{column}': use one of "
+                               f"{', '.join(MATCH_COLUMNS)}")
+        expr = "json_extract(extra, '$.patient')" if column == "patient" else column
+        vals, out = sorted(set(values)), []
+        for start in range(0, len(vals), 500):
+            chunk = vals[start:start + 500]
+            out += [r[0] for r in self._query(
+                f"SELECT id FROM items WHERE {expr} IN ({', '.join('?' * len(chunk))})", chunk)]
+        return sorted(set(out))
+
+    def children(self, parents: Iterable[int]) -> list[int]:
+        """Ids of the rows (regions) whose ``extra.parent`` is one of ``parents``."""
+        keys, out = sorted({int(p) for p in parents}), []
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            out += [r[0] for r in self._query(
+                "SELECT id FROM items WHERE json_extract(extra, '$.parent') IN "
+                f"({', '.join('?' * len(chunk))})", chunk)]
+        return sorted(set(out))
+
+    def withhold(self, kind: str, values: Iterable[str]) -> int:
+        """Record content hashes, instance or series pseudonyms that later builds must not add
+        back (an erasure); returns how many were new."""
+        if kind not in WITHHELD_KINDS:
+            raise RadLensError(f"cannot withhold '{kind}': use one of {', '.join(WITHHELD_KINDS)}")
+        now = time.time()
+        return self._write("INSERT OR IGNORE INTO withheld VALUES (?, ?, ?)",
+                           [(kind, str(v), now) for v in sorted(set(values)) if v])
+
+    def withheld(self, kind: str) -> set[str]:
+        """What :meth:`withhold` recorded for ``kind`` (empty for a catalog from before it)."""
+        try:
+            return {str(r[0]) for r in self._query("SELECT value FROM withheld WHERE kind = ?",
+                                                   (kind,))}
+        except sqlite3.OperationalError:  # a snapshot saved before the table existed
+            return set()
+
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
@@ -284,9 +360,10 @@ class Catalog:
         return {str(c): int(n) for c, n in rows}
 
     def next_id(self) -> int:
-        """One more than the largest id in use (0 for an empty catalog)."""
+        """One more than the largest id in use or erased (0 for an empty catalog)."""
         top = self._query("SELECT MAX(id) FROM items")[0][0]
-        return 0 if top is None else int(top) + 1
+        mark = self._query("SELECT value FROM meta WHERE key = 'next_id'")
+        return max(0 if top is None else int(top) + 1, int(mark[0][0]) if mark else 0)
 
     def snapshot_to(self, dest: str | Path) -> None:
         """Write a consistent, self-contained copy (rollback journal mode) to ``dest``."""

@@ -83,6 +83,9 @@ class IngestReport:
     not_images: int = 0
     #: the part of the source this run indexed ("I/N", :mod:`index.shard`); None: all of it
     shard: str | None = None
+    #: files (or DICOMweb instances) skipped because they were erased from this index
+    #: (``radlens index remove``) and are withheld from it
+    withheld: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -336,7 +339,7 @@ def decode_file(path: str, digest: str, pre_cfg: PreprocessConfig, data: bytes |
     # GPU pipeline); an array is pickled inline in microseconds. One channel: the model's
     # channels repeat it (model_input), so a third of the bytes cross the process boundary.
     return {"path": path, "hash": digest, "pixels": x.to(torch.float16).numpy(),
-            "letterbox": box,
+            "letterbox": box, "patient": meta.patient_pseudonym,
             "thumb": buf.getvalue(), "meta": {
                 "study": meta.study_pseudonym, "series": meta.series_pseudonym,
                 "instance": meta.instance_pseudonym, "modality": meta.modality,
@@ -675,10 +678,19 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, paths: list[str],
     start = time.time()
     listed = {path: meta for rows in datasets.values() for path, meta in rows.items()}
     known = ix.catalog.content_hashes(IMAGE)
+    withheld = ix.catalog.withheld("hash")  # erased by request: never added back
     if sops:  # DICOMweb: what the index holds by SOP Instance UID is not fetched again
         held = ix.catalog.pseudonyms("instance", IMAGE)
-        fresh = [p for p in paths if pseudo("im", sops[p]) not in held]
-        report.already_indexed += len(paths) - len(fresh)
+        erased = ix.catalog.withheld("instance")
+        fresh = []
+        for p in paths:
+            name = pseudo("im", sops[p])
+            if name in erased:
+                report.withheld += 1
+            elif name in held:
+                report.already_indexed += 1
+            else:
+                fresh.append(p)
         paths = fresh
     pre = encoder.model.config.preprocess
     costs = None
@@ -749,9 +761,12 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, paths: list[str],
             thumb.parent.mkdir(exist_ok=True)
             if not thumb.exists():
                 thumb.write_bytes(p["thumb"])
+            extra = listed.get(p["path"], {})
+            if p.get("patient"):  # what `radlens index remove --patient` finds the image by
+                extra = {**extra, "patient": p["patient"]}
             rows.append({"source_uri": source_uri, "content_hash": p["hash"],
                          "thumbnail": str(thumb.relative_to(ix.path)), **p["meta"],
-                         "extra": listed.get(p["path"], {})})
+                         "extra": extra})
         ids = ix.add(IMAGE, vectors, rows)
         report.added += len(ids)
         if regions and emb.region_embeddings is not None and emb.region_boxes is not None:
@@ -773,7 +788,7 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, paths: list[str],
     seen = 0
     broken = False
     with stop_on_signal("saving the index after this batch") as stop:
-        results = _results(paths, plan, KnownHashes(known), pre, batch_size, web)
+        results = _results(paths, plan, KnownHashes(known | withheld), pre, batch_size, web)
         try:
             for result in results:
                 if stop:
@@ -785,6 +800,9 @@ def _run(encoder: Encoder, ix: IndexFolder, src: Path, paths: list[str],
                 if not report.first_result_s:
                     report.first_result_s = round(time.time() - start, 3)
                 bar.update(1)
+                if "error" not in result and result["hash"] in withheld:
+                    report.withheld += 1
+                    continue
                 if "error" not in result and result["hash"] in known:
                     report.already_indexed += 1
                     continue

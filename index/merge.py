@@ -39,7 +39,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,8 @@ class MergeReport:
     failed: list[dict[str, str]] = field(default_factory=list)
     #: thumbnails, previews or stacks that a merged row names and its shard lacks
     missing_files: int = 0
+    #: rows left out because they were erased from ``out`` (``radlens index remove``)
+    withheld: int = 0
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,6 +263,7 @@ def merge_indexes(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLi
             ix.bind_pseudonym_key(ident.pseudonym_key)
         known: dict[str, set[str]] = {}
         voxels: dict[str, set[str]] = {}
+        withheld = ix.catalog.withheld("hash")  # erased from ``out``: never merged back
         for shard in tqdm(paths, unit="shard", disable=not progress):
             try:
                 src = IndexFolder.open(shard)  # checksums verified
@@ -268,7 +271,7 @@ def merge_indexes(shards: Sequence[str | os.PathLike[str]], out: str | os.PathLi
                 report.bad_shards.append({"path": str(shard), "reason": str(exc)})
                 continue
             try:
-                entry = _merge_one(src, ix, ident, known, voxels, report)
+                entry = _merge_one(src, ix, ident, known, voxels, report, withheld)
             finally:
                 src.close()
             ix.save()
@@ -306,7 +309,7 @@ def _retrain(ix: IndexFolder, report: MergeReport) -> bool:
 
 def _merge_one(src: IndexFolder, ix: IndexFolder, ident: _Identity,
                known: dict[str, set[str]], voxels: dict[str, set[str]],
-               report: MergeReport) -> dict[str, Any]:
+               report: MergeReport, withheld: Set[str] = frozenset()) -> dict[str, Any]:
     """Add one shard's rows to ``ix`` (unsaved); returns its entry of the report."""
     entry: dict[str, Any] = {"path": str(src.path), "source_generation": src.generation,
                              "added": {}, "duplicates": {}}
@@ -345,6 +348,9 @@ def _merge_one(src: IndexFolder, ix: IndexFolder, ident: _Identity,
                     row["extra"] = extra
                 else:
                     digest, vox = row.get("content_hash"), extra.get("voxel_hash")
+                    if digest is not None and digest in withheld:
+                        report.withheld += 1  # its regions are then left out with it
+                        continue
                     if (digest is not None and digest in known[name]) or (
                             isinstance(vox, str) and vox in voxels[name]):
                         dupes += 1

@@ -108,6 +108,8 @@ class VolumeIngestReport:
     source: str
     added: int = 0
     already_indexed: int = 0
+    #: volumes skipped because they were erased from this index (``radlens index remove``)
+    withheld: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     encode_seconds: float = 0.0
@@ -544,12 +546,20 @@ def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: P
     # DICOM series first: of a series and its NIfTI copy, the one with DICOM metadata is kept
     sources = sorted(sources, key=lambda s: (s.kind != "dicom-series", s.where))
     known = ix.catalog.content_hashes(VOLUME)
+    withheld = ix.catalog.withheld("hash")  # erased by request: never added back
     fetcher = None
     if web is not None:  # a series the collection holds is not fetched again
         held = ix.catalog.pseudonyms("series", VOLUME)
-        fresh = [vs for vs in sources
-                 if vs.remote is None or pseudo("se", vs.remote.series) not in held]
-        report.already_indexed += len(sources) - len(fresh)
+        erased = ix.catalog.withheld("series")
+        fresh = []
+        for vs in sources:
+            name = pseudo("se", vs.remote.series) if vs.remote is not None else None
+            if name is not None and name in erased:
+                report.withheld += 1
+            elif name is not None and name in held:
+                report.already_indexed += 1
+            else:
+                fresh.append(vs)
         sources, fetcher = fresh, _SeriesFetcher(web)
     voxels = _known_voxels(ix)
     since_save = 0
@@ -567,6 +577,9 @@ def _run(encoder: VolumeEncoder, model: CollectionModel, ix: IndexFolder, src: P
                     vs, fetched = fetcher.get(vs, sources[i + 1] if i + 1 < len(sources)
                                               else None)
                 digest = content_hash(vs)
+                if digest in withheld:
+                    report.withheld += 1
+                    continue
                 if digest in known:
                     report.already_indexed += 1
                     continue
@@ -627,6 +640,8 @@ def _row(ix_path: Path, vs: VolumeSource, volume: Volume, enc: VolumeEncoding, d
                  salient=files["salient"], stack=files["stack"])
     if enc.findings:  # a lesion-seg model's per-location scores (model output, not labels)
         extra["findings"] = enc.findings
+    if meta.patient_pseudonym:  # what `radlens index remove --patient` finds the volume by
+        extra["patient"] = meta.patient_pseudonym
     return {"source_uri": uri, "content_hash": digest, "thumbnail": files["thumbnail"],
             "study": meta.study_pseudonym, "series": meta.series_pseudonym,
             "modality": meta.modality or vs.extra.get("modality"), "body_part": meta.body_part,

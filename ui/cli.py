@@ -382,6 +382,43 @@ def index_add(
         raise typer.Exit(code=3)
 
 
+@index_app.command("remove")
+def index_remove(
+    index: Annotated[Path, typer.Argument(parser=_path, help="Index folder.")],
+    patient: Annotated[list[str] | None, typer.Option(
+        help="A patient to erase: its pt-... pseudonym or PatientID (repeatable).")] = None,
+    study: Annotated[list[str] | None, typer.Option(
+        help="A study: st-... pseudonym or StudyInstanceUID (repeatable).")] = None,
+    series: Annotated[list[str] | None, typer.Option(
+        help="A series: se-... pseudonym or SeriesInstanceUID (repeatable).")] = None,
+    instance: Annotated[list[str] | None, typer.Option(
+        help="An image: im-... pseudonym or SOPInstanceUID (repeatable).")] = None,
+    file: Annotated[list[Path] | None, typer.Option(
+        parser=_path, help="A file, or a folder of files, whose images or volumes to erase "
+                           "(found by content and path; repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Only count what would be erased.")] = False,
+    allow_readd: Annotated[bool, typer.Option(
+        help="Let later builds add the erased items back (default: they are withheld).")
+    ] = False,
+) -> None:
+    """Erase patients, studies, series, images or files from an index: catalog rows (securely
+    deleted), vectors, regions, thumbnails and previews, and the older generations that held
+    them. Later builds, DICOMweb pulls and merges into this index skip what was erased unless
+    --allow-readd. Exit 3 when an identifier or file matched nothing (listed on stderr, by
+    pseudonym); the rest is erased. Shards and copies of the index are separate indexes:
+    erase from each."""
+    from index.remove import remove_items
+
+    report = remove_items(index, patients=patient or (), studies=study or (),
+                          series=series or (), instances=instance or (), files=file or (),
+                          withhold=not allow_readd, dry_run=dry_run)
+    for what in report.unmatched:
+        print(f"radlens: matched nothing: {_printable(what)}", file=sys.stderr)
+    print(json_line(report.to_dict()))
+    if report.unmatched:
+        raise typer.Exit(code=3)
+
+
 @index_app.command("rebuild")
 def index_rebuild(
     index: Annotated[Path, typer.Argument(parser=_path, help="Index folder.")],

@@ -456,3 +456,22 @@ def test_a_distant_server_gets_more_fetches_at_once(files, encoder, tmp_path) ->
     assert report.added == N and not report.failed
     assert archive.most_in_flight >= 4 and ing._WINDOW >= 4
     assert sorted(archive.fetched.values()) == [1] * N
+
+
+def test_an_erased_instance_is_never_fetched_again(files, encoder, tmp_path) -> None:
+    """``radlens index remove`` withholds an erased instance from later pulls by its
+    pseudonym: the server is not even asked for it."""
+    from index.ingest import ingest
+    from index.remove import remove_items
+
+    archive = Archive()
+    stored = [archive.add_file(f) for f in files[:4]]
+    out = tmp_path / "idx"
+    with Server(archive) as url:
+        assert ingest(encoder, url, out, batch_size=4, workers=0, progress=False).added == 4
+        erased = remove_items(out, instances=[stored[1].sop])
+        assert erased.matched["image"] == 1 and erased.withheld == 2
+        before = sum(archive.fetched.values())
+        again = ingest(encoder, url, out, batch_size=4, workers=0, progress=False)
+        assert (again.added, again.withheld, again.already_indexed) == (0, 1, 3)
+        assert sum(archive.fetched.values()) == before  # nothing was fetched

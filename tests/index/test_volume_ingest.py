@@ -492,3 +492,32 @@ def test_blank_and_tiny_volumes_are_listed_not_indexed_and_refused_as_queries(
     assert code == 2 and out == []
     assert err == [f"radlens: error: {src / 'blank.nii.gz'}: blank (every voxel is 0): no "
                    "image content"]
+
+
+def test_an_erased_series_takes_its_previews_and_stays_out(archive, built, tmp_path, capsys):
+    """``radlens index remove --file SERIES_DIR``: the volume row, its thumbnail, previews and
+    viewer stack go; a rebuild over the archive withholds that series."""
+    from vlm.volume_encoder import VolumeEncoder
+
+    out = tmp_path / "idx"
+    shutil.copytree(built["out"], out)
+    series = archive["pct"] / archive["rows"][3]["dicom_dir"]
+    with IndexFolder.open(out) as ix:
+        before = ix.catalog.count(VOLUME)
+    code, lines, err = _run(capsys, ["index", "remove", str(out), "--file", str(series)])
+    assert code == 0, err
+    report = json.loads(lines[-1])
+    assert report["matched"] == {"volume": 1} and report["files_deleted"] >= 3
+    with IndexFolder.open(out) as ix:
+        left = [it for it in ix.catalog.get_many(ix.catalog.filter_ids(VOLUME).tolist()) if it]
+        assert len(left) == before - 1
+        named = {rel for it in left for rel in
+                 [it.thumbnail, it.extra.get("stack"),
+                  *(s.get("preview") for s in it.extra.get("salient") or [])] if rel}
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
+               and not p.name.startswith(("gen-", "CURRENT", "LOCK"))
+               and "gen-" not in str(p.relative_to(out))}
+    files_left = {f for f in on_disk if f.endswith((".png", ".jpg", ".npy", ".npz"))}
+    assert files_left <= named  # nothing of the erased volume is left behind
+    again = ingest_volumes(VolumeEncoder.load(MODEL), archive["pct"], out, progress=False)
+    assert again.added == 0 and again.withheld == 1
