@@ -83,8 +83,8 @@ def _pseudonyms(ix: IndexFolder, kind: str, values: Iterable[str]) -> dict[str, 
         bound = ix.manifest.get("pseudonym_key")
         if bound and bound != pseudo.key_id:
             raise RadLensError(f"index {ix.path}: its pseudonyms were made with another site "
-                               f"secret, so the raw value {text!r} cannot be matched: give "
-                               "the pseudonym RadLens shows for it instead")
+                               f"secret, so a raw {kind}- identifier cannot be matched: give "
+                               "the pseudonym RadLens shows for it instead")  # never echoed
         out[raw] = pseudo(kind, text) or ""
     return out
 
