@@ -340,16 +340,13 @@ def test_password_hash_round_trip_and_auth_file(tmp_path, monkeypatch, capsys):
 
 
 def test_served_app_needs_login_and_serves_only_index_files(tiny_engine, tmp_path):
-    import socket
-
     import httpx
 
+    from tests.ui.chromium import free_port
     from ui.app import build_app
     from ui.serve import hash_password, launch, make_auth
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app = build_app(tiny_engine)
     launch(app, tiny_engine, port=port, prevent_thread_lock=True,
            auth=make_auth({"alice": hash_password("pw")}))
@@ -457,19 +454,17 @@ def test_discard_upload_deletes_the_file_and_its_folder_only_under_the_root(tmp_
 def test_an_upload_leaves_no_file_under_its_name(tiny_engine, dicoms, tmp_path):
     """Gradio keeps an upload as <temp>/<sha256>/<original name> (folders 0755) for up to an
     hour; file names of studies often name the patient. The app deletes it once read."""
-    import socket
     import uuid
 
     from gradio_client import Client, handle_file
 
+    from tests.ui.chromium import free_port
     from ui.app import build_app
     from ui.serve import launch
 
     name = f"DOE_JOHN_{uuid.uuid4().hex[:8]}.dcm"
     (tmp_path / name).write_bytes(dicoms[0].read_bytes())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app = build_app(tiny_engine)
     root = Path(app.GRADIO_CACHE)
     launch(app, tiny_engine, port=port, prevent_thread_lock=True)

@@ -149,10 +149,10 @@ def test_the_demo_still_serves_on_this_machine_only(capsys, monkeypatch, tiny_mo
                                                     tiny_engine):
     """The demo has no login: it must bind 127.0.0.1, which needs no --auth-file."""
     import signal
-    import socket
 
     import ui.demo
     import ui.serve
+    from tests.ui.chromium import free_port
 
     launched = {}
 
@@ -164,9 +164,7 @@ def test_the_demo_still_serves_on_this_machine_only(capsys, monkeypatch, tiny_mo
 
     monkeypatch.setattr(ui.demo, "build_demo_index", lambda out, checkpoint: tiny_engine.index.path)
     monkeypatch.setattr(ui.serve, "launch", fake_launch)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     assert main(["demo", "--model", str(tiny_model), "--port", str(port)]) == 0
     assert launched["host"] == "127.0.0.1" and launched["auth"] is None
     assert launched["port"] == port

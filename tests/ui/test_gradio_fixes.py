@@ -48,17 +48,15 @@ def test_a_refused_client_value_is_one_log_line_not_a_traceback(tiny_engine, cap
     """A slider value beyond its range is refused by Gradio's own check before the handler
     runs: the client gets Gradio's message, the server log one line and no traceback."""
     import logging
-    import socket
 
     import pytest
     from gradio_client import Client
 
+    from tests.ui.chromium import free_port
     from ui.app import build_app
     from ui.serve import launch
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app = build_app(tiny_engine)
     launch(app, tiny_engine, port=port, prevent_thread_lock=True)
     try:

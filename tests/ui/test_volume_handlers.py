@@ -136,19 +136,17 @@ def test_index_without_volumes_has_no_volume_tab(tiny_engine, engine):
 
 def test_a_volume_upload_leaves_no_file_under_its_name(engine, tiny_ct, rows, tmp_path):
     """As image uploads: gradio kept <temp>/<sha256>/<original name>; the app deletes it."""
-    import socket
     import uuid
 
     from gradio_client import Client, handle_file
 
+    from tests.ui.chromium import free_port
     from ui.app import build_app
     from ui.serve import launch
 
     name = f"DOE_JANE_{uuid.uuid4().hex[:8]}.nii.gz"
     (tmp_path / name).write_bytes((tiny_ct / rows[2]["nifti"]).read_bytes())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app = build_app(engine)
     launch(app, engine, port=port, prevent_thread_lock=True)
     try:
