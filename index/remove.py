@@ -18,8 +18,10 @@ been exported: what is erased must leave the index entirely, not only stop showi
   instance/series pseudonyms are recorded in the catalog, and later builds, DICOMweb pulls and
   merges into this index skip them (counted as ``withheld``), so a rerun over the same archive
   does not add them back.
-* **Safety.** Nothing is changed when nothing matches, on a dry run, or on any error before
-  the save; the save is the usual atomic switch of ``CURRENT``.
+* **Safety.** No row is changed when nothing matches, on a dry run, or on any error before
+  the save; the save is the usual atomic switch of ``CURRENT``. Files are deleted after the
+  save, and every run (dry runs excepted) also deletes the files under ``thumbs/`` and
+  ``volumes/`` that no row points at, so rerunning after a run killed in between finishes it.
 
 Public API: :func:`remove_items`, :class:`RemoveReport`.
 """
@@ -103,13 +105,6 @@ def _under(given: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
             [os.path.abspath(f) for f in entries])
 
 
-def _inside(root: Path, rel: object) -> Path | None:
-    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
-        return None
-    path = (root / rel).resolve()
-    return path if root.resolve() in path.parents else None
-
-
 def _files_of(item: Any) -> list[object]:
     extra: Mapping[str, Any] = item.extra or {}
     files: list[object] = [item.thumbnail] if item.thumbnail else []
@@ -118,6 +113,51 @@ def _files_of(item: Any) -> list[object]:
     files += [s.get("preview") for s in extra.get("salient") or []
               if isinstance(s, Mapping) and s.get("preview")]
     return files
+
+
+#: the index sub-folders that hold files catalog rows point at (thumbnails, previews, stacks)
+FILE_FOLDERS = ("thumbs", "volumes")
+
+
+def sweep_unreferenced(ix: IndexFolder) -> int:
+    """Delete the files under :data:`FILE_FOLDERS` that no catalog row points at: those of
+    items erased by a run killed before it deleted them, or written for rows a killed build
+    never saved. Returns how many were deleted. The caller holds the writer lock."""
+    cat = ix.catalog
+    referenced: set[str] = set()
+    for name in cat.counts():
+        if name == "region":  # regions point at no file: their image's thumbnail is the parent's
+            continue
+        for it in cat.get_many(cat.filter_ids(name).tolist()):
+            if it is not None:
+                referenced.update(rel for rel in _files_of(it) if isinstance(rel, str))
+    deleted = 0
+    for folder in FILE_FOLDERS:
+        for p in sorted((ix.path / folder).rglob("*")):
+            if p.is_file() and str(p.relative_to(ix.path)) not in referenced:
+                p.unlink(missing_ok=True)
+                deleted += 1
+    return deleted
+
+
+def _erase(ix: IndexFolder, items: list[Any], withhold: bool, report: RemoveReport) -> None:
+    """Withhold, remove and compact ``items``, erase their rows, save, drop older generations."""
+    cat = ix.catalog
+    if withhold:
+        top = [it for it in items if "#" not in (it.content_hash or "")]  # regions: "hash#r"
+        report.withheld = (
+            cat.withhold("hash", [it.content_hash for it in top if it.content_hash])
+            + cat.withhold("instance", [it.instance for it in top
+                                        if it.instance and it.collection == "image"])
+            + cat.withhold("series", [it.series for it in top
+                                      if it.series and it.collection == "volume"]))
+    for name in {it.collection for it in items}:
+        coll = ix.collection(name, create=False)
+        coll.remove([it.id for it in items if it.collection == name])
+        coll.compact()  # the vectors leave the arrays and the faiss index
+    report.removed = cat.erase(it.id for it in items)
+    report.generation = ix.save()
+    persist.cleanup(ix.path, keep=1)  # the older generations still hold the items
 
 
 def remove_items(index: str | os.PathLike[str], *, patients: Iterable[str] = (),
@@ -163,33 +203,12 @@ def remove_items(index: str | os.PathLike[str], *, patients: Iterable[str] = (),
         items = [it for it in cat.get_many(sorted(ids)) if it is not None]
         for it in items:
             report.matched[it.collection] = report.matched.get(it.collection, 0) + 1
-        if dry_run or not items:
+        if dry_run:
             return report
-        doomed = {p for it in items for rel in _files_of(it)
-                  if (p := _inside(ix.path, rel)) is not None}
-        if withhold:
-            top = [it for it in items if not (it.content_hash or "").count("#")]
-            report.withheld = (
-                cat.withhold("hash", [it.content_hash for it in top if it.content_hash])
-                + cat.withhold("instance", [it.instance for it in top
-                                            if it.instance and it.collection == "image"])
-                + cat.withhold("series", [it.series for it in top
-                                          if it.series and it.collection == "volume"]))
-        for coll in {it.collection for it in items}:
-            ix.collection(coll, create=False).remove([it.id for it in items
-                                                      if it.collection == coll])
-            ix.collection(coll, create=False).compact()  # the vectors leave the arrays
-        report.removed = cat.erase(it.id for it in items)
-        report.generation = ix.save()
-        persist.cleanup(ix.path, keep=1)  # the older generations still hold the items
-        root = ix.path.resolve()
-        for p in sorted(doomed):  # after the save: a failed save leaves every row its files
-            if cat.ids_matching("thumbnail", [str(p.relative_to(root))]):
-                continue  # another row (the same content, kept) shows this thumbnail
-            try:
-                p.unlink()
-                report.files_deleted += 1
-            except FileNotFoundError:
-                pass
+        if items:
+            _erase(ix, items, withhold, report)
+        # after the save (a failed save leaves every row its files): the erased items' files,
+        # and any that a killed run left behind
+        report.files_deleted = sweep_unreferenced(ix)
     logger.info("removed %d rows from %s", report.removed, index)
     return report

@@ -177,3 +177,18 @@ def test_erased_ids_are_never_reused_and_a_merge_does_not_bring_them_back(index,
     assert report.withheld == 1 and report.added.get("image", 0) == 0
     assert last.id not in {it.id for it in _rows(index)["image"]}
     assert last.instance not in {it.instance for it in _rows(index)["image"]}
+
+
+def test_a_rerun_deletes_what_a_killed_run_left_behind(index, capsys):
+    """Files are deleted after the save; a run killed in between leaves them unreferenced,
+    and the next run (here one that matches nothing) deletes them, and only them."""
+    orphan = index / "thumbs" / "zz" / ("0" * 64 + ".jpg")
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"\xff\xd8 a thumbnail of an erased study")
+    kept = {p for p in (index / "thumbs").rglob("*") if p.is_file()} - {orphan}
+    assert len(kept) == N
+    code, report, _ = _run(capsys, str(index), "--study", "st-" + "0" * 20)
+    assert code == 3 and report["removed"] == 0 and report["files_deleted"] == 1
+    assert not orphan.exists() and all(p.is_file() for p in kept)
+    code, report, _ = _run(capsys, str(index), "--study", "st-" + "0" * 20, "--dry-run")
+    assert report["files_deleted"] == 0  # a dry run deletes nothing
