@@ -44,7 +44,7 @@ import faiss
 import numpy as np
 
 from index import persist
-from index.catalog import Catalog, CatalogItem
+from index.catalog import WITHHELD_KINDS, Catalog, CatalogItem
 from index.errors import IndexCorruptError, IndexFormatError
 from index.lock import WriterLock
 from index.store import VectorCollection, collection_from_state, collection_state
@@ -524,6 +524,8 @@ class IndexFolder:
                 "preprocessing": m.get("preprocessing", {}), "created": m.get("created"),
                 "updated": m.get("updated"), "collections": colls,
                 "catalog_rows": self.catalog.count(), "bytes_on_disk": disk,
+                # what `radlens index remove` erased and later builds leave out, by kind
+                "withheld": {k: len(self.catalog.withheld(k)) for k in WITHHELD_KINDS},
                 "generation_dir": str(gen_dir), "faiss_version": faiss.__version__}
 
     def close(self) -> None:

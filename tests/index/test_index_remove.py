@@ -114,6 +114,10 @@ def test_an_erased_patient_leaves_no_trace_and_stays_out(index, archive, tiny_mo
 
     again = ingest(Encoder(tiny_model), archive, index, workers=0, progress=False)
     assert (again.added, again.withheld, again.already_indexed) == (0, 1, N - 1)
+    code = main(["index", "info", str(index)])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["withheld"] == {"hash": 1, "instance": 1,
+                                                               "series": 0}
 
 
 def test_allow_readd_lets_a_rerun_add_it_back(index, archive, tiny_model, capsys):
