@@ -8,7 +8,7 @@ is refused. Text filters compare case-insensitively.
 Public API: :class:`CatalogItem` (one row), :class:`Catalog` with ``add``, ``upsert``,
 ``remove``, ``get``, ``get_many``, ``find_by_hash``, ``content_hashes``, ``find_by_instance``,
 ``filter_ids``, ``count``, ``counts``, ``next_id``, ``snapshot_to``, ``close``; for erasure
-``ids_matching``, ``children``, ``erase``, ``withhold``, ``withheld``.
+``ids_matching``, ``children``, ``erase``, ``withhold``, ``withheld``; :func:`item_files`.
 """
 
 from __future__ import annotations
@@ -108,6 +108,15 @@ def _item_from_row(row: Sequence[Any]) -> CatalogItem:
         body_part=d["body_part"], view=d["view"], year=d["year"], rows=d["rows"],
         cols=d["cols"], box=box, thumbnail=d["thumbnail"], ingested_at=d["ingested_at"],
         model=d["model"], content_hash=d["content_hash"], extra=json.loads(d["extra"] or "{}"))
+
+
+def item_files(thumbnail: object, extra: Mapping[str, Any] | None) -> list[str]:
+    """The index-relative files a row points at: its thumbnail, and a volume's viewer stack
+    and slice previews (in ``extra``)."""
+    extra = extra or {}
+    files = [thumbnail, extra.get("stack"),
+             *(s.get("preview") for s in extra.get("salient") or [] if isinstance(s, Mapping))]
+    return [f for f in files if isinstance(f, str) and f]
 
 
 def _row_from_item(item: CatalogItem | Mapping[str, Any]) -> tuple[Any, ...]:

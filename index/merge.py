@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from index import persist
+from index.catalog import item_files
 from index.errors import IndexCorruptError, IndexFormatError
 from index.factory import describe
 from index.folder import CollectionModel, IndexFolder, is_index_folder
@@ -199,18 +200,6 @@ def _copy(src_root: Path, dst_root: Path, rel: object) -> bool:
     return True
 
 
-def _files_of(row: Mapping[str, Any]) -> list[object]:
-    """The index-relative files a catalog row points at (thumbnail, volume previews, stack)."""
-    extra = row.get("extra") or {}
-    files: list[object] = [row.get("thumbnail")] if row.get("thumbnail") else []
-    if extra.get("stack"):
-        files.append(extra["stack"])
-    for s in extra.get("salient") or []:
-        if isinstance(s, Mapping) and s.get("preview"):
-            files.append(s["preview"])
-    return files
-
-
 def _shard_failures(shard: Path, report: MergeReport, seen: set[tuple[str, str, str]]) -> None:
     for name in SHARD_REPORTS:
         try:
@@ -359,7 +348,7 @@ def _merge_one(src: IndexFolder, ix: IndexFolder, ident: _Identity,
                         known[name].add(digest)
                     if isinstance(vox, str):
                         voxels[name].add(vox)
-                for rel in _files_of(row):
+                for rel in item_files(row.get("thumbnail"), row.get("extra")):
                     if not _copy(src.path, ix.path, rel):
                         report.missing_files += 1
                 keep.append(j)

@@ -31,12 +31,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from index import persist
+from index.catalog import item_files
 from index.folder import IndexFolder
 from vlm.errors import RadLensError
 
@@ -105,16 +106,6 @@ def _under(given: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
             [os.path.abspath(f) for f in entries])
 
 
-def _files_of(item: Any) -> list[object]:
-    extra: Mapping[str, Any] = item.extra or {}
-    files: list[object] = [item.thumbnail] if item.thumbnail else []
-    if extra.get("stack"):
-        files.append(extra["stack"])
-    files += [s.get("preview") for s in extra.get("salient") or []
-              if isinstance(s, Mapping) and s.get("preview")]
-    return files
-
-
 #: the index sub-folders that hold files catalog rows point at (thumbnails, previews, stacks)
 FILE_FOLDERS = ("thumbs", "volumes")
 
@@ -130,7 +121,7 @@ def sweep_unreferenced(ix: IndexFolder) -> int:
             continue
         for it in cat.get_many(cat.filter_ids(name).tolist()):
             if it is not None:
-                referenced.update(rel for rel in _files_of(it) if isinstance(rel, str))
+                referenced.update(item_files(it.thumbnail, it.extra))
     deleted = 0
     for folder in FILE_FOLDERS:
         for p in sorted((ix.path / folder).rglob("*")):
