@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from index import persist
-from index.catalog import item_files
 from index.folder import IndexFolder
 from vlm.errors import RadLensError
 
@@ -106,29 +105,14 @@ def _under(given: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
             [os.path.abspath(f) for f in entries])
 
 
-#: the index sub-folders that hold files catalog rows point at (thumbnails, previews, stacks)
-FILE_FOLDERS = ("thumbs", "volumes")
-
-
 def sweep_unreferenced(ix: IndexFolder) -> int:
-    """Delete the files under :data:`FILE_FOLDERS` that no catalog row points at: those of
-    items erased by a run killed before it deleted them, or written for rows a killed build
-    never saved. Returns how many were deleted. The caller holds the writer lock."""
-    cat = ix.catalog
-    referenced: set[str] = set()
-    for name in cat.counts():
-        if name == "region":  # regions point at no file: their image's thumbnail is the parent's
-            continue
-        for it in cat.get_many(cat.filter_ids(name).tolist()):
-            if it is not None:
-                referenced.update(item_files(it.thumbnail, it.extra))
-    deleted = 0
-    for folder in FILE_FOLDERS:
-        for p in sorted((ix.path / folder).rglob("*")):
-            if p.is_file() and str(p.relative_to(ix.path)) not in referenced:
-                p.unlink(missing_ok=True)
-                deleted += 1
-    return deleted
+    """Delete the files no catalog row points at (:meth:`IndexFolder.unreferenced_files`):
+    those of items just erased, or left by a run killed before it deleted them. Returns how
+    many. The caller holds the writer lock."""
+    files = ix.unreferenced_files()
+    for p in files:
+        p.unlink(missing_ok=True)
+    return len(files)
 
 
 def _erase(ix: IndexFolder, items: list[Any], withhold: bool, report: RemoveReport) -> None:

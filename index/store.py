@@ -109,6 +109,11 @@ class VectorCollection:
         return self.rerank or default_rerank(self.factory, self.dim)
 
     @property
+    def indexed(self) -> int:
+        """Slots (live or tombstoned) added to the faiss index so far."""
+        return self._n_indexed
+
+    @property
     def dead(self) -> int:
         """Tombstoned slots not yet compacted away."""
         return self._n - len(self._slot)

@@ -419,6 +419,23 @@ def index_remove(
         raise typer.Exit(code=3)
 
 
+@index_app.command("verify")
+def index_verify(index: Annotated[Path, typer.Argument(parser=_path, help="Index folder.")]
+                 ) -> None:
+    """Check an index end to end, read-only: every file's checksum, every catalog row against
+    its vector and the faiss index, regions against their images, and the files rows point at.
+    Prints a JSON report; each problem is also a stderr line, and any problem is exit 3 (a
+    checksum failure: exit 2, as for every command)."""
+    from index.verify import verify
+
+    report = verify(index)
+    for problem in report["problems"]:
+        print(f"radlens: index problem: {_printable(problem)}", file=sys.stderr)
+    print(json_line(report))
+    if not report["ok"]:
+        raise typer.Exit(code=3)
+
+
 @index_app.command("rebuild")
 def index_rebuild(
     index: Annotated[Path, typer.Argument(parser=_path, help="Index folder.")],

@@ -1,9 +1,16 @@
-"""Seeded synthetic clustered unit vectors for the index tests."""
+"""Seeded synthetic clustered unit vectors for the index tests, and a small real index (a
+plain folder of tiny radiographs ingested with the untrained tiny model) to maintain."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+#: images in the ``plain_archive`` folder
+PLAIN_N = 10
 
 
 def clustered(n: int, dim: int, *, clusters: int = 50, seed: int = 0,
@@ -39,3 +46,33 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 @pytest.fixture(scope="session")
 def data_64() -> np.ndarray:
     return clustered(20_000, 64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def plain_archive(tmp_path_factory) -> Path:
+    """A plain folder (no data set manifest, as a PACS export is) of PLAIN_N tiny DICOM
+    radiographs, patients P000, P001, ..."""
+    from tests.tiny_cxr import make_tiny_cxr
+
+    root = make_tiny_cxr(tmp_path_factory.mktemp("plain_archive"), n=PLAIN_N, size=48)
+    (root / "manifest.jsonl").unlink()
+    return root / "dicom"
+
+
+@pytest.fixture(scope="session")
+def plain_built(plain_archive, tiny_model, tmp_path_factory) -> Path:
+    from index.ingest import ingest
+    from vlm.inference import Encoder
+
+    out = tmp_path_factory.mktemp("plain_built") / "idx"
+    report = ingest(Encoder(tiny_model), plain_archive, out, workers=0, batch_size=4,
+                    progress=False)
+    assert report.added == PLAIN_N and not report.failed
+    return out
+
+
+@pytest.fixture
+def plain_index(plain_built, tmp_path) -> Path:
+    """A fresh copy of ``plain_built`` for a test to change."""
+    shutil.copytree(plain_built, tmp_path / "idx")
+    return tmp_path / "idx"

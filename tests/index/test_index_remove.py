@@ -15,34 +15,23 @@ import pytest
 from index.folder import IndexFolder
 from index.ingest import ingest
 from index.merge import merge_indexes
-from tests.tiny_cxr import make_tiny_cxr
+from tests.index.conftest import PLAIN_N
 from ui.cli import main
 from vlm.inference import Encoder
 from vlm.io.deid import default_pseudonymizer
 from vlm.io.dicom_write import uid_from
 
-N = 10
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    root = make_tiny_cxr(tmp_path_factory.mktemp("erase_archive"), n=N, size=48)
-    (root / "manifest.jsonl").unlink()  # a plain folder, as a PACS export is
-    return root / "dicom"
-
-
-@pytest.fixture(scope="module")
-def built(archive, tiny_model, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("erase_built") / "idx"
-    report = ingest(Encoder(tiny_model), archive, out, workers=0, batch_size=4, progress=False)
-    assert report.added == N and not report.failed
-    return out
+N = PLAIN_N
 
 
 @pytest.fixture
-def index(built, tmp_path) -> Path:
-    shutil.copytree(built, tmp_path / "idx")
-    return tmp_path / "idx"
+def archive(plain_archive) -> Path:
+    return plain_archive
+
+
+@pytest.fixture
+def index(plain_index) -> Path:
+    return plain_index
 
 
 def _run(capsys, *args: str) -> tuple[int, dict | None, str]:
