@@ -171,6 +171,8 @@ class IndexFolder:
         if mode not in ("r", "w"):
             raise RadLensError(f"index mode must be 'r' or 'w', not {mode!r}")
         folder = Path(path)
+        if mode == "w":
+            persist.read_current(folder)  # not an index: said before a LOCK file is left there
         lock = WriterLock(folder).acquire(lock_timeout) if mode == "w" else None
         try:
             if lock is not None:

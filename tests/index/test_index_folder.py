@@ -90,6 +90,9 @@ def test_wrong_model_refused_in_one_line(tmp_path):
 def test_not_an_index_and_wrong_dim(tmp_path):
     with pytest.raises(IndexFormatError, match="not a RadLens index"):
         IndexFolder.open(tmp_path)
+    with pytest.raises(IndexFormatError, match="not a RadLens index"):
+        IndexFolder.open(tmp_path, mode="w")  # a writer too, and it leaves no LOCK file behind
+    assert not any(tmp_path.iterdir())
     ix = _new(tmp_path / "ix")
     with pytest.raises(RadLensError) as err:
         ix.search("image", np.ones(DIM + 1), 3)
