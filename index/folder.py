@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -118,6 +119,12 @@ class IndexFolder:
         self._models: dict[str, CollectionModel] = {}
         self._catalog: Catalog | None = None
         self.generation = ""
+        # held while a reload swaps in a generation and while a search takes its collection
+        # and catalog, so a search never pairs one generation's vectors with another's rows
+        self._swap = threading.RLock()
+        self._reloading = threading.Lock()  # one reload at a time (the watcher, a handler)
+        self._watcher: threading.Thread | None = None
+        self._stop_watching = threading.Event()
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -204,7 +211,6 @@ class IndexFolder:
             gen_dir = self.path / name
             try:
                 self._load_generation(gen_dir, verify, mmap)
-                self.generation = name
                 return
             except (FileNotFoundError, RuntimeError, sqlite3.Error) as exc:
                 if persist.read_current(self.path) == name and not gen_dir.is_dir():
@@ -248,17 +254,43 @@ class IndexFolder:
             catalog = Catalog(gen_dir / "catalog.sqlite", readonly=True)
         # the previous catalog is not closed: searches still running on it (reload() in a
         # server thread) finish on the old generation; the garbage collector closes it
-        self.manifest, self._collections, self._catalog = manifest, collections, catalog
-        self._models = models
+        with self._swap:
+            self.manifest, self._collections, self._catalog = manifest, collections, catalog
+            self._models, self.generation = models, gen_dir.name
 
     def reload(self, verify: bool = True, mmap: bool = True) -> bool:
         """Readers: move to the newest generation. Returns True if it changed."""
         if self.mode != "r":
             raise RadLensError("reload() is for readers; a writer already has the newest state")
-        if persist.read_current(self.path) == self.generation:
-            return False
-        self._load(verify=verify, mmap=mmap)
-        return True
+        with self._reloading:
+            if persist.read_current(self.path) == self.generation:
+                return False
+            self._load(verify=verify, mmap=mmap)
+            return True
+
+    def watch(self, interval: float = 2.0) -> None:
+        """Readers: follow the index as other processes write it (``index add``, ``index
+        remove``, a build from another app). A daemon thread reads ``CURRENT`` every
+        ``interval`` seconds and loads a new generation, checksums verified, off the request
+        path; searches use the previous one until the switch. A generation that cannot be
+        loaded is logged and the previous one kept. Idempotent; :meth:`close` stops it."""
+        if self.mode != "r":
+            raise RadLensError("watch() is for readers; a writer already has the newest state")
+        if self._watcher is not None:
+            return
+
+        def follow() -> None:
+            while not self._stop_watching.wait(interval):
+                try:
+                    if self.reload():
+                        logger.info("index %s: now at %s", self.path, self.generation)
+                except Exception as exc:  # a broken generation must not stop the searches
+                    logger.warning("index %s: a new generation was not loaded: %s", self.path,
+                                   str(exc).splitlines()[0] if str(exc) else exc)
+
+        self._watcher = threading.Thread(target=follow, name="radlens-index-watch",
+                                         daemon=True)
+        self._watcher.start()
 
     # ------------------------------------------------------------------ access
     @property
@@ -412,9 +444,10 @@ class IndexFolder:
         ``expect_model`` / ``expect_config_hash``: the model that made ``queries``; a
         collection filled by another model is refused (:class:`ConfigError`).
         """
-        coll, catalog = self.collection(collection, create=False), self.catalog
-        if expect_model is not None or expect_config_hash is not None:
-            self.check_model(collection, expect_model, expect_config_hash)
+        with self._swap:  # this generation's vectors with this generation's rows
+            coll, catalog = self.collection(collection, create=False), self.catalog
+            if expect_model is not None or expect_config_hash is not None:
+                self.check_model(collection, expect_model, expect_config_hash)
         filters = (modality, body_part, view, year_min, year_max)
         if any(f is not None for f in filters):
             allowed = catalog.filter_ids(collection, modality=modality, body_part=body_part,
@@ -554,7 +587,12 @@ class IndexFolder:
                 "generation_dir": str(gen_dir), "faiss_version": faiss.__version__}
 
     def close(self) -> None:
-        """Close the catalog and release the writer lock (unsaved changes are dropped)."""
+        """Stop :meth:`watch`, close the catalog and release the writer lock (unsaved changes
+        are dropped)."""
+        if self._watcher is not None:
+            self._stop_watching.set()
+            self._watcher.join(timeout=60)
+            self._watcher = None
         if self._catalog is not None:
             self._catalog.close()
             self._catalog = None

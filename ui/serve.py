@@ -140,9 +140,13 @@ def thumbs_dir(engine: Any) -> Path:
 def launch(app: Any, engine: Any, *, host: str = "127.0.0.1", port: int = 7860,
            auth: Callable[[str, str], bool] | None = None, max_upload_mb: float = 50,
            prevent_thread_lock: bool = False, quiet: bool = True) -> Any:
-    """Launch a built app with RadLens' theme, the upload limit, and only thumbnails served."""
+    """Launch a built app with RadLens' theme, the upload limit, and only thumbnails served.
+    The engine's index follows what other processes write to it (:meth:`IndexFolder.watch`):
+    studies added by ``index add`` appear, and studies erased by ``index remove`` disappear,
+    within a few seconds and without a restart."""
     from ui.app import CSS, THEME
 
+    engine.index.watch()
     return app.queue(default_concurrency_limit=4).launch(
         server_name=url_host(host), server_port=port, auth=auth,
         auth_message="RadLens: sign in", allowed_paths=[str(thumbs_dir(engine))],

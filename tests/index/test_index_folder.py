@@ -287,3 +287,52 @@ def test_an_index_with_no_vectors_yet_says_so(tmp_path):
     with pytest.raises(RadLensError, match=r"has no collection 'region' \(it has: image\)"):
         reader.collection("region")
     reader.close()
+
+
+def test_a_watching_reader_follows_other_writers_and_keeps_a_good_generation(tmp_path,
+                                                                            caplog,
+                                                                            monkeypatch):
+    """``watch()``: a reader (the app) picks up rows another process added and drops rows it
+    erased, without a restart; a damaged new generation is logged and the last good one kept
+    for searching."""
+    ix = _new(tmp_path / "ix")
+    ix.close()
+    reader = IndexFolder.open(tmp_path / "ix")
+    reader.watch(interval=0.02)
+    reader.watch(interval=0.02)  # idempotent
+    q = clustered(1, DIM, seed=7)[0]
+
+    def until(check, seconds: float = 20.0) -> None:
+        deadline = time.monotonic() + seconds
+        while not check():
+            assert time.monotonic() < deadline, "the reader did not follow"
+            time.sleep(0.02)
+
+    try:
+        with IndexFolder.open(tmp_path / "ix", mode="w") as w:
+            new = w.add("image", q[None], _items(1, 500))
+            w.save()
+        until(lambda: reader.catalog.count("image") == 201)
+        assert reader.search("image", q, 1)[0][0].id == int(new[0])
+        with IndexFolder.open(tmp_path / "ix", mode="w") as w:
+            w.remove(new)
+            w.save()
+        until(lambda: reader.catalog.count("image") == 200)
+        assert all(h.id != int(new[0]) for h in reader.search("image", q, 5)[0])
+        good, verify_files = reader.generation, persist.verify_files
+
+        def damaged_if_new(gen_dir, manifest):  # the next generation fails its checksums
+            if gen_dir.name != good:
+                raise IndexCorruptError(f"{gen_dir}/image.ids.npy: checksum mismatch")
+            return verify_files(gen_dir, manifest)
+
+        monkeypatch.setattr(persist, "verify_files", damaged_if_new)
+        with caplog.at_level("WARNING", logger="index.folder"):
+            with IndexFolder.open(tmp_path / "ix", mode="w", verify=False) as w:
+                w.add("image", q[None], _items(1, 600))
+                w.save()
+            until(lambda: any("was not loaded" in r.getMessage() for r in caplog.records))
+        assert reader.generation == good and len(reader.search("image", q, 3)[0]) == 3
+    finally:
+        reader.close()
+    assert reader._watcher is None  # close() stopped it

@@ -59,6 +59,7 @@ def test_a_refused_client_value_is_one_log_line_not_a_traceback(tiny_engine, cap
     port = free_port()
     app = build_app(tiny_engine)
     launch(app, tiny_engine, port=port, prevent_thread_lock=True)
+    assert tiny_engine.index._watcher is not None  # the app follows other writers
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         capfd.readouterr()
