@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/dicomweb_ingest.py
 	$(BIN)/python benchmarks/dicomweb_latency.py
 	$(BIN)/python benchmarks/sharded_build.py
+	$(BIN)/python benchmarks/erase_cost.py
 	test -f data/phantom_ct/manifest.jsonl || $(BIN)/radlens data phantom-ct --out data/phantom_ct --n 300
 	$(BIN)/python benchmarks/volume_retrieval.py --data data/phantom_ct \
 		--model lecl-small=checkpoints/lecl-small --model random=random:lecl-small@0

@@ -35,6 +35,50 @@ def plain_folder(data: Path, limit: int, folder: Path) -> list[Path]:
     return files
 
 
+#: dimension of the synthetic rows below (a ViT-B-class embedding)
+SYNTHETIC_DIM = 512
+
+
+def synthetic_rows(start: int, n: int) -> list[dict[str, Any]]:
+    """Catalog rows ``start .. start+n`` shaped like an image's (three images per study)."""
+    return [{"source_uri": f"src-{i:020x}", "content_hash": f"{i:064x}",
+             "study": f"st-{i // 3:020x}", "series": f"se-{i:020x}",
+             "instance": f"im-{i:020x}", "modality": "CR", "body_part": "CHEST",
+             "view": "PA", "year": 2000 + i % 20, "rows": 2048, "cols": 2048,
+             "extra": {"labels": ["nodule"] if i % 7 == 0 else []}}
+            for i in range(start, start + n)]
+
+
+def synthetic_vectors(n: int, seed: int, dim: int = SYNTHETIC_DIM) -> Any:
+    """``n`` random unit vectors (float32, seeded)."""
+    import numpy as np
+
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def synthetic_index(folder: Path, start: int, n: int, seed: int, chunk: int = 8192) -> float:
+    """An index at ``folder`` holding :func:`synthetic_rows` ``start .. start+n`` with
+    :func:`synthetic_vectors`; returns the seconds it took."""
+    import time
+
+    from index.folder import IndexFolder
+
+    t = time.perf_counter()
+    ix = IndexFolder.create(folder, model_name="synthetic", config_hash="0" * 16,
+                            dim=SYNTHETIC_DIM)
+    try:
+        ix.bind_pseudonym_key("key-synthetic000000")
+        x = synthetic_vectors(n, seed)
+        for at in range(0, n, chunk):
+            m = min(chunk, n - at)
+            ix.add("image", x[at:at + m], synthetic_rows(start + at, m))
+        ix.save()
+    finally:
+        ix.close()
+    return time.perf_counter() - t
+
+
 def write_result(out: Path, name: str, result: dict[str, Any]) -> None:
     """``out/<name>.json`` (indented) and the same object as one line on stdout."""
     out.mkdir(parents=True, exist_ok=True)

@@ -31,44 +31,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from _common import have_phantom_cxr, plain_folder, plot_medians, write_result
+from _common import (
+    SYNTHETIC_DIM,
+    have_phantom_cxr,
+    plain_folder,
+    plot_medians,
+    synthetic_index,
+    synthetic_rows,
+    synthetic_vectors,
+    write_result,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out"
-DIM = 512
-
-
-def _rows(start: int, n: int) -> list[dict[str, Any]]:
-    return [{"source_uri": f"src-{i:020x}", "content_hash": f"{i:064x}",
-             "study": f"st-{i // 3:020x}", "series": f"se-{i:020x}",
-             "instance": f"im-{i:020x}", "modality": "CR", "body_part": "CHEST",
-             "view": "PA", "year": 2000 + i % 20, "rows": 2048, "cols": 2048,
-             "extra": {"labels": ["nodule"] if i % 7 == 0 else []}}
-            for i in range(start, start + n)]
-
-
-def _vectors(n: int, seed: int) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _fill(folder: Path, start: int, n: int, seed: int, chunk: int = 8192) -> float:
-    """An index at ``folder`` with rows ``start .. start+n``; returns the seconds it took."""
-    from index.folder import IndexFolder
-
-    t = time.perf_counter()
-    ix = IndexFolder.create(folder, model_name="synthetic", config_hash="0" * 16, dim=DIM)
-    try:
-        ix.bind_pseudonym_key("key-synthetic000000")
-        x = _vectors(n, seed)
-        for at in range(0, n, chunk):
-            m = min(chunk, n - at)
-            ix.add("image", x[at:at + m], _rows(start + at, m))
-        ix.save()
-    finally:
-        ix.close()
-    return time.perf_counter() - t
+DIM = SYNTHETIC_DIM
 
 
 def merge_at_scale(work: Path, rows: int, parts: int) -> dict[str, Any]:
@@ -79,17 +55,17 @@ def merge_at_scale(work: Path, rows: int, parts: int) -> dict[str, Any]:
     part_dirs = []
     for p in range(parts):
         part_dirs.append(work / f"part{p}")
-        _fill(part_dirs[-1], p * per, per, seed=p)
+        synthetic_index(part_dirs[-1], p * per, per, seed=p)
     # the reference: the same rows added straight into one index, part by part
     ref = work / "direct"
     t = time.perf_counter()
     ix = IndexFolder.create(ref, model_name="synthetic", config_hash="0" * 16, dim=DIM)
     try:
         for p in range(parts):
-            x = _vectors(per, seed=p)
+            x = synthetic_vectors(per, seed=p)
             for at in range(0, per, 8192):
                 m = min(8192, per - at)
-                ix.add("image", x[at:at + m], _rows(p * per + at, m))
+                ix.add("image", x[at:at + m], synthetic_rows(p * per + at, m))
             ix.save()
     finally:
         ix.close()

@@ -8,7 +8,8 @@ is refused. Text filters compare case-insensitively.
 Public API: :class:`CatalogItem` (one row), :class:`Catalog` with ``add``, ``upsert``,
 ``remove``, ``get``, ``get_many``, ``find_by_hash``, ``content_hashes``, ``find_by_instance``,
 ``filter_ids``, ``count``, ``counts``, ``next_id``, ``snapshot_to``, ``close``; for erasure
-``ids_matching``, ``children``, ``erase``, ``withhold``, ``withheld``; :func:`item_files`.
+``ids_matching``, ``children``, ``erase``, ``withhold``, ``withheld``; for checks
+``files_in_use``, ``orphans``; :func:`item_files`.
 """
 
 from __future__ import annotations
@@ -244,6 +245,23 @@ class Catalog:
                 "SELECT id FROM items WHERE json_extract(extra, '$.parent') IN "
                 f"({', '.join('?' * len(chunk))})", chunk)]
         return sorted(set(out))
+
+    def files_in_use(self) -> set[str]:
+        """Every index-relative file a row points at (:func:`item_files`), read in bulk: the
+        thumbnail column, and ``extra`` only of the rows that name a stack or previews."""
+        used = {str(r[0]) for r in self._query(
+            "SELECT DISTINCT thumbnail FROM items WHERE thumbnail IS NOT NULL")}
+        for thumb, extra in self._query("SELECT thumbnail, extra FROM items WHERE extra LIKE "
+                                        "'%\"stack\"%' OR extra LIKE '%\"salient\"%'"):
+            used.update(item_files(thumb, json.loads(extra or "{}")))
+        return used
+
+    def orphans(self, child: str = "region", parent: str = "image") -> list[int]:
+        """Ids of ``child`` rows whose ``extra.parent`` is no ``parent`` row."""
+        return [r[0] for r in self._query(
+            "SELECT id FROM items WHERE collection = ? AND json_extract(extra, '$.parent') "
+            "IS NOT NULL AND json_extract(extra, '$.parent') NOT IN "
+            "(SELECT id FROM items WHERE collection = ?) ORDER BY id", (child, parent))]
 
     def withhold(self, kind: str, values: Iterable[str]) -> int:
         """Record content hashes, instance or series pseudonyms that later builds must not add

@@ -45,7 +45,7 @@ import faiss
 import numpy as np
 
 from index import persist
-from index.catalog import WITHHELD_KINDS, Catalog, CatalogItem, item_files
+from index.catalog import WITHHELD_KINDS, Catalog, CatalogItem
 from index.errors import IndexCorruptError, IndexFormatError
 from index.lock import WriterLock
 from index.store import VectorCollection, collection_from_state, collection_state
@@ -493,22 +493,11 @@ class IndexFolder:
                               "seconds": round(time.perf_counter() - start, 3)}
         return out
 
-    def files_in_use(self) -> set[str]:
-        """The index-relative files the catalog's rows point at (thumbnails, volume stacks and
-        previews; regions point at none)."""
-        cat, used = self.catalog, set()
-        for name in cat.counts():
-            if name != "region":
-                for it in cat.get_many(cat.filter_ids(name).tolist()):
-                    if it is not None:
-                        used.update(item_files(it.thumbnail, it.extra))
-        return used
-
     def unreferenced_files(self, used: set[str] | None = None) -> list[Path]:
-        """Files under :data:`FILE_FOLDERS` that no row points at (``used``: the
-        :meth:`files_in_use`, if already known): left by a killed build (written before its
-        rows were saved) or a killed ``index remove``."""
-        used = self.files_in_use() if used is None else used
+        """Files under :data:`FILE_FOLDERS` that no row points at (``used``: the catalog's
+        :meth:`~index.catalog.Catalog.files_in_use`, if already read): left by a killed build
+        (written before its rows were saved) or a killed ``index remove``."""
+        used = self.catalog.files_in_use() if used is None else used
         return [p for folder in FILE_FOLDERS for p in sorted((self.path / folder).rglob("*"))
                 if p.is_file() and str(p.relative_to(self.path)) not in used]
 

@@ -41,7 +41,6 @@ def verify(index: str | os.PathLike[str]) -> dict[str, Any]:
     with IndexFolder.open(index) as ix:  # checksums of every file verified here
         out["generation"] = ix.generation
         cat = ix.catalog
-        images: set[int] = set()
         for name in ix.collections():
             coll = ix.collection(name, create=False)
             rows = cat.filter_ids(name)
@@ -62,13 +61,8 @@ def verify(index: str | os.PathLike[str]) -> dict[str, Any]:
             if ntotal != indexed:
                 problems.append(f"{name}: the faiss index holds {ntotal} rows, the collection "
                                 f"says {indexed} are indexed")
-            if name == "image":
-                images = set(rows.tolist())
-        regions = [it for it in cat.get_many(cat.filter_ids("region").tolist()) if it]
-        orphans = [it.id for it in regions
-                   if (it.extra or {}).get("parent") is not None
-                   and int(it.extra["parent"]) not in images]
-        used = ix.files_in_use()
+        orphans = cat.orphans("region", "image") if "region" in ix.collections() else []
+        used = cat.files_in_use()
         missing = sorted(rel for rel in used if not (ix.path / rel).is_file())
         if orphans:
             problems.append(f"region: {len(orphans)} regions have no parent image "
