@@ -65,12 +65,12 @@ class RemoveReport:
         return asdict(self)
 
 
-def _pseudonyms(ix: IndexFolder, kind: str, values: Iterable[str]) -> dict[str, str]:
-    """Given value -> pseudonym. Raw values are pseudonymised with the site secret, which
-    must be the one the index's pseudonyms were made with."""
+def _pseudonyms(ix: IndexFolder, kind: str, values: Iterable[str]) -> list[str]:
+    """The pseudonyms of the given values, in order. Raw values are pseudonymised with the
+    site secret, which must be the one the index's pseudonyms were made with."""
     from vlm.io.deid import default_pseudonymizer
 
-    out: dict[str, str] = {}
+    out: list[str] = []
     for raw in values:
         text = str(raw).strip()
         if not text:
@@ -79,7 +79,7 @@ def _pseudonyms(ix: IndexFolder, kind: str, values: Iterable[str]) -> dict[str, 
         if m:
             if m.group(1) != kind:
                 raise RadLensError(f"{text} is a {m.group(1)}- pseudonym, not a {kind}- one")
-            out[raw] = text
+            out.append(text)
             continue
         pseudo = default_pseudonymizer()
         bound = ix.manifest.get("pseudonym_key")
@@ -87,7 +87,7 @@ def _pseudonyms(ix: IndexFolder, kind: str, values: Iterable[str]) -> dict[str, 
             raise RadLensError(f"index {ix.path}: its pseudonyms were made with another site "
                                f"secret, so a raw {kind}- identifier cannot be matched: give "
                                "the pseudonym RadLens shows for it instead")  # never echoed
-        out[raw] = pseudo(kind, text) or ""
+        out.append(pseudo(kind, text) or "")
     return out
 
 
@@ -160,7 +160,7 @@ def remove_items(index: str | os.PathLike[str], *, patients: Iterable[str] = (),
         ids: set[int] = set()
         for option, values in given.items():
             column, kind = TARGETS[option]
-            for pseudonym in _pseudonyms(ix, kind, values).values():
+            for pseudonym in _pseudonyms(ix, kind, values):
                 hit = cat.ids_matching(column, [pseudonym])
                 ids.update(hit)
                 if not hit:  # by pseudonym: a raw PatientID is not echoed anywhere

@@ -223,18 +223,22 @@ class VectorCollection:
             self._index.add(np.asarray(self._vecs[self._n_indexed:stop], np.float32))
             self._n_indexed = stop
 
-    def _train(self) -> None:
-        n_sample = train_sample_size(self.factory, self._n)
+    def _train(self, index: faiss.Index | None = None, factory: str | None = None) -> None:
+        """Train ``index`` (default: this collection's) as ``factory`` on a seeded sample of
+        the live rows."""
+        index = self._index if index is None else index
+        factory = factory or self.factory
+        n_sample = train_sample_size(factory, self._n)
         rng = np.random.default_rng(1234)
         live = np.flatnonzero(self._alive[: self._n])
         pick = np.sort(rng.choice(live, size=min(n_sample, len(live)), replace=False))
         sample = np.asarray(self._vecs[pick], np.float32)
-        ivf: Any = faiss.try_extract_index_ivf(self._index)
+        ivf: Any = faiss.try_extract_index_ivf(index)
         clus = gpu.gpu_clustering_index(self.dim) if ivf is not None else None
         if ivf is not None and clus is not None:
             ivf.clustering_index = clus
-        logger.info("training %s on %d vectors of '%s'", self.factory, len(sample), self.name)
-        self._index.train(sample)
+        logger.info("training %s on %d vectors of '%s'", factory, len(sample), self.name)
+        index.train(sample)
         if ivf is not None and clus is not None:
             ivf.clustering_index = None
 
@@ -268,19 +272,17 @@ class VectorCollection:
         except RuntimeError as exc:
             raise RadLensError(f"collection '{self.name}': {target!r} is not a faiss factory "
                                f"for {self.dim}-d vectors: {faiss_reason(exc)}") from None
-        before = (self.auto, self.factory, self._index, self._n_indexed, self.built_for,
-                  self._ids, self._vecs, self._alive, self._n, self._slot)
+        if not fresh.is_trained and len(self) >= _min_train(target):
+            try:  # trained before anything of this collection changes
+                self._train(fresh, target)
+            except RuntimeError as exc:
+                raise RadLensError(f"collection '{self.name}' ({len(self)} rows) cannot be "
+                                   f"built as {target!r}: {faiss_reason(exc)}") from None
         self.auto, self.factory = auto, target
         self._compact_arrays()
         self._index, self._n_indexed, self.built_for = fresh, 0, self._n
-        try:
-            self._sync_index()
-        except RuntimeError as exc:
-            (self.auto, self.factory, self._index, self._n_indexed, self.built_for,
-             self._ids, self._vecs, self._alive, self._n, self._slot) = before
-            raise RadLensError(f"collection '{self.name}' ({len(self)} rows) cannot be built "
-                               f"as {target!r}: {faiss_reason(exc)}") from None
         self._touch()
+        self._sync_index()
 
     def compact(self) -> int:
         """Drop tombstoned rows from the arrays and the faiss index. Returns rows dropped."""
